@@ -1,0 +1,126 @@
+"""Building blocks shared by every config: official model sizes and hyper-parameters of MIDMs.
+
+Each data-set file composes these in ``get_config(variant)``. Field names equal the attributes of
+the Flax modules they configure (``midms_jax.models.build``), so a command-line override such as
+``--config.model.unet.model_channels=128`` reaches the module unchanged.
+"""
+
+import ml_collections
+
+
+def ldm_vq_f4_unet() -> ml_collections.ConfigDict:
+  """U-Net of LDM's CelebA-HQ / FFHQ / LSUN-bedrooms VQ-f4 models (64x64x3 latents, 274,056,163 params)."""
+  return ml_collections.ConfigDict(dict(
+      image_size=64, in_channels=3, out_channels=3, model_channels=224, num_res_blocks=2,
+      attention_resolutions=(8, 4, 2), dropout=0.0, channel_mult=(1, 2, 3, 4), conv_resample=True,
+      num_heads=-1, num_head_channels=32, use_scale_shift_norm=False, resblock_updown=False,
+      use_new_attention_order=False))
+
+
+def ldm_kl_f8_churches_unet() -> ml_collections.ConfigDict:
+  """U-Net of LDM's LSUN-churches KL-f8 model (32x32x4 latents)."""
+  return ml_collections.ConfigDict(dict(
+      image_size=32, in_channels=4, out_channels=4, model_channels=192, num_res_blocks=2,
+      attention_resolutions=(1, 2, 4, 8), dropout=0.0, channel_mult=(1, 2, 2, 4, 4), conv_resample=True,
+      num_heads=8, num_head_channels=-1, use_scale_shift_norm=True, resblock_updown=True,
+      use_new_attention_order=False))
+
+
+def vq_f4() -> ml_collections.ConfigDict:
+  """LDM's VQ-f4 first stage (256x256x3 -> 64x64x3, 8192 codes, 55,322,782 params)."""
+  return ml_collections.ConfigDict(dict(
+      type="vq", embed_dim=3, n_embed=8192, ch=128, out_ch=3, ch_mult=(1, 2, 4), num_res_blocks=2,
+      attn_resolutions=(), dropout=0.0, in_channels=3, resolution=256, z_channels=3, double_z=False,
+      attn_type="vanilla", scale_factor=1.0))
+
+
+def kl_f8() -> ml_collections.ConfigDict:
+  """LDM's KL-f8 first stage (256x256x3 -> 32x32x4) used by the LSUN-churches LDM.
+
+  ``scale_factor`` is what the churches LDM checkpoint stores (scale_by_std); the official MIDMs
+  code ignores it (quirk 10 of the reference), which ``midms.apply_scale_factor=False`` reproduces.
+  """
+  return ml_collections.ConfigDict(dict(
+      type="kl", embed_dim=4, n_embed=0, ch=128, out_ch=3, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+      attn_resolutions=(), dropout=0.0, in_channels=3, resolution=256, z_channels=4, double_z=True,
+      attn_type="vanilla", scale_factor=1.0))
+
+
+def correspondence(label_channels: int, latent_channels: int = 3) -> ml_collections.ConfigDict:
+  """Correspondence networks at official widths (N_CH 256, generator 64/256/512, SPADE hidden 128)."""
+  return ml_collections.ConfigDict(dict(
+      width=256, base_width=64, spade_hidden=128, label_channels=label_channels,
+      latent_channels=latent_channels, trunk_blocks=4))
+
+
+def diffusion() -> ml_collections.ConfigDict:
+  """LDM's 'linear' (linear in sqrt(beta)) schedule, epsilon parameterisation."""
+  return ml_collections.ConfigDict(dict(
+      timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=0.0195,
+      parameterization="eps"))
+
+
+def midms() -> ml_collections.ConfigDict:
+  """The matching-interleaved sampling loop (phase e2e_recurrent) as the official code runs it."""
+  return ml_collections.ConfigDict(dict(
+      ddim_steps=16,               # 4 * diffusion_iteratiom_num; the loop runs the last quarter
+      interleave_steps=4,          # diffusion_iteratiom_num
+      rewarp_steps=(1, 2),         # loop indices that re-warp before the U-Net call
+      temperature=0.005,           # softmax temperature of soft warps and flows
+      fb_threshold=0.5,            # cycle-consistency threshold (normalised [-1, 1] units)
+      fbcheck_true_backward=False,  # official: samples the forward flow twice (paper: backward flow)
+      confidence_masking=True,
+      refine_steps=200, refine_eta=1.0, refine_hijack_step=180,  # inference refinement
+      apply_scale_factor=False,    # official: latents are not multiplied by the LDM scale_factor
+  ))
+
+
+def train() -> ml_collections.ConfigDict:
+  """Official training hyper-parameters (train.py defaults); batch_size is global (official: 1 per GPU x 8)."""
+  return ml_collections.ConfigDict(dict(
+      seed=2021, epochs=4, batch_size=8, lr=3e-6, lr_diff_backbone=3e-6, weight_decay=0.05,
+      lr_schedule="step", lr_milestones=(10, 12, 14, 24), lr_gamma=0.3, warmup_iter=10000))
+
+
+def checkpoints() -> ml_collections.ConfigDict:
+  """Pretrained PyTorch checkpoints to import (empty = random init)."""
+  return ml_collections.ConfigDict(dict(
+      ldm="",            # LDM Lightning .ckpt (U-Net + first stage)
+      first_stage="",    # standalone first-stage .ckpt (overrides the LDM's first stage)
+      midms="",          # official MIDMs .pth (everything)
+      use_ema=False,     # official MIDMs uses the raw (non-EMA) LDM weights
+  ))
+
+
+def data(name: str, label_nc: int, load_size: int, crop_size: int = 256) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name, label_nc=label_nc, load_size=load_size, crop_size=crop_size,
+      real_reference_probability=0.7, hard_reference_probability=0.2, flip=True))
+
+
+def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
+  """The full config tree: model / diffusion / midms / train / checkpoints / data."""
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(unet=unet, first_stage=first_stage, correspondence=corr))
+  config.diffusion = diffusion()
+  config.midms = midms()
+  config.train = train()
+  config.checkpoints = checkpoints()
+  config.data = data_cfg
+  return config
+
+
+def tiny_vq_models(label_channels: int) -> dict:
+  """The reduced widths of the official parity fixtures (latent 8x8 from 32x32 images).
+
+  Every official width scaled down (U-Net 32 ch, VQ 32 ch with ch_mult 1,1,2, correspondence 1/8);
+  with these, imported official small checkpoints reproduce the fixtures.
+  """
+  unet = ldm_vq_f4_unet()
+  unet.update(dict(image_size=8, model_channels=32, num_res_blocks=1, attention_resolutions=(2,),
+                   channel_mult=(1, 2), num_head_channels=16))
+  first_stage = vq_f4()
+  first_stage.update(dict(n_embed=64, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, resolution=32))
+  corr = correspondence(label_channels)
+  corr.update(dict(width=32, base_width=8, spade_hidden=16))
+  return dict(unet=unet, first_stage=first_stage, corr=corr)

@@ -1,0 +1,1 @@
+"""Conversion between PyTorch checkpoints of the official code and Flax variables."""

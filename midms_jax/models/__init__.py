@@ -1,0 +1,1 @@
+"""Flax (linen) modules of MIDMs: first-stage autoencoders, the LDM U-Net, correspondence networks."""

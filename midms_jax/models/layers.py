@@ -1,0 +1,65 @@
+"""Small building blocks shared by the models, written to match PyTorch's numerics exactly.
+
+Everything is NHWC. Module names in this package mirror the official PyTorch module paths
+(for example ``input_blocks.1.0`` / ``in_layers.2``) so that checkpoint keys follow mechanically
+from parameter paths (see ``midms_jax.interop.torch_names``).
+"""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+def pad_hw(x: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
+  """Pads height and width of an NHWC tensor by ``pad`` on every side (``constant`` or ``reflect``)."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
+
+
+def torch_nearest_resize(x: jax.Array, height: int, width: int) -> jax.Array:
+  """PyTorch's legacy ``interpolate(mode='nearest')``: output index i reads input floor(i*in/out).
+
+  ``jax.image.resize`` uses half-pixel centres instead, which picks different pixels when
+  down-sampling (e.g. 256 -> 64 reads row 4i here, 4i+1 or 4i+2 there).
+  """
+  in_h, in_w = x.shape[1], x.shape[2]
+  rows = (jnp.arange(height) * in_h) // height
+  cols = (jnp.arange(width) * in_w) // width
+  return x[:, rows][:, :, cols]
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour up-sampling by 2 in height and width (PyTorch ``scale_factor=2``)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """``InstanceNorm2d(affine=False)``: per sample and channel over H, W, biased variance."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm computed in float32 and cast back, as LDM's ``GroupNorm32`` / ``Normalize``.
+
+  Params ``scale``/``bias`` map to PyTorch ``weight``/``bias``. Statistics use the two-pass
+  (biased) variance like PyTorch, not the fast E[x^2]-E[x]^2 form.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels are not divisible into {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    grouped = x32.reshape(x.shape[:-1] + (self.num_groups, channels // self.num_groups))
+    reduce_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
+    normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (normed * scale + bias).astype(x.dtype)

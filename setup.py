@@ -1,0 +1,34 @@
+"""midms-jax: Matching Interleaved Diffusion Models (exemplar-based image translation) in JAX/Flax."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+README = pathlib.Path(__file__).with_name("README.md")
+
+setup(
+    name="midms-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of MIDMs for TPU/GPU-scale training, numerically faithful "
+                "to the official PyTorch code.",
+    long_description=README.read_text() if README.exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["midms_jax", "midms_jax.*", "configs"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        # Reading/writing PyTorch checkpoints. Exactly 2.13.0: other versions pull a multi-GB CUDA build
+        # on machines that only have the CPU wheel; the JAX code path never imports torch.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest>=8"],
+    },
+)

@@ -1,0 +1,68 @@
+"""Shared test fixtures: the official parity data (copied from shared/fixtures/official_parity)."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+# Parity tolerances assume exact float32 matmuls (TF32/bf16 on accelerators would not meet them).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+  return np.transpose(x, (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x) -> np.ndarray:
+  return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def assert_close(actual, expected, atol: float, name: str = "") -> float:
+  """Asserts max |actual - expected| <= atol and returns that error relative to atol."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+  err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
+  assert err <= atol, f"{name}: max abs error {err:.3g} > tolerance {atol:.3g}"
+  return err / atol
+
+
+def load_fixture(name: str) -> dict[str, np.ndarray]:
+  with np.load(FIXTURES / name, allow_pickle=False) as data:
+    return dict(data)
+
+
+@pytest.fixture(scope="session")
+def midms_checkpoint_path() -> pathlib.Path:
+  return FIXTURES / "midms_small.pth"
+
+
+@pytest.fixture(scope="session")
+def vq_checkpoint_path() -> pathlib.Path:
+  return FIXTURES / "vq_small.ckpt"
+
+
+@pytest.fixture(scope="session")
+def midms_state_dict(midms_checkpoint_path) -> dict[str, np.ndarray]:
+  """The official small MIDMs state dict as float numpy arrays (PyTorch layout)."""
+  torch = pytest.importorskip("torch")
+  ckpt = torch.load(midms_checkpoint_path, map_location="cpu", weights_only=True)
+  return {k: v.numpy() for k, v in ckpt["state_dict"].items()}
+
+
+@pytest.fixture(scope="session")
+def ldm_checkpoint_path(tmp_path_factory, midms_checkpoint_path) -> pathlib.Path:
+  """The official ``ldm_small.ckpt``, rebuilt from ``midms_small.pth`` to keep the repository small.
+
+  The fixture README states that ``diff_model.*`` of the MIDMs checkpoint equals ``ldm_small.ckpt``
+  exactly (MIDMs loaded it); the Lightning layout is ``{state_dict, global_step, epoch}``.
+  """
+  torch = pytest.importorskip("torch")
+  ckpt = torch.load(midms_checkpoint_path, map_location="cpu", weights_only=True)
+  prefix = "diff_model."
+  state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+  path = tmp_path_factory.mktemp("ldm") / "ldm_small.ckpt"
+  torch.save({"state_dict": state, "global_step": 0, "epoch": 0}, path)
+  return path
