@@ -100,6 +100,7 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], abstract_var
   if missing:
     raise CheckpointError(f"{source}: {len(missing)} key(s) missing for this config: {_list(missing)}")
   if mismatched:
+    mismatched.sort()
     raise CheckpointError(f"{source}: {len(mismatched)} key(s) do not match the config's shapes "
                           f"(checkpoint for another config?): {'; '.join(mismatched[:4])}"
                           + (f"; ... ({len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))

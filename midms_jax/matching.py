@@ -1,0 +1,175 @@
+"""Parameter-free matching operations of MIDMs: correlation, soft warping, flow and the confidence mask.
+
+NHWC throughout. A correlation volume is stored as ``(B, Hq, Wq, Hs, Ws)`` like the official code: entry
+``[b, i, j, k, l]`` is the cosine similarity of query pixel (i, j) and support pixel (k, l). Points
+of a flow/map are ``(..., 2)`` with ``[..., 0] = x`` and ``[..., 1] = y`` in the align-corners
+normalised grid ``linspace(-1, 1)``.
+
+The 0.005 softmax temperature amplifies any rounding 200x (it can flip the discrete confidence mask),
+so matrix products here always run at full float32 precision (``Precision.HIGHEST``), whatever the
+global default (TF32/bf16 on accelerators).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from midms_jax.models.layers import upsample_nearest_2x
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_rank(name: str, x: jax.Array, ndim: int) -> None:
+  if x.ndim != ndim:
+    raise ValueError(f"{name}: expected a {ndim}-D array, got shape {x.shape}")
+
+
+def _check_corr(corr: jax.Array) -> None:
+  _check_rank("correlation volume (B, Hq, Wq, Hs, Ws)", corr, 5)
+
+
+def normalize_features(features: jax.Array) -> jax.Array:
+  """Per pixel: subtract the channel mean, divide by the channel L2 norm (no epsilon, as MIDMs.forward)."""
+  centred = features - jnp.mean(features, axis=-1, keepdims=True)
+  return centred / jnp.linalg.norm(centred, axis=-1, keepdims=True)
+
+
+def correlation(query: jax.Array, support: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """Cosine-similarity volume ``(B, Hq, Wq, Hs, Ws)`` clamped at 0 (``Correlation.correlation``).
+
+  Each feature vector is divided by (its L2 norm + ``eps``). Computed in float32.
+  """
+  _check_rank("correlation query (B, H, W, C)", query, 4)
+  _check_rank("correlation support (B, H, W, C)", support, 4)
+  if query.shape[0] != support.shape[0] or query.shape[-1] != support.shape[-1]:
+    raise ValueError(f"correlation: query {query.shape} and support {support.shape} differ in batch or channels")
+  q = query.astype(jnp.float32)
+  s = support.astype(jnp.float32)
+  q = q / (jnp.linalg.norm(q, axis=-1, keepdims=True) + eps)
+  s = s / (jnp.linalg.norm(s, axis=-1, keepdims=True) + eps)
+  return jnp.maximum(jnp.einsum("bijc,bklc->bijkl", q, s, precision=_HIGHEST), 0.0)
+
+
+def transpose_correlation(corr: jax.Array) -> jax.Array:
+  """Swaps the query and support roles (PyTorch ``corr.permute(0, 3, 4, 1, 2)``)."""
+  _check_corr(corr)
+  return jnp.transpose(corr, (0, 3, 4, 1, 2))
+
+
+def soft_warp(values: jax.Array, corr: jax.Array, temperature: float = 0.005) -> jax.Array:
+  """Warps ``values`` ``(B, Hs, Ws, C)`` onto the query grid: ``(B, Hq, Wq, C)``.
+
+  Each query pixel takes the softmax(corr / temperature)-weighted mean over support pixels (the
+  official ``soft_warp`` with ``factor=1``, which only handles Hq == Hs; this works for any sizes).
+  The weights are float32; the result has the dtype of ``values``.
+  """
+  _check_rank("soft_warp values (B, Hs, Ws, C)", values, 4)
+  _check_corr(corr)
+  b, hq, wq, hs, ws = corr.shape
+  if values.shape[:3] != (b, hs, ws):
+    raise ValueError(f"soft_warp: values {values.shape} do not match the support grid of corr {corr.shape}")
+  logits = corr.astype(jnp.float32).reshape(b, hq, wq, hs * ws) / temperature
+  weights = jax.nn.softmax(logits, axis=-1)
+  flat = values.astype(jnp.float32).reshape(b, hs * ws, values.shape[-1])
+  return jnp.einsum("bijn,bnc->bijc", weights, flat, precision=_HIGHEST).astype(values.dtype)
+
+
+def coordinate_grid(height: int, width: int) -> jax.Array:
+  """``(H, W, 2)`` align-corners grid: ``[..., 0] = linspace(-1, 1, W)``, ``[..., 1] = linspace(-1, 1, H)``."""
+  ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, height), jnp.linspace(-1.0, 1.0, width), indexing="ij")
+  return jnp.stack([xs, ys], axis=-1)
+
+
+def get_flow(corr: jax.Array, temperature: float = 0.005) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Soft-argmax matches of a correlation volume (official ``util.get_flow``).
+
+  Returns ``(map_trg, map_src, flow_trg, flow_src)``:
+
+  * ``map_trg`` ``(B, Hq, Wq, 2)``: for each query pixel, the expected support location under the
+    softmax over support positions; ``flow_trg = map_trg - query grid``.
+  * ``map_src`` ``(B, Hs, Ws, 2)``: for each support pixel, the expected query location under the
+    softmax over query positions; ``flow_src = map_src - support grid``.
+
+  (The official code builds both grids from the query size, so it is only right when Hq, Wq == Hs, Ws.)
+  """
+  _check_corr(corr)
+  b, hq, wq, hs, ws = corr.shape
+  grid_q = coordinate_grid(hq, wq)
+  grid_s = coordinate_grid(hs, ws)
+  logits = corr.astype(jnp.float32) / temperature
+  weights_q = jax.nn.softmax(logits.reshape(b, hq, wq, hs * ws), axis=-1)
+  weights_s = jax.nn.softmax(logits.reshape(b, hq * wq, hs, ws), axis=1)
+  map_trg = jnp.einsum("bijn,nc->bijc", weights_q, grid_s.reshape(hs * ws, 2), precision=_HIGHEST)
+  map_src = jnp.einsum("bnkl,nc->bklc", weights_s, grid_q.reshape(hq * wq, 2), precision=_HIGHEST)
+  return map_trg, map_src, map_trg - grid_q, map_src - grid_s
+
+
+def grid_sample_bilinear(image: jax.Array, grid: jax.Array) -> jax.Array:
+  """``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=True)`` for NHWC.
+
+  ``image`` ``(B, H, W, C)``, ``grid`` ``(B, Ho, Wo, 2)`` with ``[..., 0] = x``, ``[..., 1] = y`` in
+  [-1, 1] (-1/1 = centres of the first/last pixel). Neighbours outside the image contribute 0.
+  Returns ``(B, Ho, Wo, C)``. Weights and their summation order follow PyTorch's CPU kernel.
+  """
+  _check_rank("grid_sample image (B, H, W, C)", image, 4)
+  _check_rank("grid_sample grid (B, Ho, Wo, 2)", grid, 4)
+  if grid.shape[0] != image.shape[0] or grid.shape[-1] != 2:
+    raise ValueError(f"grid_sample: grid {grid.shape} does not fit image {image.shape} (need (B, Ho, Wo, 2))")
+  b, h, w, c = image.shape
+  x = (grid[..., 0] + 1) * ((w - 1) / 2)
+  y = (grid[..., 1] + 1) * ((h - 1) / 2)
+  x_w = jnp.floor(x)
+  y_n = jnp.floor(y)
+  dist_w, dist_n = x - x_w, y - y_n
+  dist_e, dist_s = 1 - dist_w, 1 - dist_n
+  flat = image.reshape(b, h * w, c)
+
+  def corner(xi: jax.Array, yi: jax.Array) -> jax.Array:
+    inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+    idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32)
+    picked = jnp.take_along_axis(flat, idx.reshape(b, -1, 1), axis=1).reshape(idx.shape + (c,))
+    return jnp.where(inside[..., None], picked, 0)
+
+  return (corner(x_w, y_n) * (dist_s * dist_e)[..., None]
+          + corner(x_w + 1, y_n) * (dist_s * dist_w)[..., None]
+          + corner(x_w, y_n + 1) * (dist_n * dist_e)[..., None]
+          + corner(x_w + 1, y_n + 1) * (dist_n * dist_w)[..., None])
+
+
+def fbcheck(map_trg: jax.Array, map_src: jax.Array, flow_trg: jax.Array, flow_src: jax.Array,
+            true_backward: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Forward-backward distances ``(fb_ts (B, Hq, Wq), fb_st (B, Hs, Ws))`` of ``get_flow`` outputs.
+
+  Default (official ``util.fbcheck``): ``fb_ts = |flow_trg + flow_trg(map_trg)|``, i.e. the *forward*
+  flow sampled at the matched location, and ``fb_st = |flow_src + flow_src(map_src)|``. For a perfectly
+  consistent uniform shift d this is ~2|d|, not 0, so large consistent displacements are rejected;
+  MIDMs outputs depend on this. ``true_backward=True`` gives the paper's check instead, sampling the
+  opposite flow: ``fb_ts = |flow_trg + flow_src(map_trg)|``, ``fb_st = |flow_src + flow_trg(map_src)|``
+  (~0 for a consistent shift). ``true_backward`` is a Python bool (static under ``jax.jit``).
+  """
+  for name, array in (("map_trg", map_trg), ("map_src", map_src), ("flow_trg", flow_trg), ("flow_src", flow_src)):
+    _check_rank(f"fbcheck {name} (B, H, W, 2)", array, 4)
+  sampled_ts = flow_src if true_backward else flow_trg
+  sampled_st = flow_trg if true_backward else flow_src
+  ts = grid_sample_bilinear(sampled_ts, map_trg) + flow_trg
+  st = grid_sample_bilinear(sampled_st, map_src) + flow_src
+  return jnp.sqrt(jnp.sum(ts * ts, axis=-1)), jnp.sqrt(jnp.sum(st * st, axis=-1))
+
+
+def raw_confidence(fb_ts: jax.Array, threshold: float = 0.5) -> jax.Array:
+  """Per-pixel confidence ``(B, H, W, 1)`` float: 1 where the fb distance is below ``threshold``."""
+  _check_rank("fb distances (B, H, W)", fb_ts, 3)
+  return (fb_ts < threshold).astype(jnp.float32)[..., None]
+
+
+def confidence_mask(fb_ts: jax.Array, threshold: float = 0.5) -> jax.Array:
+  """MIDMs' re-warp confidence mask ``(B, H, W, 1)`` float 0/1 from fb distances ``(B, H, W)``.
+
+  ``raw_confidence``, 2x2 average pool, nearest up-sampling x2, ``> 0.5``: each non-overlapping 2x2
+  block is confident iff at least 3 of its 4 pixels are.
+  """
+  raw = raw_confidence(fb_ts, threshold)
+  b, h, w, _ = raw.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"confidence_mask: height and width must be even, got {h}x{w}")
+  pooled = jnp.mean(raw.reshape(b, h // 2, 2, w // 2, 2, 1), axis=(2, 4))
+  return (upsample_nearest_2x(pooled) > 0.5).astype(jnp.float32)
