@@ -63,15 +63,20 @@ def diffusion() -> ml_collections.ConfigDict:
 def midms() -> ml_collections.ConfigDict:
   """The matching-interleaved sampling loop (phase e2e_recurrent) as the official code runs it."""
   return ml_collections.ConfigDict(dict(
-      ddim_steps=16,               # 4 * diffusion_iteratiom_num; the loop runs the last quarter
-      interleave_steps=4,          # diffusion_iteratiom_num
+      ddim_steps=16,               # 4 * diffusion_iteratiom_num: uniform DDIM sub-schedule (17 timesteps)
+      interleave_steps=4,          # diffusion_iteratiom_num: U-Net steps of the interleaved loop
+      loop_start_step=12,          # hijack step k of the first loop step (official 3 * ddim_steps // 4):
+                                   # noised to time_range[k-1] = 311, U-Net told time_range[k] = 249
+      loop_eta=0.0,                # DDIM eta of the loop (its x_prev is never used, only x0 and dir)
       rewarp_steps=(1, 2),         # loop indices that re-warp before the U-Net call
       temperature=0.005,           # softmax temperature of soft warps and flows
       fb_threshold=0.5,            # cycle-consistency threshold (normalised [-1, 1] units)
       fbcheck_true_backward=False,  # official: samples the forward flow twice (paper: backward flow)
       confidence_masking=True,
+      mask_block=2,                # confidence smoothing tile: confident iff > half of a block x block tile
       refine_steps=200, refine_eta=1.0, refine_hijack_step=180,  # inference refinement
       apply_scale_factor=False,    # official: latents are not multiplied by the LDM scale_factor
+      kl_latent="sample",          # KL first stage: official encodes with a posterior sample; or "mode"
   ))
 
 

@@ -13,8 +13,6 @@ global default (TF32/bf16 on accelerators).
 import jax
 import jax.numpy as jnp
 
-from midms_jax.models.layers import upsample_nearest_2x
-
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -161,15 +159,19 @@ def raw_confidence(fb_ts: jax.Array, threshold: float = 0.5) -> jax.Array:
   return (fb_ts < threshold).astype(jnp.float32)[..., None]
 
 
-def confidence_mask(fb_ts: jax.Array, threshold: float = 0.5) -> jax.Array:
+def confidence_mask(fb_ts: jax.Array, threshold: float = 0.5, block: int = 2) -> jax.Array:
   """MIDMs' re-warp confidence mask ``(B, H, W, 1)`` float 0/1 from fb distances ``(B, H, W)``.
 
-  ``raw_confidence``, 2x2 average pool, nearest up-sampling x2, ``> 0.5``: each non-overlapping 2x2
-  block is confident iff at least 3 of its 4 pixels are.
+  ``raw_confidence``, then on each non-overlapping ``block`` x ``block`` tile: average, ``> 0.5``,
+  broadcast back to the tile. The official ``block = 2`` makes a 2x2 tile confident iff at least 3
+  of its 4 pixels are; ``block = 1`` keeps the raw per-pixel mask.
   """
   raw = raw_confidence(fb_ts, threshold)
+  if block == 1:
+    return raw
   b, h, w, _ = raw.shape
-  if h % 2 or w % 2:
-    raise ValueError(f"confidence_mask: height and width must be even, got {h}x{w}")
-  pooled = jnp.mean(raw.reshape(b, h // 2, 2, w // 2, 2, 1), axis=(2, 4))
-  return (upsample_nearest_2x(pooled) > 0.5).astype(jnp.float32)
+  if block < 1 or h % block or w % block:
+    raise ValueError(f"confidence_mask: block {block} must be >= 1 and divide the {h}x{w} latent")
+  pooled = jnp.mean(raw.reshape(b, h // block, block, w // block, block, 1), axis=(2, 4))
+  tiled = jnp.repeat(jnp.repeat(pooled, block, axis=1), block, axis=2)
+  return (tiled > 0.5).astype(jnp.float32)

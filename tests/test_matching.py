@@ -87,6 +87,19 @@ def test_mask_from_correlation_end_to_end(corr_io):
   np.testing.assert_array_equal(np.asarray(mask), nchw_to_nhwc(corr_io[_flow_key("fb_mask")]))
 
 
+def test_confidence_mask_block_size_option():
+  """block=1 keeps the raw mask; block=4 needs more than half of each 4x4 tile confident."""
+  fb = np.full((1, 8, 8), 0.9, np.float32)
+  fb[0, :4, :4] = 0.1          # one fully confident 4x4 tile
+  fb[0, 4:, 4:5] = 0.1         # a 4-pixel column: 4 of 16 in its tile
+  raw = np.asarray(matching.confidence_mask(fb, block=1))[0, ..., 0]
+  np.testing.assert_array_equal(raw, (fb[0] < 0.5).astype(np.float32))
+  tiles = np.asarray(matching.confidence_mask(fb, block=4))[0, ..., 0]
+  expected = np.zeros((8, 8), np.float32)
+  expected[:4, :4] = 1
+  np.testing.assert_array_equal(tiles, expected)
+
+
 def test_confidence_mask_needs_three_of_four():
   fb = np.ones((1, 2, 8), np.float32)  # four 2x2 blocks side by side, all unconfident
   for block, confident_pixels in enumerate((4, 3, 2, 1)):
@@ -177,5 +190,5 @@ def test_bad_shapes_raise():
     matching.get_flow(jnp.zeros((1, 16, 16)))
   with pytest.raises(ValueError, match="channels"):
     matching.correlation(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5)))
-  with pytest.raises(ValueError, match="even"):
+  with pytest.raises(ValueError, match="block 2 must be >= 1 and divide the 5x4 latent"):
     matching.confidence_mask(jnp.zeros((1, 5, 4)))

@@ -1,0 +1,429 @@
+"""The MIDMs forward pass: encode, match, interleave DDIM steps with re-warping, decode.
+
+``MIDMs`` composes the three Flax models (first stage, U-Net, correspondence networks) with the
+diffusion schedules. Its methods are pure functions of ``variables``
+(``{'unet', 'first_stage', 'correspondence'}``, as ``interop.torch_import`` returns them), the
+inputs and explicit randomness, so they jit and differentiate as they are.
+
+The interleaved loop is one ``jax.lax.scan`` over the loop steps of the DDIM sub-schedule. Its carry
+holds each path's x0 prediction and the official ``ddim_param`` pair ``(sqrt(a_prev), dir_xt)``; the
+first step's ``q_sample`` noising has the same ``a * x0 + d`` form, so every step re-noises its x0
+with ``carry_a * x0 + carry_d`` (quirk 1 of the reference: the first step is noised one DDIM level
+higher than the U-Net is told). Re-warping happens under ``lax.cond`` at the configured loop
+indices (official: 1 and 2), before that step's U-Net call, and is confidence-masked on the
+exemplar (ref) path only. Inference skips the src (pseudo-GT) path and the original-loss sample,
+which the official code computes and discards, then runs the eta=1 refinement as a second scan.
+
+Layout NHWC. Images in [-1, 1]; condition maps at image resolution, down-sampled to the latent
+grid with PyTorch's nearest rule.
+"""
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from midms_jax import matching
+from midms_jax.diffusion.ddim import ddim_update, q_sample
+from midms_jax.diffusion.schedule import DDIMSchedule, DiffusionSchedule
+from midms_jax.models import build
+from midms_jax.models.autoencoder import DiagonalGaussian
+from midms_jax.models.correspondence import CorrespondenceNetworks
+from midms_jax.models.layers import torch_nearest_resize
+
+Variables = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingSettings:
+  """The ``config.midms`` fields the matching and the loop read (defaults = official)."""
+  temperature: float = 0.005
+  fb_threshold: float = 0.5
+  fbcheck_true_backward: bool = False
+  confidence_masking: bool = True
+  mask_block: int = 2
+  rewarp_steps: tuple[int, ...] = (1, 2)
+  apply_scale_factor: bool = False
+  kl_latent: str = "sample"
+
+
+class Noise(NamedTuple):
+  """Every Gaussian draw that reaches a result, in latent shape ``(B, h, w, c)``.
+
+  ``loop_ref`` / ``loop_src``: ``q_sample`` noise of each path's first loop step; ``original``: the
+  original-loss sample; ``refine_start`` / ``refine_steps`` ``(n, B, h, w, c)``: the refinement's
+  ``q_sample`` and per-step noise. (With the loop's DDIM only x0 and ``dir_xt`` are carried on, so
+  the loop draws no per-step noise.)
+  """
+  loop_ref: jax.Array
+  loop_src: jax.Array
+  original: jax.Array
+  refine_start: jax.Array
+  refine_steps: jax.Array
+
+
+class StepCoefficients(NamedTuple):
+  """Per-step scan inputs: U-Net timestep, DDIM coefficients and the first-step noising level."""
+  t: jax.Array
+  a_t: jax.Array
+  a_prev: jax.Array
+  sigma: jax.Array
+  sqrt_one_minus_a_t: jax.Array
+  noise_sqrt_ac: jax.Array      # sqrt(ā) at time_range[k-1] (q_sample level if this step starts a chain)
+  noise_sqrt_1m_ac: jax.Array
+  rewarp: jax.Array             # bool: re-warp before this step's U-Net call
+
+
+def _coefficients(schedule: DiffusionSchedule, ddim: DDIMSchedule, ks, rewarp_flags) -> StepCoefficients:
+  steps = [ddim.hijack_step(int(k)) for k in ks]
+  f32 = lambda values: jnp.asarray(np.asarray(values, np.float32))
+  return StepCoefficients(
+      t=jnp.asarray([s.t for s in steps], jnp.int32),
+      a_t=f32([s.a_t for s in steps]), a_prev=f32([s.a_prev for s in steps]),
+      sigma=f32([s.sigma for s in steps]), sqrt_one_minus_a_t=f32([s.sqrt_one_minus_a_t for s in steps]),
+      noise_sqrt_ac=f32([schedule.sqrt_alphas_cumprod[s.noise_t] for s in steps]),
+      noise_sqrt_1m_ac=f32([schedule.sqrt_one_minus_alphas_cumprod[s.noise_t] for s in steps]),
+      rewarp=jnp.asarray(rewarp_flags, bool))
+
+
+def _at(coefficients: StepCoefficients, i) -> StepCoefficients:
+  return jax.tree_util.tree_map(lambda a: a[i], coefficients)
+
+
+def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.square(a - b))
+
+
+def _l1(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.abs(a - b))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MIDMs:
+  """The MIDMs model built from a config (``MIDMs.from_config(config)``)."""
+  unet: Any
+  first_stage: Any
+  correspondence: CorrespondenceNetworks
+  settings: MatchingSettings
+  scale_factor: float
+  schedule: DiffusionSchedule
+  loop: StepCoefficients
+  refine: StepCoefficients
+
+  @classmethod
+  def from_config(cls, config) -> "MIDMs":
+    """From a full config (``model``, ``diffusion``, ``midms`` sections); validates the loop schedule."""
+    m, d = config.midms, config.diffusion
+    schedule = DiffusionSchedule.make(d.beta_schedule, d.timesteps, d.linear_start, d.linear_end)
+    loop_ddim = DDIMSchedule.make(schedule, m.ddim_steps, m.loop_eta)
+    last = m.loop_start_step + m.interleave_steps - 1
+    if m.loop_start_step < 1 or last > loop_ddim.total_steps - 1:
+      raise ValueError(f"midms.loop_start_step={m.loop_start_step} with interleave_steps={m.interleave_steps} "
+                       f"needs hijack steps 1..{loop_ddim.total_steps - 1} of the {m.ddim_steps}-step DDIM schedule")
+    bad = [i for i in m.rewarp_steps if not 0 <= i < m.interleave_steps]
+    if bad:
+      raise ValueError(f"midms.rewarp_steps {bad} outside the {m.interleave_steps} loop steps")
+    if m.kl_latent not in ("sample", "mode"):
+      raise ValueError(f"midms.kl_latent must be 'sample' or 'mode', got {m.kl_latent!r}")
+    ks = np.arange(m.loop_start_step, m.loop_start_step + m.interleave_steps)
+    loop = _coefficients(schedule, loop_ddim, ks, [i in tuple(m.rewarp_steps) for i in range(m.interleave_steps)])
+    refine_ddim = DDIMSchedule.make(schedule, m.refine_steps, m.refine_eta)
+    refine_ks = np.arange(m.refine_hijack_step, refine_ddim.total_steps)
+    refine = _coefficients(schedule, refine_ddim, refine_ks, [False] * len(refine_ks))
+    settings = MatchingSettings(
+        temperature=m.temperature, fb_threshold=m.fb_threshold, fbcheck_true_backward=m.fbcheck_true_backward,
+        confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=tuple(m.rewarp_steps),
+        apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent)
+    return cls(unet=build.build_unet(config.model.unet), first_stage=build.build_first_stage(config.model.first_stage),
+               correspondence=build.build_correspondence(config.model.correspondence), settings=settings,
+               scale_factor=float(config.model.first_stage.scale_factor), schedule=schedule, loop=loop, refine=refine)
+
+  # ----------------------------------------------------------------------------------------------
+  # Building blocks
+  # ----------------------------------------------------------------------------------------------
+
+  def latent_shape(self, images_shape) -> tuple[int, ...]:
+    factor = 2 ** (len(self.first_stage.ch_mult) - 1)
+    b, h, w, _ = images_shape
+    return (b, h // factor, w // factor, self.first_stage.embed_dim)
+
+  def sample_noise(self, rng: jax.Array, latent_shape) -> Noise:
+    """Fresh Gaussian draws for one forward (``jax.random``; the only source of randomness)."""
+    keys = jax.random.split(rng, 5)
+    draw = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
+    n_refine = self.refine.t.shape[0]
+    return Noise(draw(keys[0], latent_shape), draw(keys[1], latent_shape), draw(keys[2], latent_shape),
+                 draw(keys[3], latent_shape), draw(keys[4], (n_refine,) + tuple(latent_shape)))
+
+  def encode(self, variables: Variables, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """First-stage latent of images (no gradient: the official code detaches it).
+
+    VQ: the pre-quantization latent (``VQModelInterface.encode``). KL: a posterior sample (official;
+    needs ``rng``) or its mode (``midms.kl_latent='mode'``).
+    """
+    out = self.first_stage.apply(variables["first_stage"], images, method=self.first_stage.encode)
+    if isinstance(out, DiagonalGaussian):  # KL first stage
+      if self.settings.kl_latent == "mode":
+        out = out.mode()
+      elif rng is None:
+        raise ValueError("encoding with a KL first stage and kl_latent='sample' needs an rng")
+      else:
+        out = out.sample(rng)
+    if self.settings.apply_scale_factor:
+      out = out * self.scale_factor
+    return jax.lax.stop_gradient(out)
+
+  def decode(self, variables: Variables, latents: jax.Array) -> jax.Array:
+    """Images from latents (VQ: straight-through quantization first). Unclamped, as the official code."""
+    if self.settings.apply_scale_factor:
+      latents = latents / self.scale_factor
+    return self.first_stage.apply(variables["first_stage"], latents, method=self.first_stage.decode)
+
+  def _corr_apply(self, variables: Variables, spectral, method, *args, update_stats: bool):
+    """Runs a correspondence method with the current spectral-norm state; returns (out, new state)."""
+    corr_vars = {**variables["correspondence"], "spectral": spectral}
+    if not update_stats:
+      return self.correspondence.apply(corr_vars, *args, method=method, update_stats=False), spectral
+    out, updated = self.correspondence.apply(corr_vars, *args, method=method, update_stats=True,
+                                             mutable=["spectral"])
+    return out, updated["spectral"]
+
+  def _unet(self, variables: Variables, x: jax.Array, t: jax.Array) -> jax.Array:
+    return self.unet.apply(variables["unet"], x, jnp.full((x.shape[0],), t, jnp.int32)).astype(jnp.float32)
+
+  def _warp(self, values: jax.Array, corr: jax.Array) -> jax.Array:
+    return matching.soft_warp(values, corr, self.settings.temperature)
+
+  def _cycle_loss(self, warped: jax.Array, corr: jax.Array, original: jax.Array) -> jax.Array:
+    """L1 between ``original`` and ``warped`` warped back through the transposed correlation."""
+    return _l1(self._warp(warped, matching.transpose_correlation(corr)), original)
+
+  def _mask(self, corr: jax.Array) -> dict[str, jax.Array]:
+    s = self.settings
+    flows = matching.get_flow(corr, s.temperature)
+    fb_ts, _ = matching.fbcheck(*flows, true_backward=s.fbcheck_true_backward)
+    mask = matching.confidence_mask(fb_ts, s.fb_threshold, s.mask_block)
+    return dict(fb_ts=fb_ts, fb_mask_raw=matching.raw_confidence(fb_ts, s.fb_threshold),
+                fb_mask=jax.lax.stop_gradient(mask))
+
+  # ----------------------------------------------------------------------------------------------
+  # Initial matching
+  # ----------------------------------------------------------------------------------------------
+
+  def initial_matching(self, variables: Variables, spectral, condition, exemplar_condition, exemplar_latent,
+                       gt_latent=None, *, update_stats: bool = False) -> tuple[dict[str, jax.Array], Any]:
+    """Matching features and first soft warps (spec 1.3 steps 2-7). ``gt_latent`` None skips the src path.
+
+    Condition maps are down-sampled to the latent grid with PyTorch's nearest rule. Call order of the
+    correspondence networks is the official one (it matters for train-mode spectral norm).
+    """
+    h, w = exemplar_latent.shape[1:3]
+    cond = torch_nearest_resize(condition, h, w)
+    ex_cond = torch_nearest_resize(exemplar_condition, h, w)
+    nets = CorrespondenceNetworks
+    out = dict(condition=cond, exemplar_condition=ex_cond)
+    out["trg_matching_feats"], spectral = self._corr_apply(variables, spectral, nets.encode_condition, cond,
+                                                           update_stats=update_stats)
+    if gt_latent is not None:
+      out["src_matching_feats"], spectral = self._corr_apply(variables, spectral, nets.encode_latent, gt_latent,
+                                                             update_stats=update_stats)
+    out["ref_matching_feats"], spectral = self._corr_apply(variables, spectral, nets.encode_latent,
+                                                           exemplar_latent, update_stats=update_stats)
+    match = lambda feats, sem, head: matching.normalize_features(self.correspondence.apply(
+        variables["correspondence"], feats, sem, head, method=nets.match_features))
+    trg = match(out["trg_matching_feats"], cond, "theta")
+    out["corr_ref"] = matching.correlation(trg, match(out["ref_matching_feats"], ex_cond, "phi"))
+    out["warped_ref_feat"] = self._warp(exemplar_latent, out["corr_ref"])
+    out["warped_ref_seg"] = self._warp(ex_cond, out["corr_ref"])
+    if gt_latent is not None:
+      out["corr_src"] = matching.correlation(trg, match(out["src_matching_feats"], cond, "phi"))
+      out["warped_src_feat"] = self._warp(gt_latent, out["corr_src"])
+    return out, spectral
+
+  # ----------------------------------------------------------------------------------------------
+  # The interleaved loop
+  # ----------------------------------------------------------------------------------------------
+
+  def _rewarp(self, variables, spectral, x0, condition_features, support_features, latent, *, update_stats):
+    """Re-warp of one path: iter_enc(x0 | condition features) against the support features (spec 1.5)."""
+    query, spectral = self._corr_apply(variables, spectral, CorrespondenceNetworks.encode_iterate, x0,
+                                       condition_features, update_stats=update_stats)
+    corr = matching.correlation(matching.normalize_features(query), matching.normalize_features(support_features))
+    new = self._warp(latent, corr)
+    return dict(iter_enc=query, corr=corr, new=new, cycle=self._cycle_loss(new, corr, latent)), spectral
+
+  def interleaved_loop(self, variables: Variables, spectral, matched: Mapping[str, jax.Array], exemplar_latent,
+                       noise: Noise, gt_latent=None, *, update_stats: bool = False, capture: bool = False):
+    """The ``lax.scan`` over the loop steps. Returns (outputs, spectral, per-step records).
+
+    ``gt_latent`` None runs only the exemplar path (inference). Per-step records hold the re-warp's
+    latents and masks always (for ``--debug``), and with ``capture`` every intermediate the parity
+    tests compare (zeros at steps that do not re-warp).
+    """
+    s = self.settings
+    with_src = gt_latent is not None
+    first = _at(self.loop, 0)
+    ref_x0 = matched["warped_ref_feat"]
+    first_a = jnp.broadcast_to(first.noise_sqrt_ac, ref_x0.shape[:1] + (1, 1, 1))
+    init = dict(ref_x0=ref_x0, ref_a=first_a, ref_d=first.noise_sqrt_1m_ac * noise.loop_ref,
+                seg=matched["warped_ref_seg"], loss_fb=jnp.zeros((), jnp.float32), spectral=spectral)
+    if with_src:
+      init.update(src_x0=matched["warped_src_feat"], src_a=first_a, src_d=first.noise_sqrt_1m_ac * noise.loop_src)
+
+    def rewarp(carry):
+      carry = dict(carry)
+      ref, sp = self._rewarp(variables, carry["spectral"], carry["ref_x0"], matched["trg_matching_feats"],
+                             matched["ref_matching_feats"], exemplar_latent, update_stats=update_stats)
+      record = dict(pred_ref_x0_new=ref["new"], **self._mask(ref["corr"]))
+      mask = record["fb_mask"] if s.confidence_masking else jnp.ones_like(record["fb_mask"])
+      carry["ref_x0"] = ref["new"] * mask + carry["ref_x0"] * (1 - mask)
+      carry["seg"] = self._warp(matched["exemplar_condition"], ref["corr"])
+      loss_fb = ref["cycle"]
+      if capture:
+        record.update(iter_enc_ref=ref["iter_enc"], corr_inter=ref["corr"], iter_warped_ref_seg=carry["seg"])
+      if with_src:
+        src, sp = self._rewarp(variables, sp, carry["src_x0"], matched["trg_matching_feats"],
+                               matched["src_matching_feats"], gt_latent, update_stats=update_stats)
+        loss_fb = loss_fb + src["cycle"]
+        if capture:
+          record.update(iter_enc_src=src["iter_enc"], src_corr_inter=src["corr"], src_pred_ref_x0_new=src["new"])
+      record["pred_ref_x0_mixed"] = carry["ref_x0"]
+      carry["loss_fb"] = carry["loss_fb"] + loss_fb
+      carry["spectral"] = sp
+      return carry, record
+
+    record_shapes = jax.eval_shape(rewarp, init)[1]
+
+    def skip(carry):
+      return carry, jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), record_shapes)
+
+    def step(carry, coef: StepCoefficients):
+      carry, record = jax.lax.cond(coef.rewarp, rewarp, skip, carry)
+      paths = ("ref", "src") if with_src else ("ref",)
+      x0_in = [carry[f"{p}_x0"] for p in paths]
+      x = jnp.concatenate([carry[f"{p}_a"] * x0 + carry[f"{p}_d"] for p, x0 in zip(paths, x0_in)])
+      eps = self._unet(variables, x, coef.t)
+      update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t)
+      carry = dict(carry)
+      for i, p in enumerate(paths):
+        part = lambda a, i=i: jnp.split(a, len(paths))[i]
+        carry[f"{p}_x0"] = part(update.pred_x0)
+        carry[f"{p}_a"], carry[f"{p}_d"] = part(update.sqrt_a_prev), part(update.dir_xt)
+        if capture:
+          record.update({f"{p}/x0_in": x0_in[i], f"{p}/x_noisy": part(x), f"{p}/eps": part(eps),
+                         f"{p}/pred_x0": part(update.pred_x0), f"{p}/dir_xt": part(update.dir_xt),
+                         f"{p}/sqrt_a_prev": part(update.sqrt_a_prev), f"{p}/x_prev": part(update.x_prev)})
+      return carry, record
+
+    carry, records = jax.lax.scan(step, init, self.loop)
+    out = dict(pred_ref_x0=carry["ref_x0"], iter_warped_ref_seg=carry["seg"], loss_fb=carry["loss_fb"])
+    if with_src:
+      out["pred_src_x0"] = carry["src_x0"]
+    return out, carry["spectral"], records
+
+  def original_loss_sample(self, variables: Variables, gt_latent: jax.Array, noise: jax.Array, index: jax.Array):
+    """The extra one-step denoise of the clean GT latent at loop step ``index`` (a traced int)."""
+    coef = _at(self.loop, index)
+    x = q_sample(gt_latent, coef.noise_sqrt_ac, coef.noise_sqrt_1m_ac, noise)
+    eps = self._unet(variables, x, coef.t)
+    update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t)
+    return _mse(update.pred_x0, gt_latent), dict(x_noisy=x, eps=eps, pred_x0=update.pred_x0)
+
+  def refine_latent(self, variables: Variables, x0: jax.Array, noise: Noise, *, capture: bool = False):
+    """Inference refinement (official ``sample(200, eta=1, hijack_step=180)``): noise x0 one DDIM level
+    above the first step, run the stochastic DDIM steps, return the last x0 prediction."""
+    first = _at(self.refine, 0)
+    x = q_sample(x0, first.noise_sqrt_ac, first.noise_sqrt_1m_ac, noise.refine_start)
+
+    def step(x, inputs):
+      coef, step_noise = inputs
+      eps = self._unet(variables, x, coef.t)
+      update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t, step_noise)
+      record = dict(x=x, eps=eps, pred_x0=update.pred_x0, x_prev=update.x_prev) if capture else {}
+      return update.x_prev, (update.pred_x0, record)
+
+    _, (pred_x0s, records) = jax.lax.scan(step, x, (self.refine, noise.refine_steps))
+    return pred_x0s[-1], records
+
+  # ----------------------------------------------------------------------------------------------
+  # Entry points
+  # ----------------------------------------------------------------------------------------------
+
+  def translate(self, variables: Variables, condition: jax.Array, exemplar: jax.Array,
+                exemplar_condition: jax.Array, rng: jax.Array, *, refine: bool = True,
+                noise: Noise | None = None, capture: bool = False) -> dict[str, Any]:
+    """Inference: the image with ``condition``'s structure and ``exemplar``'s appearance.
+
+    ``condition`` / ``exemplar_condition`` ``(B, H, W, label_channels)``, ``exemplar`` ``(B, H, W, 3)``
+    in [-1, 1]. Returns ``image`` (unclamped, [-1, 1] nominal), ``latent``, ``fb_mask`` (mask of the
+    last re-warp) and ``steps`` (per loop step: ``pred_ref_x0_new``, ``pred_ref_x0_mixed``, ``fb_mask``
+    latents; zeros where a step does not re-warp). ``noise`` overrides the draws from ``rng``.
+    """
+    encode_key, noise_key = jax.random.split(rng)
+    exemplar_latent = self.encode(variables, exemplar, encode_key)
+    if noise is None:
+      noise = self.sample_noise(noise_key, exemplar_latent.shape)
+    spectral = variables["correspondence"]["spectral"]
+    matched, _ = self.initial_matching(variables, spectral, condition, exemplar_condition, exemplar_latent)
+    loop_out, _, steps = self.interleaved_loop(variables, spectral, matched, exemplar_latent, noise,
+                                               capture=capture)
+    latent = loop_out["pred_ref_x0"]
+    refine_records = {}
+    if refine:
+      latent, refine_records = self.refine_latent(variables, latent, noise, capture=capture)
+    last_rewarp = max(self.settings.rewarp_steps) if self.settings.rewarp_steps else None
+    fb_mask = steps["fb_mask"][last_rewarp] if last_rewarp is not None else None
+    out = dict(image=self.decode(variables, latent), latent=latent, fb_mask=fb_mask, steps=steps,
+               initial_warp=matched["warped_ref_feat"], loop_latent=loop_out["pred_ref_x0"])
+    if capture:
+      out.update(matched=matched, refine=refine_records)
+    return out
+
+  def train_forward(self, variables: Variables, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                    warmup: bool, update_stats: bool = True, noise: Noise | None = None,
+                    original_index: jax.Array | None = None, capture: bool = False):
+    """Training forward (official ``mode="default"``): everything the losses need.
+
+    ``batch``: ``image`` (GT photo of the condition), ``ref`` (exemplar), ``label`` (condition),
+    ``label_ref`` (exemplar's condition), NHWC. ``warmup`` (static) skips the diffusion loop as the
+    official code does before ``warmup_iter``. ``update_stats`` runs the spectral-norm power iteration
+    on every call (PyTorch train mode). Returns ``(outputs, new spectral state)``.
+    """
+    encode_key, noise_key, index_key = jax.random.split(rng, 3)
+    gt_key, ex_key = jax.random.split(encode_key)
+    gt_latent = self.encode(variables, batch["image"], gt_key)
+    exemplar_latent = self.encode(variables, batch["ref"], ex_key)
+    spectral = variables["correspondence"]["spectral"]
+    matched, spectral = self.initial_matching(variables, spectral, batch["label"], batch["label_ref"],
+                                              exemplar_latent, gt_latent, update_stats=update_stats)
+    out = dict(src_feats=gt_latent, ref_feats=exemplar_latent,
+               **{k: matched[k] for k in ("trg_matching_feats", "src_matching_feats", "ref_matching_feats",
+                                          "corr_src", "corr_ref")})
+    if warmup:
+      pred_ref, pred_src = matched["warped_ref_feat"], matched["warped_src_feat"]
+      out["original_loss"] = _mse(matched["warped_src_feat"], gt_latent)
+      out["loss_fb"] = self._cycle_loss(matched["warped_ref_feat"], matched["corr_ref"], exemplar_latent)
+      out["iter_warped_ref_seg"] = matched["warped_ref_seg"]
+      records = {}
+    else:
+      if noise is None:
+        noise = self.sample_noise(noise_key, gt_latent.shape)
+      if original_index is None:
+        original_index = jax.random.randint(index_key, (), 0, self.loop.t.shape[0])
+      loop_out, spectral, records = self.interleaved_loop(variables, spectral, matched, exemplar_latent, noise,
+                                                          gt_latent, update_stats=update_stats, capture=capture)
+      pred_ref, pred_src = loop_out["pred_ref_x0"], loop_out["pred_src_x0"]
+      out["original_loss"], original = self.original_loss_sample(variables, gt_latent, noise.original,
+                                                                 original_index)
+      out["loss_fb"] = loop_out["loss_fb"]
+      out["iter_warped_ref_seg"] = loop_out["iter_warped_ref_seg"]
+      if capture:
+        records["original"] = original
+    out["warped_ref"] = self.decode(variables, pred_ref)
+    out["warped_src"] = self.decode(variables, pred_src)
+    out["pred_ref_x0"], out["pred_src_x0"] = pred_ref, pred_src
+    if capture:
+      out.update(matched=matched, steps=records)
+    return out, spectral

@@ -1,0 +1,144 @@
+"""The MIDMs forward pass vs the official ``MIDMs.forward`` (midms_forward_io.npz), with its noise injected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import celebahq
+from midms_jax.interop import torch_import
+from midms_jax.models.midms import MIDMs, Noise
+from tests.conftest import assert_close, load_fixture, nchw_to_nhwc
+
+pytest.importorskip("torch")
+
+LOOP_TOL = dict(x0_in=5e-4, x_noisy=5e-4, pred_x0=5e-4, dir_xt=5e-5, sqrt_a_prev=1e-6, x_prev=5e-4)
+REWARP_TOL = dict(iter_enc_ref=1e-4, iter_enc_src=2e-4, corr_inter=5e-5, src_corr_inter=5e-5, pred_ref_x0_new=5e-4,
+                  iter_warped_ref_seg=1e-3, src_pred_ref_x0_new=5e-4, fb_ts=5e-3, pred_ref_x0_mixed=2e-4)
+EXACT_MASKS = ("fb_mask_raw", "fb_mask")
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+  return nchw_to_nhwc(x) if x.ndim == 4 else x
+
+
+@pytest.fixture(scope="module")
+def io():
+  return load_fixture("midms_forward_io.npz")
+
+
+@pytest.fixture(scope="module")
+def setup(midms_checkpoint_path):
+  config = celebahq.get_config("tiny")
+  model = MIDMs.from_config(config)
+  variables = jax.tree_util.tree_map(jnp.asarray, torch_import.load_midms_checkpoint(midms_checkpoint_path,
+                                                                                      config.model))
+  return model, variables
+
+
+def _inputs(io):
+  return {k: _nhwc(io[f"in/{k}"]) for k in ("src_img", "ref_img", "input_semantics", "ref_semantics")}
+
+
+def _noise(io, mode: str, model: MIDMs) -> Noise:
+  """Maps the stored draws (in official call order) to our named draws, checked by their tags."""
+  draws, tags = io[f"{mode}/noise"], list(io[f"{mode}/noise_tags"])
+  pick = lambda i, tag: (tags[i].startswith(tag) or pytest.fail(f"draw {i} is {tags[i]}, not {tag}"),
+                         nchw_to_nhwc(draws[i]))[1]
+  zeros = np.zeros_like(nchw_to_nhwc(draws[0]))
+  if mode == "train":
+    refine = np.zeros((model.refine.t.shape[0],) + zeros.shape, np.float32)
+    return Noise(pick(0, "q_sample t=311"), pick(2, "q_sample t=311"), pick(8, "q_sample t=187"), zeros, refine)
+  refine_steps = np.stack([pick(13 + j, "ddim_step") for j in range(20)])
+  return Noise(pick(0, "q_sample t=311"), zeros, zeros, pick(12, "q_sample t=101"), refine_steps)
+
+
+def _check_loop(io, mode, steps, paths):
+  worst = 0.0
+  for i in range(4):
+    for p in paths:
+      for name, tol in LOOP_TOL.items():
+        key = f"{mode}/loop{i}/{p}/{name}"
+        worst = max(worst, assert_close(steps[f"{p}/{name}"][i], _nhwc(io[key]), tol, key))
+      assert_close(steps[f"{p}/eps"][i], _nhwc(io[f"{mode}/loop{i}/{p}/eps"]),
+                   1e-4 if mode == "train" else 5e-5, f"{mode}/loop{i}/{p}/eps")
+  return worst
+
+
+def _check_rewarps(io, mode, steps, names):
+  for k in (1, 2):
+    for name in names:
+      key = f"{mode}/rewarp{k}/{name}"
+      expected = io[key]
+      if name == "corr_inter" or name == "src_corr_inter":
+        actual = steps[name][k]
+      elif name in EXACT_MASKS:
+        actual, expected = steps[name][k], nchw_to_nhwc(expected)
+        np.testing.assert_array_equal(actual, expected, err_msg=key)
+        continue
+      else:
+        actual, expected = steps[name][k], _nhwc(expected)
+      assert_close(actual, expected, REWARP_TOL[name], key)
+  for k in (0, 3):  # no re-warp at the first and last step
+    assert not np.any(np.asarray(steps["fb_mask"][k]))
+
+
+def test_training_forward_matches_official(io, setup):
+  model, variables = setup
+  x = _inputs(io)
+  batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
+  forward = jax.jit(lambda v, b, n, idx: model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False,
+                                                             update_stats=False, noise=n, original_index=idx,
+                                                             capture=True))
+  out, _ = forward(variables, batch, _noise(io, "train", model), jnp.asarray(io["train/rand_idx"]))
+  steps = out["steps"]
+  np.testing.assert_array_equal(np.asarray(model.loop.t), [io[f"train/loop{i}/ref/t"] for i in range(4)])
+  for name in ("a_t", "a_prev", "sigma"):
+    np.testing.assert_allclose(np.asarray(getattr(model.loop, name)),
+                               [io[f"train/loop{i}/ref/{name}"] for i in range(4)], atol=1e-6)
+  _check_loop(io, "train", steps, ("ref", "src"))
+  _check_rewarps(io, "train", steps, list(REWARP_TOL) + list(EXACT_MASKS))
+  idx = int(io["train/rand_idx"])
+  for name, tol in (("x_noisy", 5e-4), ("eps", 1e-4), ("pred_x0", 5e-4)):
+    assert_close(steps["original"][name], _nhwc(io[f"train/loop{idx}/orig/{name}"]), tol, f"orig/{name}")
+  for name, tol in (("warped_src", 5e-5), ("warped_ref", 5e-5), ("original_loss", 1e-6), ("loss_fb", 2e-5),
+                    ("iter_warped_ref_seg", 1e-3)):
+    assert_close(out[name], _nhwc(io[f"train/out/{name}"]), tol, f"train/out/{name}")
+  vq = model.first_stage
+  for n, latent in enumerate((out["pred_ref_x0"], out["pred_src_x0"])):
+    _, _, indices = vq.apply(variables["first_stage"], latent, method=vq.quantize)
+    np.testing.assert_array_equal(np.asarray(indices).reshape(-1), io[f"train/decode{n}/indices"])
+
+
+def test_inference_matches_official(io, setup):
+  model, variables = setup
+  x = _inputs(io)
+  translate = jax.jit(lambda v, c, e, ec, n: model.translate(v, c, e, ec, jax.random.PRNGKey(0), noise=n,
+                                                             capture=True))
+  out = translate(variables, x["input_semantics"], x["ref_img"], x["ref_semantics"], _noise(io, "infer", model))
+  steps = out["steps"]
+  _check_loop(io, "infer", steps, ("ref",))
+  _check_rewarps(io, "infer", steps, ["iter_enc_ref", "corr_inter", "pred_ref_x0_new", "iter_warped_ref_seg", "fb_ts",
+                                      "pred_ref_x0_mixed", *EXACT_MASKS])
+  refine = out["refine"]
+  for j in range(20):
+    for name, tol in (("x", 2e-4), ("eps", 5e-5), ("pred_x0", 2e-4), ("x_prev", 2e-4)):
+      key = f"infer/refine/step{j:02d}/{name}"
+      assert_close(refine[name][j], _nhwc(io[key]), tol, key)
+  np.testing.assert_array_equal(np.asarray(model.refine.t), [io[f"infer/refine/step{j:02d}/t"] for j in range(20)])
+  assert_close(out["loop_latent"], _nhwc(io["infer/refine/x0_in"]), 2e-4, "refine/x0_in")
+  assert_close(out["latent"], _nhwc(io["infer/refine/out_x0"]), 2e-4, "refine/out_x0")
+  assert_close(out["image"], _nhwc(io["infer/out/warped_ref"]), 5e-5, "out/warped_ref")
+  np.testing.assert_array_equal(out["fb_mask"], nchw_to_nhwc(io["infer/out/fb_mask"]))
+  # The debug stack: decoded [initial warp, 1 new, 1 mixed, 2 new, 2 mixed] latents, then the two masks.
+  stack = _nhwc(io["infer/out/debug_stack"])
+  latents = [out["initial_warp"], steps["pred_ref_x0_new"][1], steps["pred_ref_x0_mixed"][1],
+             steps["pred_ref_x0_new"][2], steps["pred_ref_x0_mixed"][2]]
+  for n, latent in enumerate(latents):
+    decoded = model.decode(variables, latent)
+    assert_close(decoded, stack[2 * n: 2 * n + 2], 1e-4, f"debug_stack decode {n}")
+    _, _, indices = model.first_stage.apply(variables["first_stage"], latent, method=model.first_stage.quantize)
+    np.testing.assert_array_equal(np.asarray(indices).reshape(-1), io[f"infer/decode{n + 2}/indices"])
+  for n, k in enumerate((1, 2)):
+    mask = np.repeat(np.repeat(np.asarray(steps["fb_mask"][k]), 4, axis=1), 4, axis=2)
+    np.testing.assert_array_equal(np.broadcast_to(mask, mask.shape[:3] + (3,)), stack[10 + 2 * n: 12 + 2 * n])
