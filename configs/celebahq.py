@@ -1,7 +1,8 @@
 """CelebA-HQ edge-to-face (label_nc 15) with LDM's CelebA-HQ VQ-f4 model.
 
-Variants: ``configs/celebahq.py`` (official sizes) and ``configs/celebahq.py:tiny`` (the reduced
-widths of the official parity fixtures, 32x32 images; for tests).
+Variants: ``configs/celebahq.py`` (official sizes), ``configs/celebahq.py:tiny`` (the reduced
+widths of the official parity fixtures, 32x32 images; for tests) and ``configs/celebahq.py:cpu_small``
+(the "small config" of the official CPU speed baseline: 64x64 images, official correspondence widths).
 """
 
 from configs import base
@@ -15,6 +16,13 @@ def get_config(variant: str = ""):
   elif variant == "tiny":
     models = base.tiny_vq_models(label_nc)
     data = base.data("celebahq", label_nc, load_size=36, crop_size=32)
+  elif variant == "cpu_small":
+    unet = base.ldm_vq_f4_unet()
+    unet.update(dict(image_size=16, model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(2, 4)))
+    first_stage = base.vq_f4()
+    first_stage.update(dict(resolution=64, ch=64))
+    models = dict(unet=unet, first_stage=first_stage, corr=base.correspondence(label_nc))
+    data = base.data("celebahq", label_nc, load_size=64, crop_size=64)
   else:
-    raise ValueError(f"configs/celebahq.py: unknown variant {variant!r} (known: '', 'tiny')")
+    raise ValueError(f"configs/celebahq.py: unknown variant {variant!r} (known: '', 'tiny', 'cpu_small')")
   return base.assemble(data_cfg=data, **models)

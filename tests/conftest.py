@@ -1,5 +1,6 @@
 """Shared test fixtures: the official parity data (copied from shared/fixtures/official_parity)."""
 
+import os
 import pathlib
 
 import jax
@@ -25,6 +26,10 @@ def assert_close(actual, expected, atol: float, name: str = "") -> float:
   actual, expected = np.asarray(actual), np.asarray(expected)
   assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
   err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
+  report = os.environ.get("MIDMS_PARITY_REPORT")
+  if report:  # e.g. MIDMS_PARITY_REPORT=/tmp/parity.tsv pytest tests: one line per comparison
+    with open(report, "a", encoding="utf-8") as f:
+      f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\t{name}\t{err:.3g}\t{atol:.3g}\t{err / atol:.4f}\n")
   assert err <= atol, f"{name}: max abs error {err:.3g} > tolerance {atol:.3g}"
   return err / atol
 

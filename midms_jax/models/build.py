@@ -43,33 +43,61 @@ def latent_size(first_stage_cfg: Mapping[str, Any]) -> int:
   return first_stage_cfg["resolution"] // 2 ** (len(first_stage_cfg["ch_mult"]) - 1)
 
 
-def _abstract(module, *inputs) -> dict[str, Any]:
+def unet_inputs(cfg: Mapping[str, Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Batch-1 (x, timesteps) with which ``init`` creates every U-Net variable."""
+  size = cfg["image_size"]
+  return (jax.ShapeDtypeStruct((1, size, size, cfg["in_channels"]), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
+def first_stage_inputs(cfg: Mapping[str, Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """A batch-1 image at the first stage's resolution."""
+  return (jax.ShapeDtypeStruct((1, cfg["resolution"], cfg["resolution"], cfg["in_channels"]), jnp.float32),)
+
+
+def correspondence_inputs(cfg: Mapping[str, Any], size: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """A batch-1 (latent, condition) pair on the ``size`` x ``size`` latent grid."""
+  return (jax.ShapeDtypeStruct((1, size, size, cfg["latent_channels"]), jnp.float32),
+          jax.ShapeDtypeStruct((1, size, size, cfg["label_channels"]), jnp.float32))
+
+
+def _modules_and_inputs(model_cfg: Mapping[str, Any]) -> dict[str, tuple[Any, tuple]]:
+  size = latent_size(model_cfg["first_stage"])
+  return dict(
+      unet=(build_unet(model_cfg["unet"]), unet_inputs(model_cfg["unet"])),
+      first_stage=(build_first_stage(model_cfg["first_stage"]), first_stage_inputs(model_cfg["first_stage"])),
+      correspondence=(build_correspondence(model_cfg["correspondence"]),
+                      correspondence_inputs(model_cfg["correspondence"], size)))
+
+
+def _abstract(module, inputs) -> dict[str, Any]:
   """Variables of ``module.init(rng, *inputs)`` as ShapeDtypeStructs (nothing is allocated)."""
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
 
 
 def abstract_unet(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  x = jax.ShapeDtypeStruct((1, cfg["image_size"], cfg["image_size"], cfg["in_channels"]), jnp.float32)
-  return _abstract(build_unet(cfg), x, jax.ShapeDtypeStruct((1,), jnp.int32))
+  return _abstract(build_unet(cfg), unet_inputs(cfg))
 
 
 def abstract_first_stage(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  image = jax.ShapeDtypeStruct((1, cfg["resolution"], cfg["resolution"], cfg["in_channels"]), jnp.float32)
-  return _abstract(build_first_stage(cfg), image)
+  return _abstract(build_first_stage(cfg), first_stage_inputs(cfg))
 
 
 def abstract_correspondence(cfg: Mapping[str, Any], size: int) -> dict[str, Any]:
-  latent = jax.ShapeDtypeStruct((1, size, size, cfg["latent_channels"]), jnp.float32)
-  semantics = jax.ShapeDtypeStruct((1, size, size, cfg["label_channels"]), jnp.float32)
-  return _abstract(build_correspondence(cfg), latent, semantics)
+  return _abstract(build_correspondence(cfg), correspondence_inputs(cfg, size))
 
 
 def abstract_variables(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
   """{'unet' | 'first_stage' | 'correspondence': variables as ShapeDtypeStructs}."""
-  return dict(unet=abstract_unet(model_cfg["unet"]),
-              first_stage=abstract_first_stage(model_cfg["first_stage"]),
-              correspondence=abstract_correspondence(model_cfg["correspondence"],
-                                                     latent_size(model_cfg["first_stage"])))
+  return {name: _abstract(module, inputs) for name, (module, inputs) in _modules_and_inputs(model_cfg).items()}
+
+
+def init_variables(model_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+  """Randomly initialised ``{'unet', 'first_stage', 'correspondence'}`` variables (PyTorch-style inits)."""
+  parts = _modules_and_inputs(model_cfg)
+  keys = dict(zip(parts, jax.random.split(rng, len(parts))))
+  return {name: jax.jit(module.init)(keys[name], *(jnp.zeros(x.shape, x.dtype) for x in inputs))
+          for name, (module, inputs) in parts.items()}
 
 
 def count_params(variables: Mapping[str, Any]) -> int:

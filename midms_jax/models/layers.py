@@ -21,6 +21,7 @@ def torch_nearest_resize(x: jax.Array, height: int, width: int) -> jax.Array:
   ``jax.image.resize`` uses half-pixel centres instead, which picks different pixels when
   down-sampling (e.g. 256 -> 64 reads row 4i here, 4i+1 or 4i+2 there).
   """
+  x = jnp.asarray(x)
   in_h, in_w = x.shape[1], x.shape[2]
   rows = (jnp.arange(height) * in_h) // height
   cols = (jnp.arange(width) * in_w) // width

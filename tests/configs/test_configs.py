@@ -9,7 +9,7 @@ from ml_collections import config_flags
 from midms_jax.models import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = [("celebahq", ""), ("celebahq", "tiny"), ("deepfashion", ""), ("deepfashion", "tiny"),
+CONFIGS = [("celebahq", ""), ("celebahq", "tiny"), ("celebahq", "cpu_small"), ("deepfashion", ""), ("deepfashion", "tiny"),
            ("lsun_church", ""), ("lsun_church", "tiny"), ("synthetic", "")]
 
 
