@@ -80,6 +80,21 @@ def midms() -> ml_collections.ConfigDict:
   ))
 
 
+def loss(perc_layer: str = "r42", perc: float = 0.002, segmentation: float = 0.0) -> ml_collections.ConfigDict:
+  """Official loss weights (train_epoch): total = 10 L_dom + L_fb + perc L_perc + L_feat + L_orig
+  + L_fb_iter (+ L_context after warm-up) (+ segmentation L_seg in warm-up, LSUN only)."""
+  return ml_collections.ConfigDict(dict(
+      domain=10.0, fb=1.0, fb_iterative=1.0, feat=1.0, original=1.0, context=1.0,
+      feat_layer_weights=(1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0),  # r12 .. r52
+      perc=perc, perc_layer=perc_layer,
+      context_weights=(8.0, 4.0, 2.0, 1.0),  # r52, r42, avgpool2(r32), avgpool4(r22)
+      context_h=0.1, context_threshold=0.3,
+      segmentation=segmentation,           # LSUN warped-segmentation loss (official weight_mask 100)
+      vgg_widths=(64, 128, 256, 512, 512),
+      vgg_checkpoint="",                   # CoCosNet's vgg19_conv.pth
+  ))
+
+
 def train() -> ml_collections.ConfigDict:
   """Official training hyper-parameters (train.py defaults); batch_size is global (official: 1 per GPU x 8)."""
   return ml_collections.ConfigDict(dict(
@@ -109,6 +124,7 @@ def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(unet=unet, first_stage=first_stage, correspondence=corr))
   config.diffusion = diffusion()
   config.midms = midms()
+  config.loss = loss()
   config.train = train()
   config.checkpoints = checkpoints()
   config.data = data_cfg
@@ -129,3 +145,8 @@ def tiny_vq_models(label_channels: int) -> dict:
   corr = correspondence(label_channels)
   corr.update(dict(width=32, base_width=8, spade_hidden=16))
   return dict(unet=unet, first_stage=first_stage, corr=corr)
+
+
+def tiny_vgg_widths() -> tuple[int, ...]:
+  """VGG19 widths of the parity fixture ``vgg19_small.pth`` (1/8 of the official)."""
+  return (8, 16, 32, 64, 64)

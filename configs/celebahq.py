@@ -25,4 +25,7 @@ def get_config(variant: str = ""):
     data = base.data("celebahq", label_nc, load_size=64, crop_size=64)
   else:
     raise ValueError(f"configs/celebahq.py: unknown variant {variant!r} (known: '', 'tiny', 'cpu_small')")
-  return base.assemble(data_cfg=data, **models)
+  config = base.assemble(data_cfg=data, **models)
+  if variant == "tiny":
+    config.loss.vgg_widths = base.tiny_vgg_widths()
+  return config

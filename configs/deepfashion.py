@@ -18,4 +18,7 @@ def get_config(variant: str = ""):
     data = base.data("deepfashion", label_nc, load_size=32, crop_size=32)
   else:
     raise ValueError(f"configs/deepfashion.py: unknown variant {variant!r} (known: '', 'tiny')")
-  return base.assemble(data_cfg=data, **models)
+  config = base.assemble(data_cfg=data, **models)
+  if variant == "tiny":
+    config.loss.vgg_widths = base.tiny_vgg_widths()
+  return config

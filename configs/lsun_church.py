@@ -25,4 +25,8 @@ def get_config(variant: str = ""):
     data = base.data("lsun_church", label_nc, load_size=36, crop_size=32)
   else:
     raise ValueError(f"configs/lsun_church.py: unknown variant {variant!r} (known: '', 'tiny')")
-  return base.assemble(data_cfg=data, unet=unet, first_stage=first_stage, corr=corr)
+  config = base.assemble(data_cfg=data, unet=unet, first_stage=first_stage, corr=corr)
+  config.loss = base.loss(perc_layer="r52", perc=0.05, segmentation=100.0)
+  if variant == "tiny":
+    config.loss.vgg_widths = base.tiny_vgg_widths()
+  return config

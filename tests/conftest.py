@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+from midms_jax.models import midms
+
 # Parity tolerances assume exact float32 matmuls (TF32/bf16 on accelerators would not meet them).
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -71,3 +73,24 @@ def ldm_checkpoint_path(tmp_path_factory, midms_checkpoint_path) -> pathlib.Path
   path = tmp_path_factory.mktemp("ldm") / "ldm_small.ckpt"
   torch.save({"state_dict": state, "global_step": 0, "epoch": 0}, path)
   return path
+
+
+def forward_inputs(io) -> dict[str, np.ndarray]:
+  """The ``in/*`` images and conditions of midms_forward_io.npz, NHWC."""
+  return {k: nchw_to_nhwc(io[f"in/{k}"]) for k in ("src_img", "ref_img", "input_semantics", "ref_semantics")}
+
+
+def forward_noise(io, mode: str, model):
+  """Maps the stored draws (in official call order) to our named draws, checked by their tags."""
+  draws, tags = io[f"{mode}/noise"], list(io[f"{mode}/noise_tags"])
+
+  def pick(i: int, tag: str) -> np.ndarray:
+    assert tags[i].startswith(tag), f"draw {i} is {tags[i]}, not {tag}"
+    return nchw_to_nhwc(draws[i])
+
+  zeros = np.zeros_like(nchw_to_nhwc(draws[0]))
+  if mode == "train":
+    refine = np.zeros((model.refine.t.shape[0],) + zeros.shape, np.float32)
+    return midms.Noise(pick(0, "q_sample t=311"), pick(2, "q_sample t=311"), pick(8, "q_sample t=187"), zeros, refine)
+  refine_steps = np.stack([pick(13 + j, "ddim_step") for j in range(20)])
+  return midms.Noise(pick(0, "q_sample t=311"), zeros, zeros, pick(12, "q_sample t=101"), refine_steps)

@@ -401,10 +401,12 @@ class MIDMs:
     out = dict(src_feats=gt_latent, ref_feats=exemplar_latent,
                **{k: matched[k] for k in ("trg_matching_feats", "src_matching_feats", "ref_matching_feats",
                                           "corr_src", "corr_ref")})
+    # First-warp cycle (train_epoch's ``loss_fb``); in warm-up the forward's own cycle term is the same.
+    out["loss_fb_first_warp"] = self._cycle_loss(matched["warped_ref_feat"], matched["corr_ref"], exemplar_latent)
     if warmup:
       pred_ref, pred_src = matched["warped_ref_feat"], matched["warped_src_feat"]
       out["original_loss"] = _mse(matched["warped_src_feat"], gt_latent)
-      out["loss_fb"] = self._cycle_loss(matched["warped_ref_feat"], matched["corr_ref"], exemplar_latent)
+      out["loss_fb"] = out["loss_fb_first_warp"]
       out["iter_warped_ref_seg"] = matched["warped_ref_seg"]
       records = {}
     else:

@@ -8,8 +8,8 @@ from flax import traverse_util
 
 from configs import celebahq
 from midms_jax.interop import torch_import
-from midms_jax.models.midms import MIDMs, Noise
-from tests.conftest import assert_close, load_fixture, nchw_to_nhwc
+from midms_jax.models.midms import MIDMs
+from tests.conftest import assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
 pytest.importorskip("torch")
 
@@ -35,23 +35,6 @@ def setup(midms_checkpoint_path):
   variables = jax.tree_util.tree_map(jnp.asarray, torch_import.load_midms_checkpoint(midms_checkpoint_path,
                                                                                       config.model))
   return model, variables
-
-
-def _inputs(io):
-  return {k: _nhwc(io[f"in/{k}"]) for k in ("src_img", "ref_img", "input_semantics", "ref_semantics")}
-
-
-def _noise(io, mode: str, model: MIDMs) -> Noise:
-  """Maps the stored draws (in official call order) to our named draws, checked by their tags."""
-  draws, tags = io[f"{mode}/noise"], list(io[f"{mode}/noise_tags"])
-  pick = lambda i, tag: (tags[i].startswith(tag) or pytest.fail(f"draw {i} is {tags[i]}, not {tag}"),
-                         nchw_to_nhwc(draws[i]))[1]
-  zeros = np.zeros_like(nchw_to_nhwc(draws[0]))
-  if mode == "train":
-    refine = np.zeros((model.refine.t.shape[0],) + zeros.shape, np.float32)
-    return Noise(pick(0, "q_sample t=311"), pick(2, "q_sample t=311"), pick(8, "q_sample t=187"), zeros, refine)
-  refine_steps = np.stack([pick(13 + j, "ddim_step") for j in range(20)])
-  return Noise(pick(0, "q_sample t=311"), zeros, zeros, pick(12, "q_sample t=101"), refine_steps)
 
 
 def _check_loop(io, mode, steps, paths):
@@ -86,12 +69,12 @@ def _check_rewarps(io, mode, steps, names):
 
 def test_training_forward_matches_official(io, setup):
   model, variables = setup
-  x = _inputs(io)
+  x = forward_inputs(io)
   batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
   forward = jax.jit(lambda v, b, n, idx: model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False,
                                                              update_stats=False, noise=n, original_index=idx,
                                                              capture=True))
-  out, _ = forward(variables, batch, _noise(io, "train", model), jnp.asarray(io["train/rand_idx"]))
+  out, _ = forward(variables, batch, forward_noise(io, "train", model), jnp.asarray(io["train/rand_idx"]))
   steps = out["steps"]
   np.testing.assert_array_equal(np.asarray(model.loop.t), [io[f"train/loop{i}/ref/t"] for i in range(4)])
   for name in ("a_t", "a_prev", "sigma"):
@@ -113,10 +96,10 @@ def test_training_forward_matches_official(io, setup):
 
 def test_inference_matches_official(io, setup):
   model, variables = setup
-  x = _inputs(io)
+  x = forward_inputs(io)
   translate = jax.jit(lambda v, c, e, ec, n: model.translate(v, c, e, ec, jax.random.PRNGKey(0), noise=n,
                                                              capture=True))
-  out = translate(variables, x["input_semantics"], x["ref_img"], x["ref_semantics"], _noise(io, "infer", model))
+  out = translate(variables, x["input_semantics"], x["ref_img"], x["ref_semantics"], forward_noise(io, "infer", model))
   steps = out["steps"]
   _check_loop(io, "infer", steps, ("ref",))
   _check_rewarps(io, "infer", steps, ["iter_enc_ref", "corr_inter", "pred_ref_x0_new", "iter_warped_ref_seg", "fb_ts",
@@ -180,8 +163,8 @@ def test_bad_loop_configs_are_refused():
 def test_options_change_the_result_only_where_they_should(io, setup):
   """confidence_masking=False replaces x0 by the new warp; true-backward fb check marks consistent matches."""
   model, variables = setup
-  x = _inputs(io)
-  noise = _noise(io, "infer", model)
+  x = forward_inputs(io)
+  noise = forward_noise(io, "infer", model)
   run = lambda m: m.translate(variables, x["input_semantics"], x["ref_img"], x["ref_semantics"],
                               jax.random.PRNGKey(0), refine=False, noise=noise)
   config = celebahq.get_config("tiny")
@@ -200,11 +183,11 @@ def test_train_mode_spectral_norm_forward_matches_official(io, setup):
   iteration per call, in the official call order) gives the official outputs and final u, v."""
   model, variables = setup
   expected = load_fixture("losses_io.npz")
-  x = _inputs(io)
+  x = forward_inputs(io)
   batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
   out, spectral = jax.jit(lambda v, n: model.train_forward(
       v, batch, jax.random.PRNGKey(0), warmup=False, update_stats=True, noise=n,
-      original_index=jnp.asarray(io["train/rand_idx"])))(variables, _noise(io, "train", model))
+      original_index=jnp.asarray(io["train/rand_idx"])))(variables, forward_noise(io, "train", model))
   for name in ("warped_ref", "warped_src"):
     assert_close(out[name], nchw_to_nhwc(expected[f"train_sn/{name}"]), 5e-5, f"train_sn/{name}")
   flat = traverse_util.flatten_dict(spectral, sep=".")

@@ -1,0 +1,96 @@
+"""Loss terms vs the official ``train_epoch`` (losses_io.npz): warm-up, post-warm-up, train-mode spectral norm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import celebahq
+from midms_jax.errors import CheckpointError
+from midms_jax.interop import torch_import
+from midms_jax.losses import contextual, vgg
+from midms_jax.losses.midms_losses import midms_losses
+from midms_jax.models.midms import MIDMs
+from tests.conftest import FIXTURES, assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
+
+pytest.importorskip("torch")
+
+TOL = {
+    "post_warmup": dict(loss_total=1e-4, loss_domain=1e-6, loss_perc=5e-5, loss_context=5e-5, loss_fb=5e-6,
+                        loss_feat=1e-4, original_loss=1e-6, loss_fb_iterative=2e-5, cx_terms=2e-5),
+    "warmup": dict(loss_total=1e-4, loss_domain=1e-6, loss_perc=5e-5, loss_context=5e-5, loss_fb=1e-6,
+                   loss_feat=1e-4, original_loss=1e-6, loss_fb_iterative=1e-6, cx_terms=2e-5),
+    "train_sn": dict(loss_total=5e-5, loss_domain=1e-5, loss_perc=5e-5, loss_context=5e-5, loss_fb=2e-6,
+                     loss_feat=5e-5, original_loss=1e-5, loss_fb_iterative=2e-6, cx_terms=1e-5),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(midms_checkpoint_path):
+  config = celebahq.get_config("tiny")
+  model = MIDMs.from_config(config)
+  variables = jax.tree_util.tree_map(jnp.asarray, torch_import.load_midms_checkpoint(midms_checkpoint_path,
+                                                                                      config.model))
+  vgg_vars = vgg.load_vgg19(FIXTURES / "vgg19_small.pth", config.loss.vgg_widths)
+  return config, model, variables, vgg_vars
+
+
+@pytest.fixture(scope="module")
+def io():
+  return load_fixture("midms_forward_io.npz")
+
+
+@pytest.fixture(scope="module")
+def expected():
+  return load_fixture("losses_io.npz")
+
+
+def _run(setup, io, *, warmup: bool, update_stats: bool):
+  config, model, variables, vgg_vars = setup
+  x = forward_inputs(io)
+  batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
+  net = vgg.VGG19(config.loss.vgg_widths)
+
+  def loss_fn(v, b, n):
+    outputs, _ = model.train_forward(v, b, jax.random.PRNGKey(0), warmup=warmup, update_stats=update_stats,
+                                     noise=n, original_index=jnp.asarray(io["train/rand_idx"]))
+    features = lambda images: net.apply(vgg_vars, images)
+    return midms_losses(outputs, b, features, config.loss, warmup=warmup, with_context=not warmup)
+
+  return jax.jit(loss_fn)(variables, batch, forward_noise(io, "train", model))
+
+
+@pytest.mark.parametrize("variant,warmup,update_stats", [("post_warmup", False, False), ("warmup", True, False),
+                                                         ("train_sn", False, True)])
+def test_loss_terms_match_official(setup, io, expected, variant, warmup, update_stats):
+  total, terms = _run(setup, io, warmup=warmup, update_stats=update_stats)
+  for name, tol in TOL[variant].items():
+    assert_close(terms[name], expected[f"{variant}/{name}"], tol, f"{variant}/{name}")
+  assert_close(total, expected[f"{variant}/loss_total"], TOL[variant]["loss_total"], "total")
+
+
+def test_vgg_features_match_official(setup, io, expected):
+  config, _, _, vgg_vars = setup
+  x = forward_inputs(io)
+  net = vgg.VGG19(config.loss.vgg_widths)
+  tol_ref = dict(r12=2e-3, r22=5e-3, r32=5e-3, r42=5e-3, r52=2e-3)
+  for source, image in (("src", x["src_img"]), ("ref", x["ref_img"])):
+    features = net.apply(vgg_vars, image)
+    for name, tol in tol_ref.items():
+      assert_close(features[name], nchw_to_nhwc(expected[f"vgg/{source}/{name}"]), tol, f"vgg/{source}/{name}")
+
+
+@pytest.mark.parametrize("case", ["cx_isolated", "cx_empty"])
+def test_contextual_loss_matches_official(expected, case):
+  terms = contextual.contextual_terms(nchw_to_nhwc(expected[f"{case}/X"]), nchw_to_nhwc(expected[f"{case}/Y"]))
+  assert_close(terms.affinity, expected[f"{case}/A"], 1e-5, f"{case}/A")
+  assert_close(terms.wta, expected[f"{case}/wta"], 1e-5, f"{case}/wta")
+  np.testing.assert_array_equal(terms.kept, expected[f"{case}/kept"])
+  assert_close(terms.loss, np.reshape(expected[f"{case}/loss"], ()), 1e-5, f"{case}/loss")
+
+
+def test_vgg_checkpoint_errors(tmp_path):
+  with pytest.raises(CheckpointError, match=r"vgg19_conv.pth: VGG19 weight file not found"):
+    vgg.load_vgg19(tmp_path / "vgg19_conv.pth")
+  with pytest.raises(CheckpointError, match=r"do not match the config's shapes"):
+    vgg.load_vgg19(FIXTURES / "vgg19_small.pth")  # official widths vs the small file
