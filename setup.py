@@ -24,6 +24,10 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pyyaml>=6.0",
+        "pillow>=10.0",        # reading photos / label maps, writing outputs (midms_jax.data.images)
+        "scikit-image>=0.21",  # Canny edges of CelebA-HQ conditions (midms_jax.data.conditions)
+        "tqdm>=4.60",          # progress bar of python -m midms_jax.translate
+        "safetensors>=0.4.3,<1",  # torch-free weight export (midms_jax.interop.torch_export)
     ],
     extras_require={
         # Reading/writing PyTorch checkpoints. Exactly 2.13.0: other versions pull a multi-GB CUDA build

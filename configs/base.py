@@ -99,6 +99,7 @@ def train() -> ml_collections.ConfigDict:
   """Official training hyper-parameters (train.py defaults); batch_size is global (official: 1 per GPU x 8)."""
   return ml_collections.ConfigDict(dict(
       seed=2021, epochs=4, batch_size=8, lr=3e-6, lr_diff_backbone=3e-6, weight_decay=0.05,
+      adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
       lr_schedule="step", lr_milestones=(10, 12, 14, 24), lr_gamma=0.3, warmup_iter=10000))
 
 

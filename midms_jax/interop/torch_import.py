@@ -33,6 +33,7 @@ SCHEDULE_BUFFERS = (
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
+EMA_COUNTERS = {"decay": np.float32, "num_updates": np.int32}  # LitEma buffers beside the shadows
 # What an LDM state dict may hold beside the U-Net and first stage (``scale_factor`` only for scale_by_std
 # models; the official MIDMs code ignores it, see config midms.apply_scale_factor).
 LDM_IGNORABLE = SCHEDULE_BUFFERS + (EMA_PREFIX, "scale_factor")
@@ -88,36 +89,59 @@ def _require_prefix(state: Mapping[str, np.ndarray], prefix: str, path, kind: st
     raise CheckpointError(f"{path}: not {kind}: no '{prefix}*' keys (found e.g. {sample})")
 
 
-def _ldm_variables(state: Mapping[str, np.ndarray], model_cfg, *, prefix: str, use_ema: bool, source: str):
-  """U-Net and first-stage variables from an LDM state dict whose keys start with ``prefix``."""
+def _ema_counters(state: Mapping[str, np.ndarray], prefix: str, source: str) -> dict[str, np.ndarray]:
+  missing = [prefix + name for name in EMA_COUNTERS if prefix + name not in state]
+  if missing:
+    raise CheckpointError(f"{source}: EMA counter(s) missing: {', '.join(missing)}")
+  return {name: np.asarray(state[prefix + name], dtype) for name, dtype in EMA_COUNTERS.items()}
+
+
+def _ldm_variables(state: Mapping[str, np.ndarray], model_cfg, *, prefix: str, use_ema: bool, keep_ema: bool,
+                   source: str):
+  """U-Net and first-stage variables from an LDM state dict whose keys start with ``prefix``.
+
+  ``keep_ema`` adds ``unet_ema`` (U-Net variables from the ``model_ema.*`` shadows) and
+  ``ema_counters`` (``decay`` float32, ``num_updates`` int32), so that an export can write them back.
+  """
   abstract = dict(unet=build.abstract_unet(model_cfg["unet"]),
                   first_stage=build.abstract_first_stage(model_cfg["first_stage"]))
-  if use_ema:
-    state = ldm_ema.ema_state_dict(state, ema_prefix=prefix + EMA_PREFIX, model_prefix=prefix + "model.",
-                                 source=source)
-  unet, used_unet = variables_from_state_dict(state, abstract["unet"], prefix=prefix + UNET_PREFIX, source=source)
+  ema_state = None
+  if use_ema or keep_ema:
+    ema_state = ldm_ema.ema_state_dict(state, ema_prefix=prefix + EMA_PREFIX, model_prefix=prefix + "model.",
+                                       source=source)
+  unet, used_unet = variables_from_state_dict(ema_state if use_ema else state, abstract["unet"],
+                                              prefix=prefix + UNET_PREFIX, source=source)
   first, used_first = variables_from_state_dict(state, abstract["first_stage"], prefix=prefix + FIRST_STAGE_PREFIX,
                                                 source=source)
-  return dict(unet=unet, first_stage=first), used_unet | used_first
+  variables = dict(unet=unet, first_stage=first)
+  if keep_ema:
+    variables["unet_ema"], _ = variables_from_state_dict(ema_state, abstract["unet"], prefix=prefix + UNET_PREFIX,
+                                                         source=source)
+    variables["ema_counters"] = _ema_counters(state, prefix + EMA_PREFIX, source)
+  return variables, used_unet | used_first
 
 
 def ldm_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, *, use_ema: bool = False,
-                        source: str = "state dict") -> dict[str, Any]:
-  """``{'unet', 'first_stage'}`` variables from an LDM state dict (keys as in a Lightning ``.ckpt``)."""
+                        keep_ema: bool = False, source: str = "state dict") -> dict[str, Any]:
+  """``{'unet', 'first_stage'}`` variables from an LDM state dict (keys as in a Lightning ``.ckpt``).
+
+  ``keep_ema=True`` also returns ``unet_ema`` and ``ema_counters`` (see ``_ldm_variables``).
+  """
   _require_prefix(state, UNET_PREFIX, source, "an LDM checkpoint")
-  variables, used = _ldm_variables(state, model_cfg, prefix="", use_ema=use_ema, source=source)
+  variables, used = _ldm_variables(state, model_cfg, prefix="", use_ema=use_ema, keep_ema=keep_ema, source=source)
   reject_unexpected(state, used, LDM_IGNORABLE, source=source)
   return variables
 
 
-def load_ldm_checkpoint(path, model_cfg, *, use_ema: bool = False) -> dict[str, Any]:
+def load_ldm_checkpoint(path, model_cfg, *, use_ema: bool = False, keep_ema: bool = False) -> dict[str, Any]:
   """``{'unet': variables, 'first_stage': variables}`` from an LDM Lightning ``.ckpt``.
 
   ``use_ema=True`` takes the U-Net from the ``model_ema.*`` shadows (LDM's own sampling scripts do;
-  the official MIDMs code does not).
+  the official MIDMs code does not). ``keep_ema=True`` adds the shadows as ``unet_ema`` (U-Net
+  variables) and their ``ema_counters``, for a bit-exact re-export (``torch_export``).
   """
   return ldm_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, use_ema=use_ema,
-                             source=str(path))
+                             keep_ema=keep_ema, source=str(path))
 
 
 def first_stage_from_state_dict(state: Mapping[str, np.ndarray], first_stage_cfg,
@@ -134,10 +158,15 @@ def load_first_stage_checkpoint(path, first_stage_cfg) -> dict[str, Any]:
   return first_stage_from_state_dict(state_dict_of(read_checkpoint(path), path), first_stage_cfg, source=str(path))
 
 
-def midms_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, source: str = "state dict") -> dict[str, Any]:
-  """``{'unet', 'first_stage', 'correspondence'}`` variables from an official MIDMs state dict."""
+def midms_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, source: str = "state dict", *,
+                          keep_ema: bool = False) -> dict[str, Any]:
+  """``{'unet', 'first_stage', 'correspondence'}`` variables from an official MIDMs state dict.
+
+  ``keep_ema=True`` also returns ``unet_ema`` and ``ema_counters`` (see ``_ldm_variables``).
+  """
   _require_prefix(state, "diff_model." + UNET_PREFIX, source, "an official MIDMs checkpoint")
-  variables, used = _ldm_variables(state, model_cfg, prefix="diff_model.", use_ema=False, source=source)
+  variables, used = _ldm_variables(state, model_cfg, prefix="diff_model.", use_ema=False, keep_ema=keep_ema,
+                                   source=source)
   abstract = build.abstract_correspondence(model_cfg["correspondence"], build.latent_size(model_cfg["first_stage"]))
   variables["correspondence"], used_corr = variables_from_state_dict(state, abstract, source=source)
   ignorable = tuple("diff_model." + p for p in LDM_IGNORABLE) + MIDMS_IGNORABLE
@@ -145,10 +174,12 @@ def midms_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, source: st
   return variables
 
 
-def load_midms_checkpoint(path, model_cfg) -> dict[str, Any]:
+def load_midms_checkpoint(path, model_cfg, *, keep_ema: bool = False) -> dict[str, Any]:
   """``{'unet', 'first_stage', 'correspondence'}`` variables from an official MIDMs ``.pth``.
 
   The U-Net is the fine-tuned raw one in ``diff_model.model.diffusion_model.*`` (MIDMs never updates
-  the EMA shadows it carries along).
+  the EMA shadows it carries along). ``keep_ema=True`` adds those shadows as ``unet_ema`` (U-Net
+  variables) and their ``ema_counters``, for a bit-exact re-export (``torch_export``).
   """
-  return midms_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, source=str(path))
+  return midms_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, source=str(path),
+                               keep_ema=keep_ema)

@@ -70,12 +70,13 @@ def warped_segmentation_loss(warped_exemplar_seg: jax.Array, label_ids: jax.Arra
 
 def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                  vgg: Callable[[jax.Array], Mapping[str, jax.Array]], loss_cfg, *, warmup: bool,
-                 with_context: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 with_context: bool | jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and the unweighted terms, named like the official TensorBoard scalars.
 
   ``vgg(images)`` returns ReLU features r12..r52. ``warmup`` (static): the official warm-up
   phase, where the first-warp cycle loss is counted a second time as ``loss_fb_iterative``.
-  ``with_context`` (static): official ``n_iter > warmup_iter``.
+  ``with_context`` (bool or traced bool): official ``n_iter > warmup_iter``, so one compiled main
+  step serves the first post-warm-up iteration (no context loss) too.
   """
   terms = dict(
       loss_domain=domain_loss(outputs["trg_matching_feats"], outputs["src_matching_feats"],
@@ -94,8 +95,7 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   total = (loss_cfg.domain * terms["loss_domain"] + loss_cfg.fb * terms["loss_fb"]
            + loss_cfg.perc * terms["loss_perc"] + loss_cfg.feat * terms["loss_feat"]
            + loss_cfg.original * terms["original_loss"] + loss_cfg.fb_iterative * terms["loss_fb_iterative"])
-  if with_context:
-    total = total + loss_cfg.context * terms["loss_context"]
+  total = total + loss_cfg.context * jnp.asarray(with_context, jnp.float32) * terms["loss_context"]
   if warmup and loss_cfg.segmentation and "label_ids" in batch:
     terms["warped_segmentation_loss"] = warped_segmentation_loss(
         outputs["iter_warped_ref_seg"], batch["label_ids"], batch["label_ref_ids"], outputs["iter_warped_ref_seg"].shape[-1])

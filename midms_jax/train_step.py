@@ -1,0 +1,115 @@
+"""The training state and the two compiled training steps (warm-up and interleaved), data-parallel.
+
+``TrainState`` holds what changes: the step, the trainable parameters (correspondence networks and
+U-Net), the spectral-norm vectors, and the optimiser state. What never trains (the first stage, the
+VGG19 loss network) is passed separately as ``frozen``. Per-step randomness is
+``fold_in(PRNGKey(seed), step)``, so results do not depend on the device count.
+
+Parallelism: ``jax.jit`` over a ``Mesh`` whose ``data`` axis spans every device of every host; the
+batch is sharded on that axis and everything else replicated (GSPMD inserts the gradient all-reduce).
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from midms_jax import optim
+from midms_jax.losses.midms_losses import midms_losses
+from midms_jax.losses.vgg import VGG19
+from midms_jax.models.midms import MIDMs
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict[str, Any]      # {'correspondence': ..., 'unet': ...}
+  spectral: dict[str, Any]    # spectral-norm u, v of the correspondence networks
+  opt_state: Any
+
+
+def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation) -> TrainState:
+  params = optim.trainable(variables)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    spectral=variables["correspondence"]["spectral"], opt_state=tx.init(params))
+
+
+def frozen_variables(variables: Mapping[str, Any], vgg_variables: Mapping[str, Any]) -> dict[str, Any]:
+  """What the step reads but never updates: the first stage and the VGG19 loss network."""
+  return dict(first_stage=variables["first_stage"], vgg=vgg_variables)
+
+
+def model_variables(state: TrainState, frozen: Mapping[str, Any], params=None) -> dict[str, Any]:
+  """The ``{'unet', 'first_stage', 'correspondence'}`` variables the forward pass reads."""
+  params = state.params if params is None else params
+  return dict(unet={"params": params["unet"]}, first_stage=frozen["first_stage"],
+              correspondence={"params": params["correspondence"], "spectral": state.spectral})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """The warm-up and the interleaved training step, each jitted once."""
+  warmup: Callable
+  main: Callable
+
+
+def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | None = None) -> StepFunctions:
+  """Builds both steps: ``step(state, frozen, batch) -> (state, metrics)``; ``state`` is donated.
+
+  With a ``mesh``, the batch is sharded over its ``data`` axis and state / frozen variables are
+  replicated; without one, plain ``jax.jit``.
+  """
+  vgg = VGG19(tuple(config.loss.vgg_widths))
+  schedules = optim.lr_schedules(config.train, steps_per_epoch)
+  warmup_iter = config.train.warmup_iter
+  seed = config.train.seed
+
+  def step(state: TrainState, frozen, batch, *, warmup: bool):
+    tx = optim.make_optimizer(config.train, freeze_unet=warmup)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+
+    def loss_fn(params):
+      variables = model_variables(state, frozen, params)
+      outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True)
+      features = lambda images: vgg.apply(frozen["vgg"], images)
+      total, terms = midms_losses(outputs, batch, features, config.loss, warmup=warmup,
+                                  with_context=state.step > warmup_iter)
+      return total, (terms, spectral)
+
+    (_, (terms, spectral)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    opt_state = optim.with_learning_rates(state.opt_state, state.step, schedules)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                   **{f"learning_rate/{k}": v for k, v in optim.learning_rates(opt_state).items()})
+    return TrainState(step=state.step + 1, params=params, spectral=spectral, opt_state=opt_state), metrics
+
+  def compile_step(warmup: bool):
+    fn = lambda state, frozen, batch: step(state, frozen, batch, warmup=warmup)
+    if mesh is None:
+      return jax.jit(fn, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return jax.jit(fn, in_shardings=(replicated, replicated, sharded), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+
+  return StepFunctions(warmup=compile_step(True), main=compile_step(False))
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D ``data`` mesh over every device of every process (or the given ones)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Assembles the global batch from this host's part (``jax.make_array_from_process_local_data``)."""
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

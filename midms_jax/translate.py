@@ -1,0 +1,428 @@
+"""Translate your own images: the structure of a condition, the appearance of an exemplar photo.
+
+Single pair (a condition file, an exemplar file, ``--output`` a .png/.jpg file):
+
+  python -m midms_jax.translate --midms_checkpoint=celebahq.pth \\
+      --condition=face.jpg --exemplar=style.jpg --output=out.png
+
+Folder mode (a folder of conditions, a folder or .txt list of exemplars, or an ``--output`` folder; every
+condition x every exemplar, written as ``<condition-stem>__<exemplar-stem>.<format>``; resumable):
+
+  python -m midms_jax.translate --midms_checkpoint=celebahq.pth \\
+      --condition=conditions/ --exemplar=exemplars.txt --output=results/
+
+Conditions are ``.npy`` (H, W, C) arrays in [0, 1] exactly as the data set builds them, LSUN-church
+label-id PNGs, or (CelebA-HQ only) RGB photos whose edge map is computed. Exemplars are RGB photos.
+Nothing is resized: a condition and its exemplar must have the same size, a multiple of the model's
+down-sampling factor (32 for the official CelebA-HQ and DeepFashion models, 128 for LSUN church). The
+model is the config's (``--config``, default configs/celebahq.py) with the weights of an official
+MIDMs ``.pth``.
+
+Exit status: 0 when every pair was written (folder mode: also when some files were bad, as long as at
+least one pair was written or everything was already there; each bad file is reported on stderr and
+its pairs are skipped); 2 on a bad flag, checkpoint, or input in single-file mode, or when no pair of
+a folder run could be translated.
+"""
+
+import dataclasses
+import functools
+import pathlib
+import sys
+import zlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+from tqdm import tqdm
+
+import configs
+from midms_jax.data import conditions, images
+from midms_jax.errors import CheckpointError, InputError
+from midms_jax.interop import torch_import
+from midms_jax.models.midms import MIDMs
+
+DEFAULT_CONFIG = pathlib.Path(configs.__file__).with_name("celebahq.py")
+CONDITION_SUFFIXES = (".npy",) + images.IMAGE_SUFFIXES
+OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+IMAGE_LIKE_SUFFIXES = images.IMAGE_SUFFIXES + (".gif", ".tif", ".tiff")  # an --output file, not a folder
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(DEFAULT_CONFIG), "Model and data-set config file (its data.name decides how conditions are "
+    "read), e.g. configs/lsun_church.py; overrides as --config.midms.temperature=0.01.")
+_CHECKPOINT = flags.DEFINE_string(
+    "midms_checkpoint", None, "Official MIDMs .pth ({'state_dict': ...} as the official train.py saves it). "
+    "Default: config.checkpoints.midms. Weights from a midms-jax training workdir are not supported yet "
+    "(they arrive with the training code).")
+_CONDITION = flags.DEFINE_string(
+    "condition", None, "Condition file or folder: .npy (H, W, C) arrays in [0, 1] as the data set builds "
+    "them, LSUN-church label-id PNGs (ids 0..149, 255 = don't care), or, for CelebA-HQ, RGB photos (their "
+    "Canny edge map is the condition).")
+_EXEMPLAR = flags.DEFINE_string(
+    "exemplar", None, "Exemplar RGB photo, folder of photos, or .txt list of photo paths (one per line, "
+    "relative to the list's folder; blank lines and # comments ignored).")
+_EXEMPLAR_CONDITION = flags.DEFINE_string(
+    "exemplar_condition", None, "The exemplars' own conditions: a file (one exemplar) or a folder holding "
+    "<exemplar-stem>.npy (or .png, ...) per exemplar. Default: computed from the exemplar photo, which only "
+    "CelebA-HQ allows.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "An image file name (.png or .jpg, the extension decides the format) for a single "
+    "condition and exemplar file; otherwise the folder for <condition-stem>__<exemplar-stem>.<format> (folder "
+    "mode, existing outputs are skipped).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 8, "Pairs per jitted call; the last batch is padded so that one compilation serves all.",
+    lower_bound=1)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the diffusion noise. A pair uses PRNGKey(seed) folded with the CRC32 of its name "
+    "<condition-stem>__<exemplar-stem>: the same seed gives the same output, in single-file and folder mode, "
+    "whatever the batch composition, folder contents or resuming (up to float rounding across batch sizes).")
+_FORMAT = flags.DEFINE_enum(
+    "format", "png", list(images.FORMATS), "Output format in folder mode: png (lossless) or jpg (PIL "
+    "quality 75, as torchvision's save_image). CoCosNet's evaluation protocol saved JPEGs, and the format "
+    "alone moves FID by about 2.6: use the format of the numbers you compare with.")
+_DEBUG = flags.DEFINE_boolean(
+    "debug", False, "Also write <output-name>_debug.png next to each output: one row of tiles, left to "
+    "right: the decoded initial warp; per re-warp step the decoded new warp, the decoded mixed latent and "
+    "the confidence mask (white = re-warped, nearest up-sampled); the output.")
+_NO_REFINE = flags.DEFINE_boolean(
+    "no_refine", False, "Skip the final stochastic refinement (official inference runs it: eta=1 DDIM "
+    "steps of a 200-step schedule from step 180).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """One translation. ``exemplar_condition`` None: computed from the exemplar photo."""
+  condition: pathlib.Path
+  exemplar: pathlib.Path
+  exemplar_condition: pathlib.Path | None
+  output: pathlib.Path
+
+  @property
+  def name(self) -> str:
+    return pair_name(self.condition, self.exemplar)
+
+
+def pair_name(condition: pathlib.Path, exemplar: pathlib.Path) -> str:
+  return f"{condition.stem}__{exemplar.stem}"
+
+
+def pair_key(seed: int, name: str) -> jax.Array:
+  """The PRNG key of one pair: ``PRNGKey(seed)`` folded with the CRC32 of its name."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+
+
+def debug_path(output: pathlib.Path) -> pathlib.Path:
+  return output.with_name(f"{output.stem}_debug.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# The jitted model
+# ------------------------------------------------------------------------------------------------
+
+class Translator:
+  """``MIDMs.translate`` vmapped over pairs (each with its own key, batch of one inside) and jitted.
+
+  Per pair it returns the image and the latents of the debug grid: ``initial_warp`` and, per
+  re-warp step, ``new`` / ``mixed`` latents and the confidence ``mask``.
+  """
+
+  def __init__(self, config, refine: bool):
+    self.model = MIDMs.from_config(config)
+    rewarp = jnp.asarray(tuple(config.midms.rewarp_steps), jnp.int32)
+
+    def one(variables, condition, exemplar, exemplar_condition, key):
+      out = self.model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key,
+                                 refine=refine)
+      steps = out["steps"]
+      return dict(image=out["image"][0], initial_warp=out["initial_warp"][0],
+                  new=steps["pred_ref_x0_new"][rewarp, 0], mixed=steps["pred_ref_x0_mixed"][rewarp, 0],
+                  mask=steps["fb_mask"][rewarp, 0])
+
+    self.translate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0)))
+    self.decode = jax.jit(self.model.decode)
+
+  def debug_grids(self, variables, out: dict[str, Any]) -> np.ndarray:
+    """(B, H, W * tiles, 3) uint8 rows: initial warp, (new, mixed, mask) per re-warp step, output."""
+    b, k = out["new"].shape[:2]
+    new_mixed = jnp.stack([out["new"], out["mixed"]], axis=2).reshape((b, 2 * k) + out["new"].shape[2:])
+    latents = jnp.concatenate([out["initial_warp"][:, None], new_mixed], axis=1)  # init, new 1, mixed 1, ...
+    n = latents.shape[1]
+    decoded = images.to_uint8(self.decode(variables, latents.reshape((b * n,) + latents.shape[2:])))
+    decoded = decoded.reshape((b, n) + decoded.shape[1:])
+    outputs = images.to_uint8(out["image"])
+    height, width = outputs.shape[1:3]
+    masks = np.asarray(out["mask"])
+    masks = np.repeat(np.repeat(masks, height // masks.shape[2], axis=2), width // masks.shape[3], axis=3)
+    masks = np.broadcast_to((masks > 0.5).astype(np.uint8) * 255, masks.shape[:4] + (3,))
+    tiles = [decoded[:, 0]]
+    for i in range(k):
+      tiles += [decoded[:, 1 + 2 * i], decoded[:, 2 + 2 * i], masks[:, i]]
+    return np.concatenate(tiles + [outputs], axis=2)
+
+
+_TRANSLATORS: dict[tuple[str, bool], Translator] = {}
+
+
+def translator(config, refine: bool) -> Translator:
+  """One ``Translator`` per (config, refine): repeated in-process runs (tests, notebooks) compile once."""
+  key = (config.to_json(), refine)
+  if key not in _TRANSLATORS:
+    _TRANSLATORS[key] = Translator(config, refine)
+  return _TRANSLATORS[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+class Inputs:
+  """Loads the arrays of pairs, caching recently used files; every problem is an ``InputError``."""
+
+  def __init__(self, config, factor: int):
+    self.rgb = functools.lru_cache(maxsize=1024)(lambda path: images.read_rgb(path, factor))
+    self.condition = functools.lru_cache(maxsize=64)(lambda path: conditions.load_condition(path, config, factor))
+    self.photo_condition = functools.lru_cache(maxsize=64)(
+        lambda path: conditions.from_photo(path, config, factor, self.rgb(path)))
+
+  def arrays(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(condition, exemplar in [-1, 1], exemplar condition), all of the exemplar's size."""
+    condition = self.condition(pair.condition)
+    exemplar = self.rgb(pair.exemplar)
+    if pair.exemplar_condition is None:
+      exemplar_condition = self.photo_condition(pair.exemplar)
+    else:
+      exemplar_condition = self.condition(pair.exemplar_condition)
+    size = lambda a: f"{a.shape[1]}x{a.shape[0]}"
+    for path, array in ((pair.condition, condition), (pair.exemplar_condition, exemplar_condition)):
+      if array.shape[:2] != exemplar.shape[:2]:
+        raise InputError(f"{path}: size {size(array)} differs from the exemplar {pair.exemplar} "
+                         f"({size(exemplar)}); condition and exemplar must have the same size")
+    return condition, images.to_model_range(exemplar), exemplar_condition
+
+
+def _listing(folder: pathlib.Path, suffixes: tuple[str, ...], what: str) -> list[pathlib.Path]:
+  paths = sorted(p for p in folder.iterdir()
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
+  if not paths:
+    raise InputError(f"{folder}: no {what} files ({', '.join(suffixes)}) in this folder")
+  return paths
+
+
+def _exemplar_list(path: pathlib.Path) -> list[pathlib.Path]:
+  try:
+    lines = path.read_text().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: cannot read the exemplar list: {e}") from None
+  entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+  if not entries:
+    raise InputError(f"{path}: the exemplar list names no files")
+  return [pathlib.Path(e).expanduser() if pathlib.Path(e).expanduser().is_absolute() else path.parent / e
+          for e in entries]
+
+
+def _unique_stems(paths: Iterable[pathlib.Path], what: str) -> None:
+  seen: dict[str, pathlib.Path] = {}
+  for path in paths:
+    if path.stem in seen:
+      raise InputError(f"{path}: same name as {seen[path.stem]}; {what} file names (without extension) must "
+                       "be unique, they name the outputs")
+    seen[path.stem] = path
+
+
+def _exemplar_conditions(config, exemplars: list[pathlib.Path],
+                         source: pathlib.Path | None) -> list[pathlib.Path | None]:
+  """Each exemplar's condition file: from a folder by stem (``.npy`` first), the single file given, or
+  None (computed from the photo) where the data set allows it."""
+  if source is None:
+    if config.data.name not in conditions.PHOTO_DATA_SETS:
+      raise InputError(f"{exemplars[0]}: {config.data.name} conditions cannot be computed from exemplar photos; "
+                       f"pass --exemplar_condition ({conditions.hint(config)} per exemplar)")
+    return [None] * len(exemplars)
+  if not source.is_dir():
+    if len(exemplars) != 1:
+      raise InputError(f"{source}: --exemplar_condition is one file but there are {len(exemplars)} exemplars; "
+                       "pass a folder with <exemplar-stem>.npy (or .png, ...) per exemplar")
+    return [source]
+  matched = []
+  for exemplar in exemplars:
+    candidates = [source / f"{exemplar.stem}{suffix}" for suffix in CONDITION_SUFFIXES]
+    matched.append(next((c for c in candidates if c.is_file()), candidates[0]))
+  return matched
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+def _batches(pairs: Iterable[Pair], inputs: Inputs, batch_size: int,
+             on_error: Callable[[Pair, InputError], None]) -> Iterator[list[tuple[Pair, tuple]]]:
+  """Loaded pairs in batches of equal array shapes (a new shape starts a new batch)."""
+  batch, shapes = [], None
+  for pair in pairs:
+    try:
+      arrays = inputs.arrays(pair)
+    except InputError as e:
+      on_error(pair, e)
+      continue
+    pair_shapes = tuple(a.shape for a in arrays)
+    if batch and pair_shapes != shapes:
+      yield batch
+      batch = []
+    shapes = pair_shapes
+    batch.append((pair, arrays))
+    if len(batch) == batch_size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def _run_batch(model: Translator, variables, batch: list[tuple[Pair, tuple]], batch_size: int, seed: int,
+               fmt: str, debug: bool) -> None:
+  padded = batch + [batch[-1]] * (batch_size - len(batch))
+  stacked = [np.stack([arrays[i] for _, arrays in padded]) for i in range(3)]
+  keys = jnp.stack([pair_key(seed, pair.name) for pair, _ in padded])
+  out = model.translate(variables, *stacked, keys)
+  outputs = np.asarray(out["image"])
+  grids = model.debug_grids(variables, out) if debug else None
+  for i, (pair, _) in enumerate(batch):
+    images.save_image(pair.output, outputs[i], fmt)
+    if debug:
+      images.write_uint8(debug_path(pair.output), grids[i], "png")
+
+
+def _load_variables(config, checkpoint: str | None):
+  path = checkpoint or config.checkpoints.get("midms", "")
+  if not path:
+    raise CheckpointError("no weights: pass --midms_checkpoint (an official MIDMs .pth) or set "
+                          "config.checkpoints.midms")
+  return jax.device_put(torch_import.load_midms_checkpoint(pathlib.Path(path).expanduser(), config.model))
+
+
+def _run(pairs: list[Pair], config, *, checkpoint, batch_size: int, seed: int, fmt: str, debug: bool,
+         refine: bool, on_error: Callable[[Pair, InputError], None], progress: bool) -> int:
+  """Translates ``pairs``; returns how many were written."""
+  inputs = Inputs(config, images.downsampling_factor(config.model))
+  batch_size = min(batch_size, len(pairs))
+  variables, model = None, None
+  written = 0
+  with tqdm(total=len(pairs), unit="pair", disable=not progress, file=sys.stderr) as bar:
+    def failed(pair, error):
+      on_error(pair, error)
+      bar.update(1)
+    for batch in _batches(pairs, inputs, batch_size, failed):
+      if variables is None:  # after the first inputs load: bad inputs are reported before the slow part
+        variables, model = _load_variables(config, checkpoint), translator(config, refine)
+      _run_batch(model, variables, batch, batch_size, seed, fmt, debug)
+      written += len(batch)
+      bar.update(len(batch))
+  return written
+
+
+def translate_single(config, *, condition: pathlib.Path, exemplar: pathlib.Path,
+                     exemplar_condition: pathlib.Path | None, output: pathlib.Path, checkpoint=None, seed: int = 0,
+                     debug: bool = False, refine: bool = True) -> None:
+  """One pair to ``output`` (.png/.jpg: the extension decides the format); raises on any bad input."""
+  fmt = OUTPUT_SUFFIXES.get(output.suffix.lower())
+  if fmt is None:
+    raise InputError(f"{output}: in single-file mode --output must be a .png or .jpg file")
+  pair = Pair(condition, exemplar, _exemplar_conditions(config, [exemplar], exemplar_condition)[0], output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+
+  def reraise(_, error):
+    raise error
+  _run([pair], config, checkpoint=checkpoint, batch_size=1, seed=seed, fmt=fmt, debug=debug, refine=refine,
+       on_error=reraise, progress=False)
+
+
+def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_files: list[pathlib.Path],
+                     exemplar_condition: pathlib.Path | None, output: pathlib.Path, checkpoint=None,
+                     batch_size: int = 8, seed: int = 0, fmt: str = "png", debug: bool = False,
+                     refine: bool = True) -> int:
+  """Every condition x every exemplar into the ``output`` folder; returns the exit status (module doc)."""
+  if output.suffix.lower() in OUTPUT_SUFFIXES or (output.exists() and not output.is_dir()):
+    raise InputError(f"{output}: in folder mode --output is a folder, not an image file")
+  _unique_stems(condition_files, "condition")
+  _unique_stems(exemplar_files, "exemplar")
+  matched = _exemplar_conditions(config, exemplar_files, exemplar_condition)
+  output.mkdir(parents=True, exist_ok=True)
+  pairs = [Pair(c, e, ec, output / f"{pair_name(c, e)}.{fmt}") for c in condition_files
+           for e, ec in zip(exemplar_files, matched)]
+  todo = [p for p in pairs if not p.output.exists()]
+  print(f"{len(pairs)} pairs: skipping {len(pairs) - len(todo)} already in {output}, translating {len(todo)}")
+  reported: set[str] = set()
+  failures = []
+
+  def report(pair, error):
+    failures.append(pair)
+    if str(error) not in reported:
+      reported.add(str(error))
+      tqdm.write(f"error: {error}", file=sys.stderr)
+  written = _run(todo, config, checkpoint=checkpoint, batch_size=batch_size, seed=seed, fmt=fmt, debug=debug,
+                 refine=refine, on_error=report, progress=True) if todo else 0
+  print(f"wrote {written}, skipped {len(pairs) - len(todo)} existing, failed {len(failures)}")
+  return 2 if failures and not written else 0
+
+
+def _required_path(flag: str, value: str | None) -> pathlib.Path:
+  if not value:
+    raise InputError(f"--{flag} is required")
+  return pathlib.Path(value).expanduser()
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
+    return 2
+  try:
+    config = _CONFIG.value
+    condition = _required_path("condition", _CONDITION.value)
+    exemplar = _required_path("exemplar", _EXEMPLAR.value)
+    output = _required_path("output", _OUTPUT.value)
+    exemplar_condition = pathlib.Path(_EXEMPLAR_CONDITION.value).expanduser() if _EXEMPLAR_CONDITION.value else None
+    common = dict(checkpoint=_CHECKPOINT.value, seed=_SEED.value, debug=_DEBUG.value, refine=not _NO_REFINE.value)
+    is_list = exemplar.suffix.lower() == ".txt"
+    if (not condition.is_dir() and not exemplar.is_dir() and not is_list
+        and output.suffix.lower() in IMAGE_LIKE_SUFFIXES):
+      translate_single(config, condition=condition, exemplar=exemplar, exemplar_condition=exemplar_condition,
+                       output=output, **common)
+      print(f"wrote {output}")
+      return 0
+    condition_files = _listing(condition, CONDITION_SUFFIXES, "condition") if condition.is_dir() else [condition]
+    if exemplar.is_dir():
+      exemplars = _listing(exemplar, images.IMAGE_SUFFIXES, "exemplar image")
+    else:
+      exemplars = _exemplar_list(exemplar) if is_list else [exemplar]
+    return translate_folder(config, condition_files=condition_files, exemplar_files=exemplars,
+                            exemplar_condition=exemplar_condition, output=output, batch_size=_BATCH_SIZE.value,
+                            fmt=_FORMAT.value, **common)
+  except (InputError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing, but a bad flag is a one-line ``error:`` and exit status 2 (absl's own: 1)."""
+  try:
+    return FLAGS(list(argv))
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(argv: Sequence[str]) -> int:
+  """In-process entry point (tests, notebooks): parses ``argv`` (program name first) afresh, every flag
+  not given taking its default, runs, and returns the exit status."""
+  FLAGS.unparse_flags()
+  try:
+    remaining = parse_flags(argv)
+  except SystemExit as e:
+    return int(e.code)
+  return main(remaining)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

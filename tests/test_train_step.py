@@ -1,0 +1,110 @@
+"""The training steps: warm-up freezes the U-Net, the phases share one state, losses go down,
+and a step sharded over 8 devices equals the single-device step."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import celebahq
+from midms_jax import optim, train_step
+from midms_jax.interop import torch_import
+from midms_jax.losses import vgg
+from midms_jax.models.midms import MIDMs
+from tests.conftest import FIXTURES
+
+pytest.importorskip("torch")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _setup(batch_size: int = 2, lr: float = 3e-6):
+  config = celebahq.get_config("tiny")
+  config.train.lr = config.train.lr_diff_backbone = lr
+  config.train.warmup_iter = 2
+  model = MIDMs.from_config(config)
+  variables = torch_import.load_midms_checkpoint(FIXTURES / "midms_small.pth", config.model)
+  frozen = train_step.frozen_variables(variables, vgg.load_vgg19(FIXTURES / "vgg19_small.pth", config.loss.vgg_widths))
+  rng = np.random.default_rng(0)
+  batch = dict(image=rng.uniform(-1, 1, (batch_size, 32, 32, 3)).astype(np.float32),
+               ref=rng.uniform(-1, 1, (batch_size, 32, 32, 3)).astype(np.float32),
+               label=rng.uniform(0, 1, (batch_size, 32, 32, 15)).astype(np.float32),
+               label_ref=rng.uniform(0, 1, (batch_size, 32, 32, 15)).astype(np.float32))
+  tx = optim.make_optimizer(config.train, freeze_unet=True)
+  return config, model, variables, frozen, batch, tx
+
+
+def test_warmup_freezes_unet_then_main_step_trains_it():
+  config, model, variables, frozen, batch, tx = _setup()
+  steps = train_step.make_train_steps(model, config, steps_per_epoch=100)
+  state = train_step.create_train_state(variables, tx)
+  unet_before = jax.tree_util.tree_map(np.asarray, state.params["unet"])
+  corr_before = jax.tree_util.tree_map(np.asarray, state.params["correspondence"])
+  spectral_before = jax.tree_util.tree_map(np.asarray, state.spectral)
+  state, metrics = steps.warmup(state, frozen, batch)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params["unet"], unet_before)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params["correspondence"]),
+                                                      jax.tree_util.tree_leaves(corr_before)))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.spectral),
+                                                      jax.tree_util.tree_leaves(spectral_before)))
+  assert np.isfinite(metrics["loss_total"]) and float(metrics["grad_norm"]) > 0
+  state, metrics = steps.main(state, frozen, batch)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params["unet"]),
+                                                      jax.tree_util.tree_leaves(unet_before)))
+  state, _ = steps.main(state, frozen, batch)
+  assert int(state.step) == 3
+  assert steps.warmup._cache_size() == 1 and steps.main._cache_size() == 1  # no recompilation
+
+
+def test_losses_decrease_on_a_fixed_batch():
+  config, model, variables, frozen, batch, tx = _setup(lr=1e-4)
+  config.train.warmup_iter = 100
+  steps = train_step.make_train_steps(model, config, steps_per_epoch=100)
+  state = train_step.create_train_state(variables, tx)
+  losses = []
+  for _ in range(6):
+    state, metrics = steps.warmup(state, frozen, batch)
+    losses.append(float(metrics["loss_total"]))
+  assert losses[-1] < losses[0], losses
+
+
+_DP_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from tests.test_train_step import _setup
+    from midms_jax import train_step
+    # Adam moves a coordinate by about +-lr whatever its gradient's size, so a near-zero gradient whose
+    # sign depends on the summation order differs by up to 2 lr: keep lr well below the 1e-5 tolerance.
+    config, model, variables, frozen, batch, tx = _setup(batch_size=8, lr=1e-6)
+    results = {}
+    for n in (1, 8):
+      mesh = train_step.data_mesh(jax.devices()[:n])
+      steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh)
+      state = train_step.create_train_state(variables, tx)
+      state, metrics = steps.main(state, frozen, train_step.global_batch(mesh, batch))
+      leaves = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(state.params)])
+      results[n] = dict(loss=float(metrics["loss_total"]), grad_norm=float(metrics["grad_norm"]), params=leaves)
+    print(json.dumps(dict(devices=len(jax.devices()),
+                          max_param_diff=float(np.max(np.abs(results[8]["params"] - results[1]["params"]))),
+                          **{f"{k}_{n}": results[n][k] for n in (1, 8) for k in ("loss", "grad_norm")})))
+""")
+
+
+def test_eight_devices_match_one_device():
+  """One interleaved-phase step, global batch 8: 8 simulated CPU devices vs 1 (loss, grad norm, params)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _DP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 8
+  for key in ("loss", "grad_norm"):
+    assert abs(result[f"{key}_1"] - result[f"{key}_8"]) <= 1e-5 * max(1.0, abs(result[f"{key}_1"])), result
+  assert result["max_param_diff"] <= 1e-5, result

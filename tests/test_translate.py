@@ -1,0 +1,225 @@
+"""``python -m midms_jax.translate`` with the tiny CelebA-HQ config and the official small checkpoint.
+
+The CLI runs in-process (``translate.run``) so that its jitted translation compiles once per batch
+size for the whole module; one test runs the real ``python -m`` in a subprocess.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from configs import celebahq
+from midms_jax import translate
+from midms_jax.data import conditions, images
+from midms_jax.interop import torch_import
+from midms_jax.models.midms import MIDMs
+from tests.conftest import FIXTURES
+
+pytest.importorskip("torch")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"--config={REPO}/configs/celebahq.py:tiny"
+CHECKPOINT = FIXTURES / "midms_small.pth"
+SIZE = 32
+
+
+def _photo(path: pathlib.Path, name: str) -> pathlib.Path:
+  Image.fromarray(getattr(data, name)()[..., :3]).resize((SIZE, SIZE), Image.BICUBIC).save(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """Two condition photos and two exemplar photos, 32x32, in their own folders."""
+  root = tmp_path_factory.mktemp("translate")
+  (root / "conditions").mkdir()
+  (root / "exemplars").mkdir()
+  return dict(root=root,
+              c0=_photo(root / "conditions" / "c0.png", "astronaut"),
+              c1=_photo(root / "conditions" / "c1.jpg", "coffee"),
+              e0=_photo(root / "exemplars" / "e0.jpg", "chelsea"),
+              e1=_photo(root / "exemplars" / "e1.png", "rocket"))
+
+
+def _run(*args, checkpoint=CHECKPOINT, config=CONFIG) -> int:
+  argv = ["translate", config] + ([f"--midms_checkpoint={checkpoint}"] if checkpoint else []) + list(args)
+  return translate.run(argv)
+
+
+def _pixels(path) -> np.ndarray:
+  with Image.open(path) as image:
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def single(files):
+  """The pair (c0, e0) translated with seed 0 in single-file mode."""
+  out = files["root"] / "single" / "seed0.png"
+  assert _run(f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={out}") == 0
+  return out
+
+
+def test_single_pair_is_reproducible_and_seeded(files, single):
+  again, other = files["root"] / "single" / "again.png", files["root"] / "single" / "seed1.png"
+  pair = (f"--condition={files['c0']}", f"--exemplar={files['e0']}")
+  assert _run(*pair, f"--output={again}", "--seed=0") == 0
+  assert _run(*pair, f"--output={other}", "--seed=1") == 0
+  with Image.open(single) as image:
+    assert image.format == "PNG" and image.mode == "RGB" and image.size == (SIZE, SIZE)
+  assert single.read_bytes() == again.read_bytes()
+  assert np.abs(_pixels(single).astype(int) - _pixels(other)).mean() > 1
+
+
+def test_output_equals_midms_translate(files, single):
+  config = celebahq.get_config("tiny")
+  model = MIDMs.from_config(config)
+  variables = jax.tree_util.tree_map(jnp.asarray, torch_import.load_midms_checkpoint(CHECKPOINT, config.model))
+  condition = conditions.load_condition(files["c0"], config)
+  exemplar = images.load_image(files["e0"])
+  exemplar_condition = conditions.load_condition(files["e0"], config)
+  key = jax.random.fold_in(jax.random.PRNGKey(0), zlib.crc32(b"c0__e0"))
+  np.testing.assert_array_equal(translate.pair_key(0, "c0__e0"), key)
+  fn = jax.jit(lambda v, c, e, ec, k: model.translate(v, c, e, ec, k)["image"])
+  expected = images.to_uint8(fn(variables, condition[None], exemplar[None], exemplar_condition[None], key)[0])
+  diff = np.abs(_pixels(single).astype(int) - expected)
+  assert diff.max() <= 1 and np.mean(diff > 0) < 0.01  # float rounding of the vmapped batch at .5 boundaries
+  assert expected.std() > 1
+
+
+def test_folder_mode_and_resume(files, single, capsys):
+  out = files["root"] / "folder"
+  args = (f"--condition={files['root'] / 'conditions'}", f"--exemplar={files['root'] / 'exemplars'}",
+          f"--output={out}", "--batch_size=3")
+  assert _run(*args) == 0
+  names = sorted(p.name for p in out.iterdir())
+  assert names == ["c0__e0.png", "c0__e1.png", "c1__e0.png", "c1__e1.png"]
+  assert "skipping 0" in capsys.readouterr().out
+  # The pair's key depends on its name only: folder mode (batch of 3, padded) matches single-file mode.
+  assert np.abs(_pixels(out / "c0__e0.png").astype(int) - _pixels(single)).max() <= 1
+  before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+  assert _run(*args) == 0
+  assert "skipping 4 already in" in capsys.readouterr().out
+  assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+  (out / "c1__e0.png").unlink()
+  assert _run(*args) == 0
+  assert "skipping 3 already in" in capsys.readouterr().out
+  assert (out / "c1__e0.png").read_bytes() == before["c1__e0.png"][1]
+
+
+def test_folder_mode_reports_a_corrupt_file_and_writes_the_others(files, capsys):
+  folder = files["root"] / "with_corrupt"
+  folder.mkdir()
+  (folder / "broken.png").write_bytes(files["c0"].read_bytes()[:100])
+  (folder / "c0.png").write_bytes(files["c0"].read_bytes())
+  (folder / "notes.txt").write_text("not an input")
+  out = files["root"] / "corrupt_out"
+  exemplars = files["root"] / "exemplars.txt"
+  exemplars.write_text("# exemplars\nexemplars/e0.jpg\n\nexemplars/e1.png\n")
+  args = (f"--condition={folder}", f"--exemplar={exemplars}", f"--output={out}", "--batch_size=3")
+  assert _run(*args) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["c0__e0.png", "c0__e1.png"]
+  err = capsys.readouterr().err
+  assert err.count(f"error: {folder / 'broken.png'}: not a readable image") == 1
+  (folder / "c0.png").unlink()
+  assert _run(*args) == 2  # nothing could be translated
+  assert "broken.png" in capsys.readouterr().err
+
+
+def test_debug_grid(files):
+  out = files["root"] / "debug" / "pair.png"
+  assert _run(f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={out}", "--debug") == 0
+  grid = _pixels(out.with_name("pair_debug.png"))
+  tiles = 1 + 3 * len(celebahq.get_config("tiny").midms.rewarp_steps) + 1
+  assert grid.shape == (SIZE, SIZE * tiles, 3)
+  np.testing.assert_array_equal(grid[:, -SIZE:], _pixels(out))
+  for k in (0, 1):  # the masks: gray 0/255, constant on each 4x4 latent pixel
+    mask = grid[:, SIZE * (3 + 3 * k): SIZE * (4 + 3 * k)]
+    assert set(np.unique(mask)) <= {0, 255} and (mask == mask[..., :1]).all()
+    np.testing.assert_array_equal(mask, np.repeat(np.repeat(mask[::4, ::4], 4, 0), 4, 1))
+
+
+def test_jpg_output(files):
+  out = files["root"] / "jpg"
+  assert _run(f"--condition={files['c1']}", f"--exemplar={files['e1']}", f"--output={out}", "--format=jpg") == 0
+  single = files["root"] / "jpg_single.jpg"
+  assert _run(f"--condition={files['c1']}", f"--exemplar={files['e1']}", f"--output={single}") == 0
+  for path in (out / "c1__e1.jpg", single):
+    with Image.open(path) as image:
+      assert image.format == "JPEG" and image.size == (SIZE, SIZE)
+  assert [p.name for p in out.iterdir()] == ["c1__e1.jpg"]  # flags of earlier in-process runs (--debug) reset
+
+
+def _bad_inputs(root: pathlib.Path, c0: pathlib.Path) -> dict[str, tuple[pathlib.Path, list[str]]]:
+  """name -> (file named in the message, extra CLI args)."""
+  rgb = np.asarray(Image.open(c0))
+  Image.fromarray(rgb).convert("L").save(root / "gray.png")
+  Image.fromarray(rgb).convert("RGBA").save(root / "rgba.png")
+  Image.fromarray(rgb).convert("P").save(root / "palette.png")
+  Image.fromarray(rgb).resize((36, 36)).save(root / "odd.png")
+  (root / "corrupt.jpg").write_bytes(c0.read_bytes()[:80])
+  np.save(root / "c14.npy", np.zeros((SIZE, SIZE, 14), np.float32))
+  (root / "bad.pth").write_bytes(b"not a checkpoint")
+  ex = f"--exemplar={c0}"
+  return {
+      "missing": (root / "missing.png", [f"--condition={root / 'missing.png'}", ex]),
+      "corrupt": (root / "corrupt.jpg", [f"--condition={root / 'corrupt.jpg'}", ex]),
+      "grayscale": (root / "gray.png", [f"--condition={c0}", f"--exemplar={root / 'gray.png'}"]),
+      "rgba": (root / "rgba.png", [f"--condition={c0}", f"--exemplar={root / 'rgba.png'}"]),
+      "palette": (root / "palette.png", [f"--condition={c0}", f"--exemplar={root / 'palette.png'}"]),
+      "size": (root / "odd.png", [f"--condition={root / 'odd.png'}", ex]),
+      "channels": (root / "c14.npy", [f"--condition={root / 'c14.npy'}", ex]),
+      "exemplar_condition": (root / "c14.npy", [f"--condition={c0}", ex, f"--exemplar_condition={root / 'c14.npy'}"]),
+      "checkpoint": (root / "bad.pth", [f"--condition={c0}", ex, f"--midms_checkpoint={root / 'bad.pth'}"]),
+      "no_checkpoint": (root / "nope.pth", [f"--condition={c0}", ex, f"--midms_checkpoint={root / 'nope.pth'}"]),
+  }
+
+
+BAD = ["missing", "corrupt", "grayscale", "rgba", "palette", "size", "channels", "exemplar_condition",
+       "checkpoint", "no_checkpoint"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_exits_2_with_one_line(files, capsys, case):
+  root = files["root"] / "bad"
+  root.mkdir(exist_ok=True)
+  named, args = _bad_inputs(root, files["c0"])[case]
+  assert _run(*args, f"--output={root / 'out.png'}") == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {named}: ") and err.count("\n") == 1, err
+  assert not (root / "out.png").exists()
+
+
+def test_usage_errors_exit_2(files, capsys):
+  assert _run(f"--exemplar={files['e0']}", f"--output={files['root'] / 'u.png'}") == 2
+  assert capsys.readouterr().err == "error: --condition is required\n"
+  assert _run("--no_such_flag=1") == 2
+  assert "no_such_flag" in capsys.readouterr().err
+  assert _run(f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={files['root'] / 'x.gif'}") == 2
+  gif = files["root"] / "x.gif"
+  assert capsys.readouterr().err == f"error: {gif}: in single-file mode --output must be a .png or .jpg file\n"
+  lsun = f"--config={REPO}/configs/lsun_church.py:tiny"
+  assert _run(f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={files['root'] / 'u.png'}",
+              config=lsun) == 2
+  assert "pass --exemplar_condition" in capsys.readouterr().err
+
+
+def test_python_dash_m_subprocess(files, single):
+  """The real entry point, with --no_refine (otherwise untested: the output must differ from the refined one)."""
+  out = files["root"] / "subprocess.png"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+  cmd = [sys.executable, "-m", "midms_jax.translate", CONFIG, f"--midms_checkpoint={CHECKPOINT}",
+         f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={out}", "--no_refine"]
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "Traceback" not in done.stderr and done.stdout.strip() == f"wrote {out}"
+  unrefined = _pixels(out)
+  assert unrefined.shape == (SIZE, SIZE, 3) and np.abs(unrefined.astype(int) - _pixels(single)).mean() > 1
