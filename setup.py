@@ -28,11 +28,17 @@ setup(
         "scikit-image>=0.21",  # Canny edges of CelebA-HQ conditions (midms_jax.data.conditions)
         "tqdm>=4.60",          # progress bar of python -m midms_jax.translate
         "safetensors>=0.4.3,<1",  # torch-free weight export (midms_jax.interop.torch_export)
+        "grain>=0.2.18,<0.3",  # input pipeline (midms_jax.data.pipeline)
+        "opencv-python-headless>=4.10,<5",  # official pose drawing / distance maps (midms_jax.data.conditions)
+        "scipy>=1.9",          # gradient check behind the empty-Canny warning (midms_jax.data.conditions)
+        "clu==0.0.12",         # training metric writers and periodic actions (midms_jax.train)
+        "tensorflow-cpu>=2.16", # clu.metric_writers writes TensorBoard summaries through TensorFlow
+        "tensorboard>=2.16",
     ],
     extras_require={
         # Reading/writing PyTorch checkpoints. Exactly 2.13.0: other versions pull a multi-GB CUDA build
         # on machines that only have the CPU wheel; the JAX code path never imports torch.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "portpicker>=1.6"],
     },
 )

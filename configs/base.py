@@ -90,6 +90,7 @@ def loss(perc_layer: str = "r42", perc: float = 0.002, segmentation: float = 0.0
       context_weights=(8.0, 4.0, 2.0, 1.0),  # r52, r42, avgpool2(r32), avgpool4(r22)
       context_h=0.1, context_threshold=0.3,
       segmentation=segmentation,           # LSUN warped-segmentation loss (official weight_mask 100)
+      vgg="vgg19",                         # loss network: "vgg19" (official) or "none" (no VGG-based terms)
       vgg_widths=(64, 128, 256, 512, 512),
       vgg_checkpoint="",                   # CoCosNet's vgg19_conv.pth
   ))
@@ -100,7 +101,12 @@ def train() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       seed=2021, epochs=4, batch_size=8, lr=3e-6, lr_diff_backbone=3e-6, weight_decay=0.05,
       adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-      lr_schedule="step", lr_milestones=(10, 12, 14, 24), lr_gamma=0.3, warmup_iter=10000))
+      lr_schedule="step",     # "step": MultiStepLR over epochs; "cosine": CosineAnnealingLR(epochs, lr_min)
+      lr_milestones=(10, 12, 14, 24), lr_gamma=0.3, lr_min=1e-6, warmup_iter=10000,
+      num_steps=0,            # 0: epochs x steps per epoch
+      log_every=50, image_every=500, checkpoint_every=1000, keep_checkpoints=3,
+      collapse_ratio=0.5,     # warn when L1(output, exemplar) < ratio x L1(output, ground truth)
+      profile=False))
 
 
 def checkpoints() -> ml_collections.ConfigDict:

@@ -25,9 +25,22 @@ def lr_schedule(base_lr: float, milestones_epochs, gamma: float, steps_per_epoch
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
+def cosine_epoch_schedule(base_lr: float, epochs: int, min_lr: float, steps_per_epoch: int) -> optax.Schedule:
+  """PyTorch ``CosineAnnealingLR(T_max=epochs, eta_min)`` stepped once per epoch (official ``--scheduler cosine``)."""
+  def schedule(step):
+    epoch = jnp.asarray(step) // steps_per_epoch
+    return min_lr + (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs)) / 2
+  return schedule
+
+
 def lr_schedules(train_cfg, steps_per_epoch: int) -> dict[str, optax.Schedule]:
   """Per-group schedules of the global step (official: both 3e-6, decayed x0.3 at epochs 10, 12, 14, 24)."""
   base = dict(correspondence=train_cfg.lr, unet=train_cfg.lr_diff_backbone)
+  if train_cfg.lr_schedule == "cosine":
+    return {group: cosine_epoch_schedule(base[group], train_cfg.epochs, train_cfg.lr_min, steps_per_epoch)
+            for group in GROUPS}
+  if train_cfg.lr_schedule != "step":
+    raise ValueError(f"config.train.lr_schedule must be 'step' or 'cosine', got {train_cfg.lr_schedule!r}")
   return {group: lr_schedule(base[group], train_cfg.lr_milestones, train_cfg.lr_gamma, steps_per_epoch)
           for group in GROUPS}
 
@@ -42,10 +55,12 @@ def frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   return optax.GradientTransformation(inner.init, update)
 
 
-def _adamw(train_cfg) -> optax.GradientTransformation:
-  """AdamW whose learning rate lives in the state (set per step from the global step)."""
+def _adamw(train_cfg, base_lr: float) -> optax.GradientTransformation:
+  """AdamW whose learning rate lives in the state (``with_learning_rates`` sets it per step)."""
+  # A strongly typed float32 learning rate: the value with_learning_rates writes has the same type,
+  # so the state's type does not change after the first step (no recompilation).
   return optax.inject_hyperparams(optax.adamw)(
-      learning_rate=0.0, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps,
+      learning_rate=jnp.asarray(base_lr, jnp.float32), b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps,
       weight_decay=train_cfg.weight_decay)
 
 
@@ -61,8 +76,9 @@ def make_optimizer(train_cfg, *, freeze_unet: bool) -> optax.GradientTransformat
   learning rates are not schedules of that count: ``with_learning_rates`` sets them from the global
   step before each update.
   """
-  unet = _adamw(train_cfg)
-  return optax.multi_transform(dict(correspondence=_adamw(train_cfg), unet=frozen(unet) if freeze_unet else unet),
+  unet = _adamw(train_cfg, train_cfg.lr_diff_backbone)
+  return optax.multi_transform(dict(correspondence=_adamw(train_cfg, train_cfg.lr),
+                                    unet=frozen(unet) if freeze_unet else unet),
                                param_labels=_labels)
 
 

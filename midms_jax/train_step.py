@@ -66,7 +66,7 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
   With a ``mesh``, the batch is sharded over its ``data`` axis and state / frozen variables are
   replicated; without one, plain ``jax.jit``.
   """
-  vgg = VGG19(tuple(config.loss.vgg_widths))
+  vgg = VGG19(tuple(config.loss.vgg_widths)) if config.loss.vgg == "vgg19" else None
   schedules = optim.lr_schedules(config.train, steps_per_epoch)
   warmup_iter = config.train.warmup_iter
   seed = config.train.seed
@@ -78,9 +78,12 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
     def loss_fn(params):
       variables = model_variables(state, frozen, params)
       outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True)
-      features = lambda images: vgg.apply(frozen["vgg"], images)
+      features = None if vgg is None else (lambda images: vgg.apply(frozen["vgg"], images))
       total, terms = midms_losses(outputs, batch, features, config.loss, warmup=warmup,
                                   with_context=state.step > warmup_iter)
+      # Collapse monitor: an output that copies the exemplar is much closer to it than to the ground truth.
+      terms["monitor/output_to_exemplar_l1"] = jnp.mean(jnp.abs(outputs["warped_ref"] - batch["ref"]))
+      terms["monitor/output_to_gt_l1"] = jnp.mean(jnp.abs(outputs["warped_ref"] - batch["image"]))
       return total, (terms, spectral)
 
     (_, (terms, spectral)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -107,6 +110,12 @@ def data_mesh(devices=None) -> Mesh:
   """A 1-D ``data`` mesh over every device of every process (or the given ones)."""
   devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree on every device of the mesh, as the steps' outputs are: the first call then hits the
+  same compiled step as every later one (an unplaced input would compile a second variant)."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

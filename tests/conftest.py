@@ -2,12 +2,18 @@
 
 import os
 import pathlib
+import tempfile
 
-import jax
-import numpy as np
-import pytest
+# One persistent XLA compilation cache for the session, shared with the subprocesses the tests start
+# (they inherit the environment): the training tests compile the same steps in several processes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="midms-jax-test-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
-from midms_jax.models import midms
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+from midms_jax.models import midms  # pylint: disable=wrong-import-position
 
 # Parity tolerances assume exact float32 matmuls (TF32/bf16 on accelerators would not meet them).
 jax.config.update("jax_default_matmul_precision", "highest")

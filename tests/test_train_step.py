@@ -42,11 +42,14 @@ def _setup(batch_size: int = 2, lr: float = 3e-6):
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
   config, model, variables, frozen, batch, tx = _setup()
-  steps = train_step.make_train_steps(model, config, steps_per_epoch=100)
-  state = train_step.create_train_state(variables, tx)
+  mesh = train_step.data_mesh()
+  steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh)
+  state = train_step.replicate(train_step.create_train_state(variables, tx), mesh)
+  frozen, batch = train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch)
   unet_before = jax.tree_util.tree_map(np.asarray, state.params["unet"])
   corr_before = jax.tree_util.tree_map(np.asarray, state.params["correspondence"])
   spectral_before = jax.tree_util.tree_map(np.asarray, state.spectral)
+  state, metrics = steps.warmup(state, frozen, batch)
   state, metrics = steps.warmup(state, frozen, batch)
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.params["unet"], unet_before)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params["correspondence"]),
@@ -58,7 +61,7 @@ def test_warmup_freezes_unet_then_main_step_trains_it():
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params["unet"]),
                                                       jax.tree_util.tree_leaves(unet_before)))
   state, _ = steps.main(state, frozen, batch)
-  assert int(state.step) == 3
+  assert int(state.step) == 4
   assert steps.warmup._cache_size() == 1 and steps.main._cache_size() == 1  # no recompilation
 
 

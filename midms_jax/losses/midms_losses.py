@@ -69,11 +69,11 @@ def warped_segmentation_loss(warped_exemplar_seg: jax.Array, label_ids: jax.Arra
 
 
 def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-                 vgg: Callable[[jax.Array], Mapping[str, jax.Array]], loss_cfg, *, warmup: bool,
+                 vgg: Callable[[jax.Array], Mapping[str, jax.Array]] | None, loss_cfg, *, warmup: bool,
                  with_context: bool | jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and the unweighted terms, named like the official TensorBoard scalars.
 
-  ``vgg(images)`` returns ReLU features r12..r52. ``warmup`` (static): the official warm-up
+  ``vgg(images)`` returns ReLU features r12..r52 (None: no VGG-based terms). ``warmup`` (static): the official warm-up
   phase, where the first-warp cycle loss is counted a second time as ``loss_fb_iterative``.
   ``with_context`` (bool or traced bool): official ``n_iter > warmup_iter``, so one compiled main
   step serves the first post-warm-up iteration (no context loss) too.
@@ -84,14 +84,18 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
       loss_fb=outputs["loss_fb_first_warp"],
       original_loss=outputs["original_loss"],
       loss_fb_iterative=outputs["loss_fb"])
-  features = vgg(jnp.concatenate([outputs["warped_ref"], outputs["warped_src"], batch["image"], batch["ref"]]))
-  split = {name: jnp.split(f, 4) for name, f in features.items()}
-  warped_ref, warped_src, gt, exemplar = ({name: parts[i] for name, parts in split.items()} for i in range(4))
-  terms["loss_feat"] = feature_loss(warped_src, gt, loss_cfg.feat_layer_weights)
-  terms["loss_perc"] = l1(warped_ref[loss_cfg.perc_layer], jax.lax.stop_gradient(gt[loss_cfg.perc_layer]))
-  cx = context_terms(warped_ref, exemplar, loss_cfg.context_h, loss_cfg.context_threshold)
-  terms["cx_terms"] = cx
-  terms["loss_context"] = jnp.dot(jnp.asarray(loss_cfg.context_weights, jnp.float32), cx)
+  if vgg is None:  # no loss network (config.loss.vgg = 'none'): the VGG-based terms are left out
+    zero = jnp.zeros((), jnp.float32)
+    terms.update(loss_feat=zero, loss_perc=zero, cx_terms=jnp.zeros((4,), jnp.float32), loss_context=zero)
+  else:
+    features = vgg(jnp.concatenate([outputs["warped_ref"], outputs["warped_src"], batch["image"], batch["ref"]]))
+    split = {name: jnp.split(f, 4) for name, f in features.items()}
+    warped_ref, warped_src, gt, exemplar = ({name: parts[i] for name, parts in split.items()} for i in range(4))
+    terms["loss_feat"] = feature_loss(warped_src, gt, loss_cfg.feat_layer_weights)
+    terms["loss_perc"] = l1(warped_ref[loss_cfg.perc_layer], jax.lax.stop_gradient(gt[loss_cfg.perc_layer]))
+    cx = context_terms(warped_ref, exemplar, loss_cfg.context_h, loss_cfg.context_threshold)
+    terms["cx_terms"] = cx
+    terms["loss_context"] = jnp.dot(jnp.asarray(loss_cfg.context_weights, jnp.float32), cx)
   total = (loss_cfg.domain * terms["loss_domain"] + loss_cfg.fb * terms["loss_fb"]
            + loss_cfg.perc * terms["loss_perc"] + loss_cfg.feat * terms["loss_feat"]
            + loss_cfg.original * terms["original_loss"] + loss_cfg.fb_iterative * terms["loss_fb_iterative"])

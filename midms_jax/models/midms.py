@@ -400,7 +400,7 @@ class MIDMs:
                                               exemplar_latent, gt_latent, update_stats=update_stats)
     out = dict(src_feats=gt_latent, ref_feats=exemplar_latent,
                **{k: matched[k] for k in ("trg_matching_feats", "src_matching_feats", "ref_matching_feats",
-                                          "corr_src", "corr_ref")})
+                                          "corr_src", "corr_ref", "warped_ref_feat")})
     # First-warp cycle (train_epoch's ``loss_fb``); in warm-up the forward's own cycle term is the same.
     out["loss_fb_first_warp"] = self._cycle_loss(matched["warped_ref_feat"], matched["corr_ref"], exemplar_latent)
     if warmup:
