@@ -100,3 +100,18 @@ def forward_noise(io, mode: str, model):
     return midms.Noise(pick(0, "q_sample t=311"), pick(2, "q_sample t=311"), pick(8, "q_sample t=187"), zeros, refine)
   refine_steps = np.stack([pick(13 + j, "ddim_step") for j in range(20)])
   return midms.Noise(pick(0, "q_sample t=311"), zeros, zeros, pick(12, "q_sample t=101"), refine_steps)
+
+
+@pytest.fixture(scope="session")
+def forward_io() -> dict[str, np.ndarray]:
+  return load_fixture("midms_forward_io.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_midms(midms_checkpoint_path):
+  """(config, MIDMs, variables) of ``celebahq.py:tiny`` with the official small checkpoint imported."""
+  from configs import celebahq  # pylint: disable=import-outside-toplevel
+  from midms_jax.interop import torch_import  # pylint: disable=import-outside-toplevel
+  config = celebahq.get_config("tiny")
+  variables = torch_import.load_midms_checkpoint(midms_checkpoint_path, config.model)
+  return config, midms.MIDMs.from_config(config), jax.tree_util.tree_map(jax.numpy.asarray, variables)

@@ -5,12 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import celebahq
 from midms_jax.errors import CheckpointError
-from midms_jax.interop import torch_import
 from midms_jax.losses import contextual, vgg
 from midms_jax.losses.midms_losses import midms_losses
-from midms_jax.models.midms import MIDMs
 from tests.conftest import FIXTURES, assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
 pytest.importorskip("torch")
@@ -26,18 +23,14 @@ TOL = {
 
 
 @pytest.fixture(scope="module")
-def setup(midms_checkpoint_path):
-  config = celebahq.get_config("tiny")
-  model = MIDMs.from_config(config)
-  variables = jax.tree_util.tree_map(jnp.asarray, torch_import.load_midms_checkpoint(midms_checkpoint_path,
-                                                                                      config.model))
-  vgg_vars = vgg.load_vgg19(FIXTURES / "vgg19_small.pth", config.loss.vgg_widths)
-  return config, model, variables, vgg_vars
+def setup(tiny_midms):
+  config, model, variables = tiny_midms
+  return config, model, variables, vgg.load_vgg19(FIXTURES / "vgg19_small.pth", config.loss.vgg_widths)
 
 
 @pytest.fixture(scope="module")
-def io():
-  return load_fixture("midms_forward_io.npz")
+def io(forward_io):
+  return forward_io
 
 
 @pytest.fixture(scope="module")

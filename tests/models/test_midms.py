@@ -7,7 +7,6 @@ import pytest
 from flax import traverse_util
 
 from configs import celebahq
-from midms_jax.interop import torch_import
 from midms_jax.models.midms import MIDMs
 from tests.conftest import assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
@@ -24,16 +23,13 @@ def _nhwc(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def io():
-  return load_fixture("midms_forward_io.npz")
+def io(forward_io):
+  return forward_io
 
 
 @pytest.fixture(scope="module")
-def setup(midms_checkpoint_path):
-  config = celebahq.get_config("tiny")
-  model = MIDMs.from_config(config)
-  variables = jax.tree_util.tree_map(jnp.asarray, torch_import.load_midms_checkpoint(midms_checkpoint_path,
-                                                                                      config.model))
+def setup(tiny_midms):
+  _, model, variables = tiny_midms
   return model, variables
 
 
