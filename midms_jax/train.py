@@ -1,8 +1,9 @@
 """Training: ``python -m midms_jax.train --config=configs/deepfashion.py --workdir=runs/df``.
 
-The workdir receives ``config.json``, ``checkpoints/<step>/``, TensorBoard events and
-``metrics.jsonl`` (one JSON line per logged step). Running the same command again resumes from the
-newest complete checkpoint.
+The workdir receives ``config.json``, ``first_stage/`` (the frozen autoencoder, once),
+``checkpoints/<step>/``, TensorBoard events and ``metrics.jsonl`` (one JSON line per logged step); its
+layout is ``midms_jax.workdir``'s, which ``translate --workdir`` and ``export`` read. Running the same
+command again resumes from the newest complete checkpoint.
 
 The loop, in labelled sections: set-up (multi-host, mesh, config checks that fail before compiling),
 initial variables (pretrained PyTorch files named in the config, or random init), checkpoint restore
@@ -25,9 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from midms_jax import optim, train_step
+from midms_jax import optim, train_step, workdir as workdir_lib
 from midms_jax.data import pipeline
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.interop import torch_import
@@ -103,6 +105,13 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return config.train.num_steps or config.train.epochs * steps_per_epoch
 
 
+def _on_every_process(value: bool) -> bool:
+  """Process 0's answer everywhere, so that every process takes the same branch around collective saves."""
+  if jax.process_count() == 1:
+    return value
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +119,7 @@ def total_steps(config, steps_per_epoch: int) -> int:
 def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_names=("state", "data"))
+  return ocp.CheckpointManager(workdir / workdir_lib.CHECKPOINTS_DIR, options=options, item_names=("state", "data"))
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state, iterator, *, force: bool = False) -> bool:
@@ -180,7 +189,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   process = jax.process_index()
   if process == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.write_config(workdir, config)
   mesh = train_step.data_mesh()
   local_batch = config.train.batch_size // jax.process_count()
 
@@ -194,6 +203,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   # Model, variables, optimiser state.
   model = MIDMs.from_config(config)
   variables = initial_variables(config, jax.random.PRNGKey(config.train.seed))
+  if _on_every_process((workdir / workdir_lib.FIRST_STAGE_DIR).exists()):  # resuming: the run's own weights
+    variables["first_stage"] = workdir_lib.restore_first_stage(workdir)
+  else:
+    workdir_lib.save_first_stage(workdir, variables["first_stage"])
   frozen = train_step.frozen_variables(variables, vgg_variables(config))
   tx = optim.make_optimizer(config.train, freeze_unet=True)
   state = train_step.create_train_state(variables, tx)

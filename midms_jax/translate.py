@@ -11,12 +11,18 @@ condition x every exemplar, written as ``<condition-stem>__<exemplar-stem>.<form
   python -m midms_jax.translate --midms_checkpoint=celebahq.pth \\
       --condition=conditions/ --exemplar=exemplars.txt --output=results/
 
+Weights from a midms-jax training workdir (its config.json is the model's config; newest checkpoint,
+or ``--step``):
+
+  python -m midms_jax.translate --workdir=runs/synthetic --condition=c.npy --exemplar=e.png \
+      --exemplar_condition=e.npy --output=out.png
+
 Conditions are ``.npy`` (H, W, C) arrays in [0, 1] exactly as the data set builds them, LSUN-church
 label-id PNGs, or (CelebA-HQ only) RGB photos whose edge map is computed. Exemplars are RGB photos.
 Nothing is resized: a condition and its exemplar must have the same size, a multiple of the model's
 down-sampling factor (32 for the official CelebA-HQ and DeepFashion models, 128 for LSUN church). The
 model is the config's (``--config``, default configs/celebahq.py) with the weights of an official
-MIDMs ``.pth``.
+MIDMs ``.pth``, or the workdir's.
 
 Exit status: 0 when every pair was written (folder mode: also when some files were bad, as long as at
 least one pair was written or everything was already there; each bad file is reported on stderr and
@@ -39,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 import configs
+from midms_jax import cli, workdir as workdir_lib
 from midms_jax.data import conditions, images
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.interop import torch_import
@@ -55,8 +62,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "read), e.g. configs/lsun_church.py; overrides as --config.midms.temperature=0.01.")
 _CHECKPOINT = flags.DEFINE_string(
     "midms_checkpoint", None, "Official MIDMs .pth ({'state_dict': ...} as the official train.py saves it). "
-    "Default: config.checkpoints.midms. Weights from a midms-jax training workdir are not supported yet "
-    "(they arrive with the training code).")
+    "Default: config.checkpoints.midms. For weights from a midms-jax training run use --workdir instead.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A midms-jax training workdir: its config.json replaces --config, its newest checkpoint "
+    "(or --step) and its frozen first stage give the weights.")
+_STEP = flags.DEFINE_integer(
+    "step", None, "With --workdir: the training step whose checkpoint to use (default: the newest).")
 _CONDITION = flags.DEFINE_string(
     "condition", None, "Condition file or folder: .npy (H, W, C) arrays in [0, 1] as the data set builds "
     "them, LSUN-church label-id PNGs (ids 0..149, 255 = don't care), or, for CelebA-HQ, RGB photos (their "
@@ -294,15 +305,27 @@ def _run_batch(model: Translator, variables, batch: list[tuple[Pair, tuple]], ba
       images.write_uint8(debug_path(pair.output), grids[i], "png")
 
 
-def _load_variables(config, checkpoint: str | None):
-  path = checkpoint or config.checkpoints.get("midms", "")
-  if not path:
-    raise CheckpointError("no weights: pass --midms_checkpoint (an official MIDMs .pth) or set "
-                          "config.checkpoints.midms")
-  return jax.device_put(torch_import.load_midms_checkpoint(pathlib.Path(path).expanduser(), config.model))
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """Where the weights come from: a training ``workdir`` (at ``step``, default newest), else an official
+  MIDMs ``.pth`` (``midms_checkpoint``, default ``config.checkpoints.midms``)."""
+  midms_checkpoint: str | None = None
+  workdir: str | None = None
+  step: int | None = None
+
+  def load(self, config):
+    if self.workdir:
+      trained = workdir_lib.load_trained(self.workdir, self.step)
+      print(f"weights: {self.workdir} step {trained.step}")
+      return jax.device_put(trained.variables)
+    path = self.midms_checkpoint or config.checkpoints.get("midms", "")
+    if not path:
+      raise CheckpointError("no weights: pass --midms_checkpoint (an official MIDMs .pth), --workdir (a "
+                            "midms-jax training run) or set config.checkpoints.midms")
+    return jax.device_put(torch_import.load_midms_checkpoint(pathlib.Path(path).expanduser(), config.model))
 
 
-def _run(pairs: list[Pair], config, *, checkpoint, batch_size: int, seed: int, fmt: str, debug: bool,
+def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: int, fmt: str, debug: bool,
          refine: bool, on_error: Callable[[Pair, InputError], None], progress: bool) -> int:
   """Translates ``pairs``; returns how many were written."""
   inputs = Inputs(config, images.downsampling_factor(config.model))
@@ -315,7 +338,7 @@ def _run(pairs: list[Pair], config, *, checkpoint, batch_size: int, seed: int, f
       bar.update(1)
     for batch in _batches(pairs, inputs, batch_size, failed):
       if variables is None:  # after the first inputs load: bad inputs are reported before the slow part
-        variables, model = _load_variables(config, checkpoint), translator(config, refine)
+        variables, model = weights.load(config), translator(config, refine)
       _run_batch(model, variables, batch, batch_size, seed, fmt, debug)
       written += len(batch)
       bar.update(len(batch))
@@ -323,7 +346,7 @@ def _run(pairs: list[Pair], config, *, checkpoint, batch_size: int, seed: int, f
 
 
 def translate_single(config, *, condition: pathlib.Path, exemplar: pathlib.Path,
-                     exemplar_condition: pathlib.Path | None, output: pathlib.Path, checkpoint=None, seed: int = 0,
+                     exemplar_condition: pathlib.Path | None, output: pathlib.Path, weights: Weights = Weights(), seed: int = 0,
                      debug: bool = False, refine: bool = True) -> None:
   """One pair to ``output`` (.png/.jpg: the extension decides the format); raises on any bad input."""
   fmt = OUTPUT_SUFFIXES.get(output.suffix.lower())
@@ -334,13 +357,13 @@ def translate_single(config, *, condition: pathlib.Path, exemplar: pathlib.Path,
 
   def reraise(_, error):
     raise error
-  _run([pair], config, checkpoint=checkpoint, batch_size=1, seed=seed, fmt=fmt, debug=debug, refine=refine,
+  _run([pair], config, weights=weights, batch_size=1, seed=seed, fmt=fmt, debug=debug, refine=refine,
        on_error=reraise, progress=False)
 
 
 def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_files: list[pathlib.Path],
-                     exemplar_condition: pathlib.Path | None, output: pathlib.Path, checkpoint=None,
-                     batch_size: int = 8, seed: int = 0, fmt: str = "png", debug: bool = False,
+                     exemplar_condition: pathlib.Path | None, output: pathlib.Path,
+                     weights: Weights = Weights(), batch_size: int = 8, seed: int = 0, fmt: str = "png", debug: bool = False,
                      refine: bool = True) -> int:
   """Every condition x every exemplar into the ``output`` folder; returns the exit status (module doc)."""
   if output.suffix.lower() in OUTPUT_SUFFIXES or (output.exists() and not output.is_dir()):
@@ -361,7 +384,7 @@ def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_fi
     if str(error) not in reported:
       reported.add(str(error))
       tqdm.write(f"error: {error}", file=sys.stderr)
-  written = _run(todo, config, checkpoint=checkpoint, batch_size=batch_size, seed=seed, fmt=fmt, debug=debug,
+  written = _run(todo, config, weights=weights, batch_size=batch_size, seed=seed, fmt=fmt, debug=debug,
                  refine=refine, on_error=report, progress=True) if todo else 0
   print(f"wrote {written}, skipped {len(pairs) - len(todo)} existing, failed {len(failures)}")
   return 2 if failures and not written else 0
@@ -373,17 +396,30 @@ def _required_path(flag: str, value: str | None) -> pathlib.Path:
   return pathlib.Path(value).expanduser()
 
 
+def _config_and_weights():
+  """The model config and weights source from --config / --midms_checkpoint, or --workdir / --step."""
+  if not _WORKDIR.value:
+    if _STEP.value is not None:
+      raise InputError("--step needs --workdir (it picks a checkpoint of a training run)")
+    return _CONFIG.value, Weights(midms_checkpoint=_CHECKPOINT.value)
+  if _CHECKPOINT.value:
+    raise InputError("--workdir and --midms_checkpoint exclude each other: pick one source of weights")
+  if FLAGS["config"].present:
+    raise InputError("--workdir and --config exclude each other: the workdir's config.json is the model's config")
+  return workdir_lib.read_config(_WORKDIR.value), Weights(workdir=_WORKDIR.value, step=_STEP.value)
+
+
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2
   try:
-    config = _CONFIG.value
+    config, weights = _config_and_weights()
     condition = _required_path("condition", _CONDITION.value)
     exemplar = _required_path("exemplar", _EXEMPLAR.value)
     output = _required_path("output", _OUTPUT.value)
     exemplar_condition = pathlib.Path(_EXEMPLAR_CONDITION.value).expanduser() if _EXEMPLAR_CONDITION.value else None
-    common = dict(checkpoint=_CHECKPOINT.value, seed=_SEED.value, debug=_DEBUG.value, refine=not _NO_REFINE.value)
+    common = dict(weights=weights, seed=_SEED.value, debug=_DEBUG.value, refine=not _NO_REFINE.value)
     is_list = exemplar.suffix.lower() == ".txt"
     if (not condition.is_dir() and not exemplar.is_dir() and not is_list
         and output.suffix.lower() in IMAGE_LIKE_SUFFIXES):
@@ -404,25 +440,10 @@ def main(argv: Sequence[str]) -> int:
     return 2
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl flag parsing, but a bad flag is a one-line ``error:`` and exit status 2 (absl's own: 1)."""
-  try:
-    return FLAGS(list(argv))
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run(argv: Sequence[str]) -> int:
-  """In-process entry point (tests, notebooks): parses ``argv`` (program name first) afresh, every flag
-  not given taking its default, runs, and returns the exit status."""
-  FLAGS.unparse_flags()
-  try:
-    remaining = parse_flags(argv)
-  except SystemExit as e:
-    return int(e.code)
-  return main(remaining)
+  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status."""
+  return cli.run_in_process(FLAGS, main, argv)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))

@@ -115,3 +115,22 @@ def tiny_midms(midms_checkpoint_path):
   config = celebahq.get_config("tiny")
   variables = torch_import.load_midms_checkpoint(midms_checkpoint_path, config.model)
   return config, midms.MIDMs.from_config(config), jax.tree_util.tree_map(jax.numpy.asarray, variables)
+
+
+def synthetic_train_config(**train_overrides):
+  """``configs/synthetic.py`` shortened to a few steps: warm-up for 3, then the interleaved step."""
+  from configs import synthetic  # pylint: disable=import-outside-toplevel
+  config = synthetic.get_config()
+  # warmup_iter as the CLI tests' (tests/test_train.py SHORT): the same compiled steps (shared cache)
+  config.train.update(dict(num_steps=6, warmup_iter=3, log_every=1, checkpoint_every=3, image_every=3))
+  config.train.update(train_overrides)
+  return config
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+  """(workdir, last metrics) of one 6-step synthetic training run (checkpoints at steps 3 and 6), shared by
+  the training, workdir, export and translate tests."""
+  from midms_jax import train  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("synthetic_run")
+  return workdir, train.train_and_evaluate(synthetic_train_config(), workdir)

@@ -11,21 +11,13 @@ import time
 import jax
 import pytest
 
-from configs import synthetic
 from midms_jax import train
 from midms_jax.errors import CheckpointError, InputError
+from tests.conftest import synthetic_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--config.train.num_steps=8", "--config.train.warmup_iter=3", "--config.train.log_every=1",
          "--config.train.checkpoint_every=4", "--config.train.image_every=0"]
-
-
-def _config(**train_overrides):
-  config = synthetic.get_config()
-  # warmup_iter as in SHORT: the compiled steps are then the same programs as the CLI tests' (shared cache)
-  config.train.update(dict(num_steps=6, warmup_iter=3, log_every=1, checkpoint_every=3, image_every=3))
-  config.train.update(train_overrides)
-  return config
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -47,16 +39,17 @@ def _run_cli(workdir: pathlib.Path, *extra: str, wait: bool = True):
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_synthetic_run_goes_through_warmup_and_writes_everything(tmp_path):
-  metrics = train.train_and_evaluate(_config(), tmp_path)
-  losses = _losses(tmp_path)
+def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):
+  workdir, metrics = synthetic_run
+  losses = _losses(workdir)
   assert sorted(losses) == list(range(1, 7))
   assert all(map(lambda v: v == v, losses.values()))  # finite (NaN stops training)
   assert metrics["loss_total"] == losses[6]
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]
-  assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 6
-  events = list(tmp_path.glob("events.out.tfevents.*"))
+  assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 6
+  assert (workdir / "first_stage").is_dir()
+  events = list(workdir.glob("events.out.tfevents.*"))
   assert events, "no TensorBoard event file"
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
   acc = event_accumulator.EventAccumulator(str(events[0]), size_guidance={"images": 0, "tensors": 0})
@@ -103,17 +96,17 @@ def test_exact_resume_after_sigkill_and_damaged_checkpoints(tmp_path):
 
 
 def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
-  config = _config()
+  config = synthetic_train_config()
   config.checkpoints.midms = str(tmp_path / "missing.pth")
   with pytest.raises(CheckpointError, match=r"missing.pth: config.checkpoints.midms names a file that does not exist"):
     train.check_config(config)
-  config = _config()
+  config = synthetic_train_config()
   config.loss.vgg = "vgg19"
   with pytest.raises(CheckpointError, match=r"config.loss.vgg_checkpoint must name CoCosNet's vgg19_conv.pth"):
     train.check_config(config)
   monkeypatch.setattr(jax, "device_count", lambda: 4)
   with pytest.raises(InputError, match=r"batch_size=2 is not divisible by the 4 devices"):
-    train.check_config(_config())
+    train.check_config(synthetic_train_config())
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):

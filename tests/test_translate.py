@@ -210,6 +210,18 @@ def test_usage_errors_exit_2(files, capsys):
   assert _run(f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={files['root'] / 'u.png'}",
               config=lsun) == 2
   assert "pass --exemplar_condition" in capsys.readouterr().err
+  pair = [f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={files['root'] / 'u.png'}"]
+  runs = files["root"] / "runs"
+  cases = [
+      (dict(), [f"--workdir={runs}"], "--workdir and --midms_checkpoint exclude each other: pick one source of weights"),
+      (dict(), ["--step=3"], "--step needs --workdir (it picks a checkpoint of a training run)"),
+      (dict(checkpoint=None), [f"--workdir={runs}"],
+       "--workdir and --config exclude each other: the workdir's config.json is the model's config"),
+      (dict(checkpoint=None, config=f"--workdir={runs}"), [], f"{runs}: no such training workdir"),
+  ]
+  for kwargs, args, message in cases:
+    assert _run(*pair, *args, **kwargs) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_python_dash_m_subprocess(files, single):

@@ -187,6 +187,12 @@ def ldm_state_dict(variables: Mapping[str, Any], config) -> StateDict:
   return _ldm_entries(variables, config, "")
 
 
+def ldm_state_dict_of_midms(midms: Mapping[str, np.ndarray]) -> StateDict:
+  """The LDM state dict inside a ``midms_state_dict`` (its ``diff_model.*`` entries, the same arrays):
+  equal to ``ldm_state_dict`` of the same variables, without a second host copy."""
+  return {key[len(MIDMS_LDM_PREFIX):]: value for key, value in midms.items() if key.startswith(MIDMS_LDM_PREFIX)}
+
+
 def first_stage_state_dict(variables: Mapping[str, Any], config) -> StateDict:
   """A standalone first-stage state dict (``encoder.*``, ``decoder.*``, ...) from ``variables['first_stage']``."""
   _require(variables, ("first_stage",))
@@ -270,15 +276,20 @@ def tensor_sha256(array: np.ndarray) -> str:
   return hashlib.sha256(_contiguous(array.astype(array.dtype.newbyteorder("<"), copy=False)).data).hexdigest()
 
 
-def write_manifest(path: str | os.PathLike, config, step: int, state_dict: Mapping[str, np.ndarray]) -> pathlib.Path:
-  """``export.json``: the config, the training step, and per tensor its shape, dtype and ``tensor_sha256``."""
-  digests: dict[int, str] = {}  # by array identity: diffusion_sampler.model.* repeats diff_model.*
-  tensors = {}
-  for key, value in state_dict.items():
-    array = np.asarray(value)
-    if id(value) not in digests:
-      digests[id(value)] = tensor_sha256(array)
-    tensors[key] = {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": digests[id(value)]}
-  manifest = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "tensors": tensors}
+def write_manifest(path: str | os.PathLike, config, step: int,
+                   files: Mapping[str, Mapping[str, np.ndarray]]) -> pathlib.Path:
+  """``export.json``: the config, the training step, and per written file the shape, dtype and
+  ``tensor_sha256`` of each of its tensors (``files``: file name -> its state dict)."""
+  digests: dict[int, str] = {}  # by array identity: files and diffusion_sampler.model.* share arrays
+  listed = {}
+  for name, state_dict in files.items():
+    tensors = {}
+    for key, value in state_dict.items():
+      array = np.asarray(value)
+      if id(value) not in digests:
+        digests[id(value)] = tensor_sha256(array)
+      tensors[key] = {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": digests[id(value)]}
+    listed[name] = {"tensors": tensors}
+  manifest = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "files": listed}
   text = json.dumps(manifest, indent=1) + "\n"
   return _atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))

@@ -143,6 +143,8 @@ def test_import_of_export_is_identity(random_variables, exported_pth):
   ldm = torch_export.ldm_state_dict(random_variables, CONFIG)
   assert set(ldm) == {k[len("diff_model."):] for k in state if k.startswith("diff_model.")}
   assert all(np.array_equal(v, state["diff_model." + k]) for k, v in ldm.items())
+  inside = torch_export.ldm_state_dict_of_midms(state)
+  assert list(inside) == list(ldm) and all(np.array_equal(inside[k], ldm[k]) for k in ldm)
 
 
 def test_without_ema_the_raw_unet_is_written_as_the_shadows(random_variables, tmp_path):
@@ -256,7 +258,7 @@ def test_safetensors_and_manifest_without_torch(random_variables, tmp_path, monk
   monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch on this path would now fail
   state = torch_export.midms_state_dict(random_variables, CONFIG, layout="minimal")
   path = torch_export.save_safetensors(tmp_path / "model.safetensors", state)
-  manifest_path = torch_export.write_manifest(tmp_path / "export.json", CONFIG, 1234, state)
+  manifest_path = torch_export.write_manifest(tmp_path / "export.json", CONFIG, 1234, {"model.safetensors": state})
   with pytest.raises(ImportError, match="needs torch"):
     torch_export.save_midms_pth(tmp_path / "model.pth", state)
 
@@ -266,8 +268,8 @@ def test_safetensors_and_manifest_without_torch(random_variables, tmp_path, monk
   assert all(loaded[k].dtype == state[k].dtype and np.array_equal(loaded[k], state[k]) for k in state)
   manifest = json.loads(manifest_path.read_text())
   assert manifest["step"] == 1234 and manifest["config"] == json.loads(CONFIG.to_json_best_effort())
-  assert set(manifest["tensors"]) == set(state)
-  for key, entry in manifest["tensors"].items():
+  assert set(manifest["files"]["model.safetensors"]["tensors"]) == set(state)
+  for key, entry in manifest["files"]["model.safetensors"]["tensors"].items():
     assert entry == {"shape": list(loaded[key].shape), "dtype": loaded[key].dtype.name,
                      "sha256": hashlib.sha256(loaded[key].tobytes()).hexdigest()}, key
   assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "model.safetensors"]
@@ -277,7 +279,7 @@ WRITERS = {
     "pth": lambda path, state: torch_export.save_midms_pth(path, state),
     "ckpt": lambda path, state: torch_export.save_ldm_ckpt(path, state),
     "safetensors": torch_export.save_safetensors,
-    "manifest": lambda path, state: torch_export.write_manifest(path, CONFIG, 0, state),
+    "manifest": lambda path, state: torch_export.write_manifest(path, CONFIG, 0, {"model.pth": state}),
 }
 
 

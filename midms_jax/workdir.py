@@ -1,0 +1,178 @@
+"""A training workdir as the other tools read it: its config, its checkpoints, its frozen first stage.
+
+Layout written by ``midms_jax.train``::
+
+  <workdir>/config.json          the full config of the run (``read_config`` rebuilds the ConfigDict)
+  <workdir>/first_stage/         the frozen autoencoder, saved once (orbax); it never trains
+  <workdir>/checkpoints/<step>/  orbax: ``state`` (step, params, spectral, opt_state) and ``data``
+
+``load_trained`` restores the model variables of one checkpoint (newest by default) on the host, without
+the optimiser state, so ``translate`` and ``export`` never hold the optimiser moments. Every problem
+(no such workdir, no checkpoint, a step that does not exist, damaged files) is a one-line
+``CheckpointError`` naming the path.
+"""
+
+import contextlib
+import json
+import logging
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from ml_collections import ConfigDict
+
+from midms_jax.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+FIRST_STAGE_DIR = "first_stage"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_STATE_FIELDS = ("step", "params", "spectral")  # what inference needs of a TrainState
+
+
+class Trained(NamedTuple):
+  """One checkpoint of a run: its config, ``{'unet', 'first_stage', 'correspondence'}`` variables, step."""
+  config: ConfigDict
+  variables: dict[str, Any]
+  step: int
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the config files use (ConfigDict keeps the types it is given)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def write_config(workdir: pathlib.Path, config: ConfigDict) -> None:
+  (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+
+
+def read_config(workdir: str | pathlib.Path) -> ConfigDict:
+  """The run's config from ``<workdir>/config.json``, equal to the ConfigDict it was written from."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise CheckpointError(f"{workdir}: no such training workdir")
+  path = workdir / CONFIG_FILE
+  try:
+    return ConfigDict(_tuples(json.loads(path.read_text(encoding="utf-8"))))
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: missing; {workdir} is not a midms-jax training workdir") from None
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: not a readable config ({e})") from None
+
+
+def save_first_stage(workdir: pathlib.Path, first_stage: Any) -> None:
+  """Saves the frozen first stage once (every process calls this; orbax writes from the primary host)."""
+  path = (workdir / FIRST_STAGE_DIR).absolute()
+  if path.exists():
+    return
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, jax.device_get(first_stage))
+  checkpointer.wait_until_finished()
+
+
+def _host_restore_args(metadata: Any) -> tuple[Any, Any]:
+  """(abstract tree, restore args) that restore every leaf of ``metadata`` as a host numpy array."""
+  is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+  abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata, is_leaf=is_leaf)
+  restore_args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), metadata,
+                                        is_leaf=is_leaf)
+  return abstract, restore_args
+
+
+@contextlib.contextmanager
+def _orbax_warnings_hidden():
+  """Reading one item of a managed checkpoint makes orbax warn that the step's metadata is elsewhere."""
+  logger = absl_logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _tree_metadata(checkpointer: ocp.PyTreeCheckpointer, path: pathlib.Path) -> Any:
+  metadata = checkpointer.metadata(path)
+  if metadata is None or getattr(metadata, "item_metadata", None) is None:
+    raise ValueError("its metadata is missing or unreadable (damaged files?)")
+  return metadata.item_metadata.tree
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def restore_first_stage(workdir: pathlib.Path) -> dict[str, Any]:
+  path = (workdir / FIRST_STAGE_DIR).absolute()
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: missing; the run's frozen first stage is saved there when training starts")
+  try:
+    with _orbax_warnings_hidden(), ocp.PyTreeCheckpointer() as checkpointer:
+      abstract, restore_args = _host_restore_args(_tree_metadata(checkpointer, path))
+      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
+    raise CheckpointError(f"{path}: unreadable first-stage checkpoint: {_first_line(e)}") from None
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  """The steps of the complete checkpoints, oldest first."""
+  directory = workdir / CHECKPOINTS_DIR
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
+
+
+def resolve_step(workdir: pathlib.Path, step: int | None) -> int:
+  """``step`` if a complete checkpoint exists for it, else the newest one; a clear error otherwise."""
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise CheckpointError(f"{workdir / CHECKPOINTS_DIR}: no checkpoints (training saves every "
+                          "config.train.checkpoint_every steps and at the end)")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    shown = ", ".join(map(str, steps[-10:]))
+    raise CheckpointError(f"{workdir / CHECKPOINTS_DIR}: no checkpoint for step {step} (available: {shown})")
+  return step
+
+
+def restore_model_state(workdir: pathlib.Path, step: int) -> dict[str, Any]:
+  """``{'step', 'params', 'spectral'}`` of checkpoint ``step`` as host arrays; the optimiser state stays on disk."""
+  path = (workdir / CHECKPOINTS_DIR / str(step) / "state").absolute()
+  try:
+    with _orbax_warnings_hidden(), ocp.PyTreeCheckpointer() as checkpointer:
+      tree = _tree_metadata(checkpointer, path)
+      abstract, restore_args = _host_restore_args({k: tree[k] for k in MODEL_STATE_FIELDS})
+      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                                                    partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
+    raise CheckpointError(f"{path}: unreadable checkpoint: {_first_line(e)}") from None
+
+
+def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Trained:
+  """Config and model variables of checkpoint ``step`` (default: the newest) of a training workdir."""
+  workdir = pathlib.Path(workdir).expanduser()
+  config = read_config(workdir)
+  step = resolve_step(workdir, step)
+  state = restore_model_state(workdir, step)
+  variables = dict(unet={"params": state["params"]["unet"]}, first_stage=restore_first_stage(workdir),
+                   correspondence={"params": state["params"]["correspondence"], "spectral": state["spectral"]})
+  return Trained(config, variables, step)
+
+
+def split_checkpoint_path(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+  """``<workdir>/checkpoints/<step>`` -> (workdir, step)."""
+  path = pathlib.Path(path).expanduser()
+  if not (path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR):
+    raise CheckpointError(f"{path}: not a training checkpoint directory (expected <workdir>/{CHECKPOINTS_DIR}/<step>)")
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: no such checkpoint directory")
+  return path.parent.parent, int(path.name)

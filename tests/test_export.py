@@ -1,0 +1,116 @@
+"""``python -m midms_jax.export`` on a checkpoint of a short synthetic training run: the files, the exact
+round trip back into JAX, identical translations, and one-line errors for bad input."""
+
+import hashlib
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from midms_jax import export, translate, workdir
+from midms_jax.data import images, synthetic
+from midms_jax.interop import torch_import
+from tests.conftest import synthetic_train_config
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic_run, tmp_path_factory):
+  run, _ = synthetic_run
+  out = tmp_path_factory.mktemp("export") / "out"
+  assert export.run(["export", f"--workdir={run}", f"--out={out}"]) == 0
+  return run, out
+
+
+def _same(a, b) -> None:
+  flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (a, b))
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def test_files_and_manifest(exported):
+  run, out = exported
+  assert sorted(p.name for p in out.iterdir()) == sorted(export.FILES)
+  assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+  manifest = json.loads((out / "export.json").read_text())
+  assert manifest["step"] == 6 and manifest["config"] == json.loads((run / "config.json").read_text())
+  pth = torch.load(out / "midms.pth", map_location="cpu", weights_only=True)
+  assert pth["epoch"] == 0  # 6 steps of a 50,000-step epoch
+  ckpt = torch.load(out / "ldm.ckpt", map_location="cpu", weights_only=True)
+  assert ckpt["global_step"] == 6
+  for name, state in (("midms", pth["state_dict"]), ("ldm", ckpt["state_dict"])):
+    tensors = load_file(out / f"{name}.safetensors")
+    listed = manifest["files"][f"{name}.safetensors"]["tensors"]
+    assert set(tensors) == set(state) == set(listed) and manifest["files"][f"{name}.{'pth' if name == 'midms' else 'ckpt'}"][
+        "tensors"] == listed
+    for key, value in state.items():
+      assert np.array_equal(tensors[key], value.numpy()), key
+      assert listed[key]["sha256"] == hashlib.sha256(tensors[key].tobytes()).hexdigest(), key
+  assert any(k.startswith("diffusion_sampler.model.") for k in pth["state_dict"])  # the full official layout
+
+
+def test_import_of_the_export_is_the_checkpoint(exported):
+  run, out = exported
+  trained = workdir.load_trained(run)
+  _same(torch_import.load_midms_checkpoint(out / "midms.pth", trained.config.model), trained.variables)
+  _same(torch_import.load_ldm_checkpoint(out / "ldm.ckpt", trained.config.model),
+        {k: trained.variables[k] for k in ("unet", "first_stage")})
+
+
+def test_translations_from_workdir_and_export_are_identical(exported, tmp_path):
+  run, out = exported
+  sample = synthetic.sample(0, synthetic.SyntheticConfig(image_size=32), "validation")
+  np.save(tmp_path / "c.npy", sample["label"])
+  np.save(tmp_path / "e.npy", sample["label_ref"])
+  images.save_image(tmp_path / "e.png", sample["ref"], "png")
+  pair = [f"--condition={tmp_path / 'c.npy'}", f"--exemplar={tmp_path / 'e.png'}",
+          f"--exemplar_condition={tmp_path / 'e.npy'}"]
+  synthetic_config = f"--config={translate.DEFAULT_CONFIG.with_name('synthetic.py')}"
+  runs = {"workdir": [f"--workdir={run}"], "step3": [f"--workdir={run}", "--step=3"],
+          "export": [synthetic_config, f"--midms_checkpoint={out / 'midms.pth'}"]}
+  pixels = {}
+  for name, source in runs.items():
+    assert translate.run(["translate", *source, *pair, f"--output={tmp_path / name}.png"]) == 0
+    with Image.open(tmp_path / f"{name}.png") as image:
+      pixels[name] = np.asarray(image)
+  assert np.array_equal(pixels["workdir"], pixels["export"])
+  assert not np.array_equal(pixels["workdir"], pixels["step3"])  # the weights, not the inputs, decide
+
+
+def test_without_torch_only_safetensors(exported, tmp_path, monkeypatch, capsys):
+  run, _ = exported
+  monkeypatch.setitem(sys.modules, "torch", None)
+  assert export.run(["export", f"--checkpoint={run / 'checkpoints' / '3'}", "--official_layout=minimal",
+                     f"--out={tmp_path}"]) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "ldm.safetensors", "midms.safetensors"]
+  assert "torch is not installed" in capsys.readouterr().out
+  assert json.loads((tmp_path / "export.json").read_text())["step"] == 3
+  assert not any(k.startswith("diffusion_sampler.") for k in load_file(tmp_path / "midms.safetensors"))
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(exported, tmp_path, capsys):
+  run, _ = exported
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  (tmp_path / "untrained").mkdir()
+  (tmp_path / "untrained" / "config.json").write_text((run / "config.json").read_text())
+  cases = {
+      "no checkpoints": [f"--workdir={tmp_path / 'untrained'}", f"--out={tmp_path / 'o1'}"],
+      "no checkpoint for step 5 (available: 3, 6)": [f"--workdir={run}", "--step=5", f"--out={tmp_path / 'o2'}"],
+      "cannot write the export there": [f"--workdir={run}", f"--out={blocker / 'out'}"],
+      "--out is required": [f"--workdir={run}"],
+      "pass --workdir": [f"--out={tmp_path / 'o3'}"],
+      "leave out --workdir": [f"--workdir={run}", f"--checkpoint={run / 'checkpoints' / '3'}", f"--out={tmp_path}"],
+  }
+  for message, args in cases.items():
+    assert export.run(["export", *args]) == 2, message
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (message, err)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "untrained"]
+  assert synthetic_train_config().train.num_steps == 6  # the run these tests read

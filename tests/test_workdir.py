@@ -1,0 +1,72 @@
+"""Reading a training workdir: config round trip, model variables of a checkpoint, one-line errors."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import celebahq, deepfashion, lsun_church, synthetic
+from midms_jax import train, workdir
+from midms_jax.errors import CheckpointError
+from tests.conftest import synthetic_train_config
+
+
+@pytest.mark.parametrize("config", [celebahq.get_config(), celebahq.get_config("cpu_small"), deepfashion.get_config(),
+                                    lsun_church.get_config(), synthetic.get_config()], ids=lambda c: c.data.name)
+def test_config_json_round_trips(config, tmp_path):
+  workdir.write_config(tmp_path, config)
+  back = workdir.read_config(tmp_path)
+  assert back == config and back.to_json() == config.to_json()
+
+
+def _leaves_equal(a, b) -> bool:
+  flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (a, b))
+  return [p for p, _ in flat_a] == [p for p, _ in flat_b] and all(
+      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y) for (_, x), (_, y) in zip(flat_a, flat_b))
+
+
+def test_load_trained_gives_the_checkpoint_without_optimiser_state(synthetic_run):
+  run, _ = synthetic_run
+  newest, older = workdir.load_trained(run), workdir.load_trained(run, step=3)
+  assert (newest.step, older.step) == (6, 3) and newest.config == synthetic_train_config()
+  assert sorted(newest.variables) == ["correspondence", "first_stage", "unet"]
+  assert sorted(newest.variables["correspondence"]) == ["params", "spectral"]
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(newest.variables))
+  initial = jax.device_get(train.initial_variables(newest.config, jax.random.PRNGKey(newest.config.train.seed)))
+  assert _leaves_equal(newest.variables["first_stage"], initial["first_stage"])  # frozen: saved once, as it was
+  for part in ("unet", "correspondence"):  # same structure as the model's, but trained
+    assert jax.tree_util.tree_structure(newest.variables[part]) == jax.tree_util.tree_structure(initial[part])
+    assert not _leaves_equal(newest.variables[part], older.variables[part])
+  assert workdir.split_checkpoint_path(run / "checkpoints" / "3") == (run, 3)
+
+
+def test_errors_name_the_path_in_one_line(synthetic_run, tmp_path):
+  run, _ = synthetic_run
+  cases = {
+      "no such training workdir": lambda: workdir.load_trained(tmp_path / "nowhere"),
+      "config.json: missing": lambda: workdir.load_trained(tmp_path),
+      r"no checkpoint for step 4 \(available: 3, 6\)": lambda: workdir.load_trained(run, step=4),
+      "not a training checkpoint directory": lambda: workdir.split_checkpoint_path(run / "first_stage"),
+      "no such checkpoint directory": lambda: workdir.split_checkpoint_path(run / "checkpoints" / "9"),
+  }
+  for message, call in cases.items():
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+      call()
+    assert "\n" not in str(excinfo.value)
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  shutil.copy(run / "config.json", empty)
+  with pytest.raises(CheckpointError, match="checkpoints: no checkpoints"):
+    workdir.load_trained(empty)
+  (empty / "checkpoints").mkdir()
+  shutil.copytree(run / "checkpoints" / "6", empty / "checkpoints" / "6")
+  with pytest.raises(CheckpointError, match="first_stage: missing"):
+    workdir.load_trained(empty)
+  for f in (empty / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"damaged")
+  with pytest.raises(CheckpointError, match="checkpoints/6/state: unreadable checkpoint") as excinfo:
+    workdir.load_trained(empty)
+  assert "\n" not in str(excinfo.value)
