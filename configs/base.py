@@ -109,6 +109,11 @@ def train() -> ml_collections.ConfigDict:
       profile=False))
 
 
+# The paper's learning rates (correspondence networks / diffusion U-Net); the official code trains both at
+# 3e-6 (train() above). Variant ``paper`` of the benchmark configs.
+PAPER_LEARNING_RATES = dict(lr=3e-6, lr_diff_backbone=1.5e-7)
+
+
 def checkpoints() -> ml_collections.ConfigDict:
   """Pretrained PyTorch checkpoints to import (empty = random init)."""
   return ml_collections.ConfigDict(dict(
@@ -119,9 +124,14 @@ def checkpoints() -> ml_collections.ConfigDict:
   ))
 
 
-def data(name: str, label_nc: int, load_size: int, crop_size: int = 256) -> ml_collections.ConfigDict:
+def data(name: str, label_nc: int, load_size: int, crop_size: int = 256,
+         eval_load_size: int | None = None) -> ml_collections.ConfigDict:
+  """``label_nc``: channels of a condition; ``load_size`` / ``eval_load_size``: the side photos and conditions
+  are resized to for training / other splits (official train / test options), before the crop;
+  ``data_dir``: where ``python -m midms_jax.data.prepare`` wrote the benchmark data sets ('' = TFDS's default)."""
   return ml_collections.ConfigDict(dict(
       name=name, label_nc=label_nc, load_size=load_size, crop_size=crop_size,
+      eval_load_size=eval_load_size or load_size, data_dir="",
       real_reference_probability=0.7, hard_reference_probability=0.2, flip=True))
 
 

@@ -20,6 +20,7 @@ Exit status 0, or 2 with one ``error:`` line (no such workdir, no checkpoint, a 
 exist, damaged checkpoint, unwritable output folder).
 """
 
+import importlib.util
 import pathlib
 import shutil
 import sys
@@ -52,11 +53,7 @@ _LAYOUT = flags.DEFINE_enum(
 
 
 def _torch_available() -> bool:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec("torch") is not None
 
 
 def completed_epochs(config, step: int) -> int:

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +12,16 @@ import time
 import jax
 import pytest
 
+from configs import celebahq
 from midms_jax import train
 from midms_jax.errors import CheckpointError, InputError
 from tests.conftest import synthetic_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHORT = ["--config.train.num_steps=8", "--config.train.warmup_iter=3", "--config.train.log_every=1",
-         "--config.train.checkpoint_every=4", "--config.train.image_every=0"]
+# The CLI flags of tests.conftest.synthetic_train_config(): the CLI runs compile the same programs as the
+# in-process session run (persistent cache) and reproduce its losses.
+SHORT = [f"--config.train.{k}={v}" for k, v in synthetic_train_config().train.items()
+         if k in ("num_steps", "warmup_iter", "log_every", "checkpoint_every", "image_every")]
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -33,7 +37,7 @@ def _run_cli(workdir: pathlib.Path, *extra: str, wait: bool = True):
   """The CLI in a subprocess (sharing the session's compilation cache, see conftest)."""
   cmd = [sys.executable, "-m", "midms_jax.train", f"--config={ROOT}/configs/synthetic.py", f"--workdir={workdir}",
          *SHORT, *extra]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")  # as conftest sets it
   if wait:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -59,40 +63,42 @@ def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):
   assert any("condition" in t for t in tags["tensors"] + tags["images"])
 
 
-def test_exact_resume_after_sigkill_and_damaged_checkpoints(tmp_path):
-  """Kill -9 after the step-4 checkpoint, rerun the same command: steps 5..8 equal an uninterrupted run
-  bitwise. Then damage the newest checkpoint: the next run resumes from the older one, with a warning."""
-  reference = tmp_path / "reference"
-  out = _run_cli(reference)
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, tmp_path):
+  """Kill -9 the CLI after the step-3 checkpoint, rerun the same command: steps 4..6 equal the uninterrupted
+  session run bitwise. Then damage the newest checkpoint of a copy of that run: the next run resumes from the
+  older one, with a warning, and again reproduces steps 4..6."""
+  reference, _ = synthetic_run
   expected = _losses(reference)
 
   killed = tmp_path / "killed"
   proc = _run_cli(killed, wait=False)
   deadline = time.time() + 600
-  while time.time() < deadline and not (killed / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
+  while time.time() < deadline and not (killed / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists():
     assert proc.poll() is None, proc.stderr.read()[-3000:]
-    time.sleep(0.1)
+    time.sleep(0.05)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
+  assert not (killed / "checkpoints" / "6").exists(), "the run finished before it could be killed"
   out = _run_cli(killed)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
   resumed = _losses(killed)
   assert sorted(resumed) == sorted(expected)
-  for step in range(5, 9):
+  for step in range(4, 7):
     assert resumed[step] == expected[step], (step, resumed[step], expected[step])
 
-  for f in (reference / "checkpoints" / "8" / "state").rglob("*"):
+  damaged = tmp_path / "damaged"
+  shutil.copytree(reference, damaged)
+  for f in (damaged / "checkpoints" / "6" / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"not a checkpoint")
-  (reference / "metrics.jsonl").unlink()
-  out = _run_cli(reference)
+  (damaged / "metrics.jsonl").unlink()
+  out = _run_cli(damaged)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "checkpoint 8" in out.stderr and "unreadable" in out.stderr and "resumed from step 4" in out.stderr
-  assert (reference / "checkpoints" / "damaged-8").is_dir()
-  again = _losses(reference)
-  assert sorted(again) == [5, 6, 7, 8] and all(again[s] == expected[s] for s in again)
+  assert "checkpoint 6" in out.stderr and "unreadable" in out.stderr and "resumed from step 3" in out.stderr
+  assert (damaged / "checkpoints" / "damaged-6").is_dir()
+  again = _losses(damaged)
+  assert sorted(again) == [4, 5, 6] and all(again[s] == expected[s] for s in again)
 
 
 def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
@@ -104,6 +110,11 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
   config.loss.vgg = "vgg19"
   with pytest.raises(CheckpointError, match=r"config.loss.vgg_checkpoint must name CoCosNet's vgg19_conv.pth"):
     train.check_config(config)
+  unprepared = celebahq.get_config("tiny")
+  unprepared.loss.vgg = "none"
+  unprepared.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(InputError, match=r"no 'train' split of celebahq.*python -m midms_jax.data.prepare --dataset=celebahq"):
+    train.train_and_evaluate(unprepared, tmp_path / "workdir")
   monkeypatch.setattr(jax, "device_count", lambda: 4)
   with pytest.raises(InputError, match=r"batch_size=2 is not divisible by the 4 devices"):
     train.check_config(synthetic_train_config())

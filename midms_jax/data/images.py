@@ -8,6 +8,7 @@ an ``InputError`` whose one-line message starts with the file's path.
 
 import os
 import pathlib
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -111,3 +112,10 @@ def save_image(path: str | pathlib.Path, image, format: str = "png") -> None:
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"save_image expects an (H, W, 3) image, got shape {image.shape}")
   write_uint8(path, to_uint8(image), format)
+
+
+def natural_key(name: str) -> tuple:
+  """Sort key with digit runs compared as numbers (``2.jpg`` before ``10.jpg``), as the official natural
+  sort, then the name itself (a total order: ``a01`` and ``a1`` do not tie)."""
+  parts = re.split(r"(\d+)", name)
+  return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name

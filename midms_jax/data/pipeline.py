@@ -67,7 +67,9 @@ _STATE_KEYS = ("data", "split", "seed", "global_batch_size", "train", "next_batc
 
 
 def make_source(data_cfg: Mapping[str, Any], split: str):
-  """The random-access source of ``split`` for ``data_cfg.name`` (records in the format above)."""
+  """The random-access source of ``split`` for ``data_cfg.name`` (records in the format above): the embedded
+  synthetic data set, or a benchmark data set prepared by ``python -m midms_jax.data.prepare`` in
+  ``data_cfg.data_dir`` (``sources.make_source``)."""
   name = data_cfg["name"]
   if name == "synthetic":
     if data_cfg["image_size"] != data_cfg["load_size"]:
@@ -78,8 +80,11 @@ def make_source(data_cfg: Mapping[str, Any], split: str):
         max_objects=data_cfg["max_objects"], seed=data_cfg["seed"], train_size=data_cfg["train_size"],
         validation_size=data_cfg["validation_size"])
     return synthetic.SyntheticSource(config, split)
-  raise NotImplementedError(f"config.data.name={name!r}: the TFDS builders of the benchmark data sets are not "
-                            "written yet; only 'synthetic' has a source")
+  from midms_jax.data import sources  # pylint: disable=import-outside-toplevel  # TFDS only for the benchmarks
+  if name in sources.NAMES:
+    return sources.make_source(data_cfg, split)
+  raise NotImplementedError(f"config.data.name={name!r}: no such data set (known: synthetic, and the TFDS data "
+                            f"sets {', '.join(sources.NAMES)})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,9 +100,12 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
            + loss_cfg.perc * terms["loss_perc"] + loss_cfg.feat * terms["loss_feat"]
            + loss_cfg.original * terms["original_loss"] + loss_cfg.fb_iterative * terms["loss_fb_iterative"])
   total = total + loss_cfg.context * jnp.asarray(with_context, jnp.float32) * terms["loss_context"]
-  if warmup and loss_cfg.segmentation and "label_ids" in batch:
+  if warmup and loss_cfg.segmentation:
+    # Class ids back from the one-hot conditions (exact: the LSUN source's maps hold one 1 per pixel).
+    ids = lambda one_hot: jnp.argmax(one_hot, axis=-1)
     terms["warped_segmentation_loss"] = warped_segmentation_loss(
-        outputs["iter_warped_ref_seg"], batch["label_ids"], batch["label_ref_ids"], outputs["iter_warped_ref_seg"].shape[-1])
+        outputs["iter_warped_ref_seg"], ids(batch["label"]), ids(batch["label_ref"]),
+        outputs["iter_warped_ref_seg"].shape[-1])
     total = total + loss_cfg.segmentation * terms["warped_segmentation_loss"]
   terms["loss_total"] = total
   return total, terms

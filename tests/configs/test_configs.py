@@ -54,3 +54,12 @@ def test_official_sizes():
   assert build.latent_size(model.first_stage) == 64
   church = lsun_church.get_config().model
   assert build.latent_size(church.first_stage) == 32 and church.correspondence.label_channels == 151
+
+
+@pytest.mark.parametrize("name", ["celebahq", "deepfashion", "lsun_church"])
+def test_paper_variant_differs_only_in_the_learning_rates(name):
+  official, paper = _parse(f"--config={ROOT}/configs/{name}.py"), _parse(f"--config={ROOT}/configs/{name}.py:paper")
+  assert (official.train.lr, official.train.lr_diff_backbone) == (3e-6, 3e-6)
+  assert (paper.train.lr, paper.train.lr_diff_backbone) == (3e-6, 1.5e-7)
+  paper.train.lr_diff_backbone = official.train.lr_diff_backbone
+  assert paper == official

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from midms_jax.errors import CheckpointError
-from midms_jax.losses import contextual, vgg
+from midms_jax.losses import contextual, midms_losses as midms_losses_lib, vgg
 from midms_jax.losses.midms_losses import midms_losses
 from tests.conftest import FIXTURES, assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
@@ -87,3 +87,40 @@ def test_vgg_checkpoint_errors(tmp_path):
     vgg.load_vgg19(tmp_path / "vgg19_conv.pth")
   with pytest.raises(CheckpointError, match=r"do not match the config's shapes"):
     vgg.load_vgg19(FIXTURES / "vgg19_small.pth")  # official widths vs the small file
+
+
+def _segmentation_case():
+  """Latent grid 2x2, 3 classes; GT ids (16x16, nearest x1/8 -> [[0, 1], [2, 1]]), exemplar has classes 0, 1."""
+  gt = np.zeros((1, 16, 16), np.int32)
+  gt[:, :8, 8:], gt[:, 8:, :8], gt[:, 8:, 8:] = 1, 2, 1
+  exemplar = np.zeros((1, 16, 16), np.int32)
+  exemplar[:, :, 8:] = 1
+  probs = np.asarray([[[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]], [[0.2, 0.3, 0.5], [0.3, 0.4, 0.3]]]], np.float32)
+  # Only class-1 pixels count: class 0 is ignored, class 2 is absent from the exemplar.
+  expected = -(np.log(0.6 + 1e-10) + np.log(0.4 + 1e-10)) / (2 + 1e-5)
+  return gt, exemplar, probs, expected
+
+
+def test_warped_segmentation_loss_by_hand():
+  gt, exemplar, probs, expected = _segmentation_case()
+  loss = midms_losses_lib.warped_segmentation_loss(jnp.asarray(probs), jnp.asarray(gt), jnp.asarray(exemplar), 3)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+
+
+def test_segmentation_term_in_warmup_from_one_hot_conditions(tiny_midms):
+  """The LSUN term reads the class ids back from the batch's one-hot conditions, in warm-up only."""
+  config, _, _ = tiny_midms
+  gt, exemplar, probs, expected = _segmentation_case()
+  one_hot = lambda ids: jax.nn.one_hot(ids, 3)
+  feats = jnp.ones((1, 2, 2, 4))
+  outputs = dict(trg_matching_feats=feats, src_matching_feats=feats, ref_matching_feats=feats,
+                 loss_fb_first_warp=jnp.zeros(()), original_loss=jnp.zeros(()), loss_fb=jnp.zeros(()),
+                 iter_warped_ref_seg=jnp.asarray(probs))
+  batch = dict(label=one_hot(gt), label_ref=one_hot(exemplar))
+  loss_cfg = config.loss.copy_and_resolve_references()
+  loss_cfg.segmentation = 100.0
+  total, terms = midms_losses(outputs, batch, None, loss_cfg, warmup=True, with_context=False)
+  np.testing.assert_allclose(float(terms["warped_segmentation_loss"]), expected, rtol=1e-6)
+  np.testing.assert_allclose(float(total), 100.0 * expected, rtol=1e-5)
+  _, terms = midms_losses(outputs, batch, None, loss_cfg, warmup=False, with_context=True)
+  assert "warped_segmentation_loss" not in terms

@@ -1,0 +1,93 @@
+"""Training-step benchmark: step time, images/s, compile time and XLA's memory analysis.
+
+    python benchmarks/train_step.py --config=configs/celebahq.py --per_device_batch=1 --phase=main
+    python benchmarks/train_step.py --config=configs/synthetic.py --per_device_batch=2 --phase=both
+
+Random weights and a random batch (speed does not depend on them), the VGG19 loss network randomly
+initialised when the config uses it. The step is the one ``train.py`` runs: ``jax.jit`` over a ``data``
+mesh of every device, state donated. ``--phase``: ``warmup`` (matching only, U-Net frozen), ``main``
+(interleaved, U-Net trained) or ``both``. Prints one JSON line per phase; times are medians.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from midms_jax import optim, train_step
+from midms_jax.losses import vgg
+from midms_jax.models import build
+from midms_jax.models.midms import MIDMs
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model and training config")
+_PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per device (global batch = this x devices)")
+_ITERS = flags.DEFINE_integer("iters", 5, "timed steps after the first (compiling) one")
+_PHASE = flags.DEFINE_enum("phase", "both", ["warmup", "main", "both"], "which compiled step to time")
+_PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high", "highest"],
+                               "jax_default_matmul_precision")
+
+
+def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of the shapes the pipeline yields: images in [-1, 1], conditions in [0, 1]."""
+  rng = np.random.default_rng(seed)
+  size, channels = config.data.crop_size, config.model.correspondence.label_channels
+  image = lambda: rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)
+  label = lambda: rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32)
+  return dict(image=image(), ref=image(), label=label(), label_ref=label())
+
+
+def _memory(compiled) -> dict[str, int] | None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+  return {f.replace("_size_in_bytes", "_mb"): round(getattr(analysis, f) / 2**20) for f in fields}
+
+
+def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
+  start = time.perf_counter()
+  compiled = step.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(iters + 1):
+    start = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(metrics["loss_total"])
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times[1:]) if iters else times[0]
+  return dict(compile_s=round(compile_s, 1), step_s=round(step_s, 4), memory=_memory(compiled)), state
+
+
+def main(argv):
+  del argv
+  jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+  config = _CONFIG.value
+  mesh = train_step.data_mesh()
+  global_batch = _PER_DEVICE.value * mesh.size
+  config.train.batch_size = global_batch
+  model = MIDMs.from_config(config)
+  variables = build.init_variables(config.model, jax.random.PRNGKey(0))
+  vgg_variables = {}
+  if config.loss.vgg == "vgg19":
+    vgg_variables = vgg.VGG19(tuple(config.loss.vgg_widths)).init(
+        jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32), ("r54",))
+  frozen = train_step.replicate(train_step.frozen_variables(variables, vgg_variables), mesh)
+  state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
+  state = train_step.replicate(state, mesh)
+  del variables
+  batch = train_step.global_batch(mesh, random_batch(config, global_batch))
+  steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh)
+  phases = ("warmup", "main") if _PHASE.value == "both" else (_PHASE.value,)
+  for phase in phases:
+    result, state = time_phase(getattr(steps, phase), state, frozen, batch, _ITERS.value)
+    print(json.dumps(dict(config=config.data.name, phase=phase, devices=mesh.size,
+                          device=jax.devices()[0].device_kind, global_batch=global_batch,
+                          images_per_s=round(global_batch / result["step_s"], 2), **result)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Image-quality metrics: LPIPS (with its ImageNet VGG16, also usable as a loss network) and PSNR."""

@@ -1,0 +1,221 @@
+"""Exemplar lists: nearest neighbours of altered photo copies, the official file format, ties, bad input, CLI."""
+
+import io
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+import configs.base
+from midms_jax.data import images, make_exemplar_lists as mel
+from midms_jax.errors import InputError
+from midms_jax.losses import vgg
+
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
+VGG_FILE = FIXTURES / "vgg19_small.pth"
+WIDTHS = configs.base.tiny_vgg_widths()
+SIDE, FEATURE_SIZE = 64, 32
+
+
+def _square(pixels: np.ndarray) -> np.ndarray:
+  return np.asarray(Image.fromarray(pixels).resize((SIDE, SIDE), Image.Resampling.BICUBIC))
+
+
+def _jpeg(pixels: np.ndarray) -> np.ndarray:
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, "JPEG", quality=60)
+  return np.asarray(Image.open(buffer))
+
+
+def _cropped(pixels: np.ndarray) -> np.ndarray:
+  height, width = pixels.shape[:2]
+  return _square(pixels[height // 20:-(height // 20), width // 20:-(width // 20)])
+
+
+def _brighter(pixels: np.ndarray) -> np.ndarray:
+  return np.clip(pixels.astype(np.float32) * 0.85 + 20, 0, 255).astype(np.uint8)
+
+
+# photo -> (pixels, an altered copy)
+PHOTOS = {
+    "astronaut": (data.astronaut, lambda p: _brighter(_square(p))),
+    "coffee": (data.coffee, _cropped),
+    "chelsea": (data.chelsea, lambda p: _jpeg(_square(p))),
+    "rocket": (data.rocket, lambda p: _brighter(_square(p))),
+    "ihc": (data.immunohistochemistry, _cropped),
+    "motorcycle": (lambda: data.stereo_motorcycle()[0], lambda p: _jpeg(_square(p))),
+}
+FIELDS = {"red": (255, 0, 0), "sky": (0, 128, 255), "leaf": (40, 200, 40)}
+
+
+@pytest.fixture(scope="module")
+def variables():
+  return vgg.load_vgg19(VGG_FILE, WIDTHS)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+  """6 photos, an altered copy of each (``<photo>_copy.png``), 3 colour fields: 15 images."""
+  root = tmp_path_factory.mktemp("images")
+  for name, (load, alter) in PHOTOS.items():
+    pixels = load()
+    Image.fromarray(_square(pixels)).save(root / f"{name}.png")
+    Image.fromarray(alter(pixels)).save(root / f"{name}_copy.jpg", quality=95)
+  for name, colour in FIELDS.items():
+    Image.fromarray(np.full((SIDE, SIDE, 3), colour, np.uint8)).save(root / f"{name}.png")
+  return root
+
+
+def _lists(entries, output, variables, **kwargs) -> dict[str, list[str]]:
+  options = dict(widths=WIDTHS, top_k=5, image_size=FEATURE_SIZE, batch_size=4) | kwargs
+  mel.make_exemplar_lists(entries, output, variables=variables, **options)
+  return mel.read_list(output)
+
+
+def test_altered_copy_and_photo_are_nearest_neighbours(folder, variables, tmp_path):
+  lists = _lists(mel.list_images(folder), tmp_path / "ref.txt", variables)
+  for name in PHOTOS:
+    assert lists[f"{name}_copy.jpg"][0] == f"{name}.png"
+    assert lists[f"{name}.png"][0] == f"{name}_copy.jpg"
+
+
+def test_format_official_lines_never_self(folder, variables, tmp_path):
+  output = tmp_path / "ref.txt"
+  lists = _lists(mel.list_images(folder), output, variables, top_k=7)
+  text = output.read_text()
+  names = sorted(p.name for p in folder.iterdir())
+  assert text.endswith("\n") and " " not in text and "\r" not in text
+  lines = text.splitlines()
+  assert [line.split(",")[0] for line in lines] == [e.name for e in mel.list_images(folder)]
+  assert sorted(lists) == names and len(lines) == len(names)
+  for key, candidates in lists.items():
+    assert len(candidates) == 7 and len(set(candidates)) == 7
+    assert key not in candidates and set(candidates) <= set(names)
+
+
+def test_natural_order_of_lines():
+  names = ["10.jpg", "9.jpg", "a2.png", "a10.png", "100.jpg"]
+  assert sorted(names, key=images.natural_key) == ["9.jpg", "10.jpg", "100.jpg", "a2.png", "a10.png"]
+
+
+def test_top_k_larger_than_available_lists_all_others(folder, variables, tmp_path):
+  entries = mel.list_images(folder)
+  lists = _lists(entries, tmp_path / "ref.txt", variables, top_k=50)
+  for key, candidates in lists.items():
+    assert sorted(candidates) == sorted(e.name for e in entries if e.name != key)
+
+
+def test_single_image_has_no_exemplar(folder, variables, tmp_path):
+  with pytest.raises(InputError, match="red.png: no other image"):
+    _lists([mel.Entry("red.png", folder / "red.png")], tmp_path / "ref.txt", variables)
+
+
+def test_identical_files_tie_in_name_order(folder, variables, tmp_path):
+  root = tmp_path / "images"
+  root.mkdir()
+  for name in ("10.png", "9.png", "query.png"):
+    shutil.copy(folder / ("astronaut.png" if name != "query.png" else "astronaut_copy.jpg"), root / name)
+  shutil.copy(folder / "coffee.png", root / "2.png")
+  lists = _lists(mel.list_images(root), tmp_path / "ref.txt", variables, top_k=3)
+  assert lists["query.png"][:2] == ["9.png", "10.png"]  # equal scores: natural name order
+  assert lists["9.png"][0] == "10.png" and lists["10.png"][0] == "9.png"  # a duplicate is not the image itself
+
+
+def test_rank_chunked_matches_full_sort_and_excludes():
+  rng = np.random.default_rng(0)
+  candidates = rng.normal(size=(37, 8)).astype(np.float32)
+  candidates[[5, 20, 30]] = candidates[11]  # exact duplicates: ties
+  candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
+  queries = np.concatenate([candidates[:10], candidates[[11]]])
+  exclude = np.array(list(range(10)) + [11])
+  for chunk_elements in (1, 40, 10**6):
+    ranked = mel.rank(queries, candidates, 6, exclude, chunk_elements=chunk_elements)
+    for row, query, own in zip(ranked, queries, exclude):
+      scores = (query.astype(np.float64) @ candidates.T.astype(np.float64)).astype(np.float32)
+      order = [j for j in np.lexsort((np.arange(37), -scores)) if j != own]
+      np.testing.assert_array_equal(row, order[:6])
+  assert list(ranked[-1][:3]) == [5, 20, 30]  # 11's duplicates first, in index order, 11 itself left out
+
+
+def test_separate_candidate_pool_excludes_the_same_file(folder, variables, tmp_path):
+  pool = tmp_path / "pool.txt"
+  pool.write_text(f"# the training split\n{folder / 'coffee.png'}\n\n{folder / 'rocket.png'}\n"
+                  f"{folder / 'rocket_copy.jpg'}\n")
+  queries = [mel.Entry(name, folder / name) for name in ("rocket.png", "coffee_copy.jpg")]
+  lists = _lists(queries, tmp_path / "ref.txt", variables, candidate_entries=mel.list_images(pool))
+  assert lists["rocket.png"] == [str(folder / "rocket_copy.jpg"), str(folder / "coffee.png")]  # not itself
+  assert lists["coffee_copy.jpg"][0] == str(folder / "coffee.png") and len(lists["coffee_copy.jpg"]) == 3
+
+
+def test_list_entries_relative_to_list_with_windows_separators(folder, tmp_path):
+  (tmp_path / "img" / "a").mkdir(parents=True)
+  shutil.copy(folder / "red.png", tmp_path / "img" / "a" / "x.png")
+  listing = tmp_path / "train.txt"
+  listing.write_text("img\\a\\x.png\n")
+  assert mel.list_images(listing) == [mel.Entry("img/a/x.png", tmp_path / "img/a/x.png")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a.png\na.png\n", "listed twice"),
+    ("a,b.png\n", "cannot be written in a reference list"),
+    ("# nothing\n", "names no files"),
+])
+def test_bad_lists(tmp_path, content, message):
+  listing = tmp_path / "list.txt"
+  listing.write_text(content)
+  with pytest.raises(InputError, match=message):
+    mel.list_images(listing)
+
+
+def test_corrupt_image_is_named_or_skipped(folder, variables, tmp_path):
+  root = tmp_path / "images"
+  shutil.copytree(folder, root)
+  (root / "broken.jpg").write_bytes((root / "chelsea_copy.jpg").read_bytes()[:200])
+  with pytest.raises(InputError, match=r"broken\.jpg: not a readable image"):
+    _lists(mel.list_images(root), tmp_path / "ref.txt", variables)
+  assert not (tmp_path / "ref.txt").exists()
+  lists = _lists(mel.list_images(root), tmp_path / "ref.txt", variables, skip_bad=True, top_k=20)
+  assert "broken.jpg" not in lists and all("broken.jpg" not in c for c in lists.values())
+  assert len(lists) == 15 and all(len(c) == 14 for c in lists.values())
+
+
+def test_read_list_parses_the_official_files(tmp_path):
+  path = tmp_path / "celebahq_ref_test.txt"
+  path.write_text("7.jpg,177.jpg,221.jpg\n12.jpg,10386.jpg\n\n")
+  assert mel.read_list(path) == {"7.jpg": ["177.jpg", "221.jpg"], "12.jpg": ["10386.jpg"]}
+  path.write_text("7.jpg\n")
+  with pytest.raises(InputError, match="line 1"):
+    mel.read_list(path)
+
+
+def test_cli_end_to_end(folder, variables, tmp_path, capsys):
+  output = tmp_path / "out" / "ref.txt"
+  status = mel.run(["make_exemplar_lists", f"--images={folder}", f"--output={output}", f"--vgg_checkpoint={VGG_FILE}",
+                    f"--vgg_widths={','.join(map(str, WIDTHS))}", f"--image_size={FEATURE_SIZE}", "--top_k=20",
+                    "--batch_size=4", "--read_threads=2"])
+  captured = capsys.readouterr()
+  assert status == 0, captured.err
+  assert f"wrote {output} (15 lines)" in captured.out
+  assert "only 14 candidate(s)" in captured.err
+  expected = tmp_path / "library.txt"
+  assert _lists(mel.list_images(folder), expected, variables, top_k=20) == mel.read_list(output)
+  assert output.read_text() == expected.read_text()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--vgg_checkpoint=missing.pth", "missing.pth: VGG19 weight file not found"),
+    ("--image_size=40", "--image_size=40: must be a positive multiple of 16"),
+    ("--vgg_widths=8,16", "--vgg_widths=8,16: need 5 positive integers"),
+    ("--top_k=0", "--top_k and --batch_size must be positive"),
+])
+def test_cli_errors(folder, tmp_path, capsys, flag, message):
+  argv = ["make_exemplar_lists", f"--images={folder}", f"--output={tmp_path / 'ref.txt'}",
+          f"--vgg_checkpoint={VGG_FILE}", f"--vgg_widths={','.join(map(str, WIDTHS))}", f"--image_size={FEATURE_SIZE}"]
+  status = mel.run(argv + [flag])
+  err = capsys.readouterr().err
+  assert status == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+  assert not (tmp_path / "ref.txt").exists()
+

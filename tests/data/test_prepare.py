@@ -1,0 +1,93 @@
+"""``python -m midms_jax.data.prepare``: builds a fake data set, prints the summary, keeps a prepared one,
+one ``error:`` line and exit status 2 for bad input, ``--skip_bad`` lists what it skipped."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import celebahq
+from midms_jax.data import pipeline, prepare
+from tests.data.test_builders import write_celebahq, write_lsun
+
+
+def _run(capsys, *flags: str) -> tuple[int, str, str]:
+  status = prepare.run(["prepare", *flags])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def _error_line(err: str) -> str:
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+def test_prepare_summary_reuse_and_overwrite(tmp_path, capsys):
+  manual_dir, data_dir = write_celebahq(tmp_path / "celeba"), tmp_path / "tfds"
+  flags = ("--dataset=celebahq", f"--manual_dir={manual_dir}", f"--data_dir={data_dir}")
+  status, out, _ = _run(capsys, *flags)
+  assert status == 0
+  assert f"prepared celebahq 1.0.0 in {data_dir / 'celebahq' / '1.0.0'}" in out
+  assert "  train             4 records\n  validation        2 records\n  exemplars         1 records" in out
+  assert "skipped" not in out
+  data_cfg = celebahq.get_config("tiny").data
+  data_cfg.data_dir = str(data_dir)
+  assert len(pipeline.make_source(data_cfg, "validation")) == 2
+
+  (manual_dir / "val.txt").write_text("2001\n")
+  status, out, _ = _run(capsys, *flags)  # kept as it is
+  assert status == 0 and "already prepared (pass --overwrite to rebuild it): celebahq" in out
+  assert "validation        2 records" in out
+  status, out, _ = _run(capsys, *flags, "--overwrite")
+  assert status == 0 and "validation        1 records" in out
+
+
+def test_skip_bad_lists_the_skipped_files(tmp_path, capsys):
+  manual_dir, data_dir = write_celebahq(tmp_path / "celeba"), tmp_path / "tfds"
+  bad = manual_dir / "CelebA-HQ-img" / "2.jpg"
+  bad.write_bytes(b"not a jpeg")
+  flags = ("--dataset=celebahq", f"--manual_dir={manual_dir}", f"--data_dir={data_dir}")
+  status, out, err = _run(capsys, *flags)
+  assert status == 2 and _error_line(err).startswith(f"error: {bad}: not a readable image (corrupt or truncated?)")
+  assert not (data_dir / "celebahq" / "1.0.0").exists()
+  status, out, _ = _run(capsys, *flags, "--skip_bad")
+  assert status == 0
+  assert "  train             2 records" in out and "skipped 2 record(s):\n" in out
+  assert f"  train: {manual_dir / 'celebahq_ref.txt'}:2: exemplar 2.jpg of 1.jpg: {bad}: not a readable image" in out
+  assert f"  train: {bad}: not a readable image" in out
+  status, out, _ = _run(capsys, *flags)  # the summary of a prepared data set still lists them
+  assert status == 0 and "skipped 2 record(s):" in out
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--dataset=celebahq",), "error: --dataset and --manual_dir are required"),
+    (("--dataset=cityscapes", "--manual_dir=x"), "error: flag --dataset=cityscapes: value should be one of"),
+    (("--dataset=celebahq", "--manual_dir={tmp}/nowhere"),
+     "error: {tmp}/nowhere: no such folder (--manual_dir: the celebahq folder in the official layout)"),
+    (("--dataset=lsun_church", "--manual_dir={tmp}/lsun", "--ref_list={tmp}/lists/ref.txt"),
+     "error: {tmp}/lists/ref.txt: no such file (the train exemplar list; pass its path with --ref_list)"),
+    (("--dataset=celebahq", "--manual_dir={tmp}/lsun"), "error: {tmp}/lsun/train.txt: no such file"),
+])
+def test_bad_input_gives_one_error_line(tmp_path, capsys, flags, expected):
+  write_lsun(tmp_path / "lsun")
+  status, _, err = _run(capsys, *(flag.format(tmp=tmp_path) for flag in flags), f"--data_dir={tmp_path / 'tfds'}")
+  assert status == 2
+  assert _error_line(err).startswith(expected.format(tmp=tmp_path)), err
+
+
+def test_module_entry_point(tmp_path):
+  """The documented command, in a fresh interpreter, with exemplar lists elsewhere than the data."""
+  manual_dir = write_lsun(tmp_path / "lsun")
+  lists = tmp_path / "lists"
+  lists.mkdir()
+  for name in ("lsun_church_ref.txt", "lsun_church_ref_test.txt"):
+    (manual_dir / name).rename(lists / name)
+  result = subprocess.run(
+      [sys.executable, "-m", "midms_jax.data.prepare", "--dataset=lsun_church", f"--manual_dir={manual_dir}",
+       f"--data_dir={tmp_path / 'tfds'}", f"--ref_list={lists / 'lsun_church_ref.txt'}",
+       f"--ref_test_list={lists / 'lsun_church_ref_test.txt'}"], capture_output=True, text=True, timeout=120,
+      check=False)
+  assert result.returncode == 0, result.stderr
+  assert "  train             3 records\n  validation        2 records\n" in result.stdout
+  assert "checking lsun_church files" in result.stderr  # the progress bar
