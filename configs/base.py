@@ -128,10 +128,12 @@ def data(name: str, label_nc: int, load_size: int, crop_size: int = 256,
          eval_load_size: int | None = None) -> ml_collections.ConfigDict:
   """``label_nc``: channels of a condition; ``load_size`` / ``eval_load_size``: the side photos and conditions
   are resized to for training / other splits (official train / test options), before the crop;
-  ``data_dir``: where ``python -m midms_jax.data.prepare`` wrote the benchmark data sets ('' = TFDS's default)."""
+  ``data_dir``: where ``python -m midms_jax.data.prepare`` wrote the benchmark data sets ('' = TFDS's default);
+  ``worker_count``: grain worker processes decoding and rendering batches (0: the training process itself;
+  on a host with many cores, e.g. 8 to 32: ``benchmarks/input_pipeline.py`` measures what a host sustains)."""
   return ml_collections.ConfigDict(dict(
       name=name, label_nc=label_nc, load_size=load_size, crop_size=crop_size,
-      eval_load_size=eval_load_size or load_size, data_dir="",
+      eval_load_size=eval_load_size or load_size, data_dir="", worker_count=0,
       real_reference_probability=0.7, hard_reference_probability=0.2, flip=True))
 
 

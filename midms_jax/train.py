@@ -12,12 +12,15 @@ and interleaved, switched by the host loop), logging (clu), and checkpoint savin
 the end, and on SIGTERM).
 """
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 import signal
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -26,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from midms_jax import optim, train_step, workdir as workdir_lib
@@ -162,7 +166,9 @@ def _to_rgb(x: np.ndarray) -> np.ndarray:
 
 
 def image_grid(batch, outputs, n: int = 4) -> np.ndarray:
-  """Rows = samples; columns = condition | exemplar | initial warp | output | ground truth, in [0, 1]."""
+  """Rows = the first ``n`` samples of this host's ``batch`` (the first rows of the global batch, whose
+  ``outputs`` are given); columns = condition | exemplar | initial warp | output | ground truth, in [0, 1]."""
+  n = min(n, len(batch["image"]))
   to01 = lambda x: np.clip((np.asarray(x[:n]) + 1) / 2, 0, 1)
   columns = [_to_rgb(np.asarray(batch["label"][:n])), to01(batch["ref"]), to01(outputs["initial_warp"]),
              to01(outputs["warped_ref"]), to01(batch["image"])]
@@ -177,8 +183,21 @@ def image_grid(batch, outputs, n: int = 4) -> np.ndarray:
 class _Preemption:
   requested: bool = False
 
-  def install(self) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+@contextlib.contextmanager
+def _sigterm_requests():
+  """A flag that SIGTERM (preemption) sets while training runs; the previous handler is restored after.
+  Outside the main thread, where Python cannot install handlers, the flag stays unset."""
+  flag = _Preemption()
+  if threading.current_thread() is not threading.main_thread():
+    logging.warning("training outside the main thread: SIGTERM will not save a checkpoint")
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: setattr(flag, "requested", True))
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
@@ -190,11 +209,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir_lib.write_config(workdir, config)
   mesh = train_step.data_mesh()
-  local_batch = config.train.batch_size // jax.process_count()
+  host_batch_size = config.train.batch_size // jax.process_count()
 
   # Data.
-  dataset = pipeline.make_dataset(config.data, "train", seed=config.train.seed, batch_size=local_batch,
-                                  shard_index=process, shard_count=jax.process_count(), train=True)
+  dataset = pipeline.make_dataset(config.data, "train", seed=config.train.seed, batch_size=host_batch_size,
+                                  shard_index=process, shard_count=jax.process_count(), train=True,
+                                  worker_count=config.data.worker_count)
   iterator = iter(dataset)
   steps_per_epoch = max(1, len(pipeline.make_source(config.data, "train")) // config.train.batch_size)
   num_steps = total_steps(config, steps_per_epoch)
@@ -219,7 +239,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   state, frozen = train_step.replicate(state, mesh), train_step.replicate(frozen, mesh)
   steps = train_step.make_train_steps(model, config, steps_per_epoch, mesh)
 
-  @jax.jit
+  # Every process runs the preview (it is one program over the whole mesh); its outputs are replicated so
+  # that process 0 can draw them beside its own part of the batch (the first rows of the global batch).
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
   def preview(state, frozen, batch):
     variables = train_step.model_variables(state, frozen)
     out, _ = model.train_forward(variables, batch, jax.random.PRNGKey(0), warmup=False, update_stats=False)
@@ -230,40 +252,43 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   hooks = [report]
   if process == 0 and config.train.profile:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
-  preemption = _Preemption()
-  preemption.install()
   last_good = manager.latest_step()
   metrics_np: dict[str, float] = {}
 
-  for step in range(start, num_steps):
-    batch = train_step.global_batch(mesh, next(iterator))
-    warmup = step < config.train.warmup_iter
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = (steps.warmup if warmup else steps.main)(state, frozen, batch)
-    for hook in hooks:
-      hook(step + 1)
-    done = step + 1
-    if done % config.train.log_every == 0 or done == num_steps:
-      metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-      if not np.isfinite(metrics_np["loss_total"]):
-        manager.wait_until_finished()
-        raise TrainingError(f"loss is {metrics_np['loss_total']} at step {done}; the last good checkpoint is "
-                            f"step {last_good} in {manager.directory}")
-      writer.write_scalars(done, metrics_np)
-      if process == 0:
-        with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-          f.write(json.dumps(dict(step=done, **metrics_np)) + "\n")
-      _warn_on_collapse(metrics_np, config, done)
-      logging.info("step %d/%d %s loss %.5f", done, num_steps, "warm-up" if warmup else "interleaved",
-                   metrics_np["loss_total"])
-    if process == 0 and config.train.image_every and done % config.train.image_every == 0:
-      writer.write_images(done, {"condition|exemplar|warp|output|gt": image_grid(batch, preview(state, frozen, batch))})
-    if done % config.train.checkpoint_every == 0 or done == num_steps or preemption.requested:
-      save_checkpoint(manager, state, iterator, force=preemption.requested)
-      last_good = done
-    if preemption.requested:
-      logging.warning("SIGTERM: saved step %d, stopping", done)
-      break
+  with _sigterm_requests() as preemption:
+    for step in range(start, num_steps):
+      host_batch = next(iterator)
+      batch = train_step.global_batch(mesh, host_batch)
+      warmup = step < config.train.warmup_iter
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = (steps.warmup if warmup else steps.main)(state, frozen, batch)
+      for hook in hooks:
+        hook(step + 1)
+      done = step + 1
+      if done % config.train.log_every == 0 or done == num_steps:
+        metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        if not np.isfinite(metrics_np["loss_total"]):
+          manager.wait_until_finished()
+          raise TrainingError(f"loss is {metrics_np['loss_total']} at step {done}; the last good checkpoint is "
+                              f"step {last_good} in {manager.directory}")
+        writer.write_scalars(done, metrics_np)
+        if process == 0:
+          with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(step=done, **metrics_np)) + "\n")
+        _warn_on_collapse(metrics_np, config, done)
+        logging.info("step %d/%d %s loss %.5f", done, num_steps, "warm-up" if warmup else "interleaved",
+                     metrics_np["loss_total"])
+      if config.train.image_every and done % config.train.image_every == 0:
+        grid = image_grid(host_batch, jax.device_get(preview(state, frozen, batch)))
+        if process == 0:
+          writer.write_images(done, {"condition|exemplar|warp|output|gt": grid})
+      stop = _on_every_process(preemption.requested)  # every host stops after the same step
+      if done % config.train.checkpoint_every == 0 or done == num_steps or stop:
+        save_checkpoint(manager, state, iterator, force=stop)
+        last_good = done
+      if stop:
+        logging.warning("SIGTERM: saved step %d, stopping", done)
+        break
   manager.wait_until_finished()
   writer.flush()
   return metrics_np

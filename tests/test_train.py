@@ -10,10 +10,11 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import celebahq
-from midms_jax import train
+from midms_jax import train, train_step
 from midms_jax.errors import CheckpointError, InputError
 from tests.conftest import synthetic_train_config
 
@@ -125,3 +126,34 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1] == \
       f"error: {tmp_path}/nope.pth: config.checkpoints.midms names a file that does not exist"
+
+
+def _scripted_steps(monkeypatch, loss_at, on_step=lambda step: None) -> None:
+  """Replaces the compiled steps by a step that only counts and reports ``loss_at(step)``: the loop's
+  control flow (logging, NaN stop, checkpoints, SIGTERM) without compiling a model."""
+  def step(state, frozen, batch):
+    del frozen, batch
+    done = int(state.step) + 1
+    on_step(done)
+    return state.replace(step=state.step + 1), {"loss_total": jnp.asarray(loss_at(done), jnp.float32)}
+  monkeypatch.setattr(train.train_step, "make_train_steps",
+                      lambda *args, **kwargs: train_step.StepFunctions(warmup=step, main=step))
+
+
+def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _scripted_steps(monkeypatch, lambda step: float("nan") if step == 3 else 1.0)
+  config = synthetic_train_config(num_steps=5, checkpoint_every=2, image_every=0)
+  with pytest.raises(train.TrainingError, match=r"loss is nan at step 3; the last good checkpoint is step 2 in "):
+    train.train_and_evaluate(config, tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+  before = signal.getsignal(signal.SIGTERM)
+  preempt = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
+  _scripted_steps(monkeypatch, lambda step: 1.0, on_step=preempt)
+  config = synthetic_train_config(num_steps=5, checkpoint_every=10, image_every=0)
+  train.train_and_evaluate(config, tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # saved at once, then stopped
+  assert sorted(_losses(tmp_path)) == [1, 2]
+  assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after it returns

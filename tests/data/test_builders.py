@@ -1,24 +1,24 @@
 """TFDS builders and sources of the benchmark data sets, on tiny fake data sets in the official folder layouts:
 stored records, exemplar references, rendered records, batches through the pipeline, bad data."""
 
-import io
 import pathlib
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from configs import celebahq, deepfashion, lsun_church
-from midms_jax.data import builders, conditions, images, pipeline, sources
+from midms_jax.data import builders, conditions, fake_layouts, images, pipeline, sources
 from midms_jax.errors import InputError
 
 # ---------------------------------------------------------------------------------------------------------
-# Fake data sets, written the way the official files are laid out.
+# Fake data sets in the official layouts (midms_jax.data.fake_layouts), with the cases the tests need.
 
 CELEBA_TRAIN, CELEBA_VAL, CELEBA_EXTRA = (0, 1, 2, 3), (2000, 2001), 4  # 4: only an exemplar (in no list)
-CELEBA_REFS = "0.jpg,1.jpg,3.jpg\n1.jpg,2.jpg\n2.jpg,0.jpg,1.jpg,3.jpg\n3.jpg,2001.jpg,4.jpg\n77.jpg,0.jpg\n"
-CELEBA_TEST_REFS = "2000.jpg,2001.jpg,0.jpg,1.jpg\n2001.jpg,2000.jpg\n"
+CELEBA_REFS = {"0.jpg": ("1.jpg", "3.jpg"), "1.jpg": ("2.jpg",), "2.jpg": ("0.jpg", "1.jpg", "3.jpg"),
+               "3.jpg": ("2001.jpg", "4.jpg"), "77.jpg": ("0.jpg",)}  # 77: a line for an image in no list
+CELEBA_TEST_REFS = {"2000.jpg": ("2001.jpg", "0.jpg", "1.jpg"), "2001.jpg": ("2000.jpg",)}
 
 FASHION_TRAIN = ("img/WOMEN/Dresses/id_00000001/01_1_front.jpg", "img/WOMEN/Dresses/id_00000001/01_2_side.jpg",
                  "img/MEN/Denim/id_00000002/02_1_front.jpg")
@@ -26,107 +26,30 @@ FASHION_VAL = ("img/WOMEN/Tees_Tanks/id_00000003/03_1_front.jpg", "img/MEN/Denim
 FASHION_SIZE = (64, 44)  # (height, width): portrait, like DeepFashion's 1101 x 750 photos
 
 LSUN_TRAIN, LSUN_VAL = ("img2.jpg", "img10.jpg", "img1.jpg"), ("v1.jpg", "v2.jpg")
-LSUN_SIDE, STRIPE = 40, 8
-LSUN_IDS = (0, 3, 255, 149, 7)                       # one label id per 8-pixel column stripe (order rotates per photo)
-LSUN_GRAY = {0: 20, 3: 70, 255: 120, 149: 170, 7: 220}  # each id's photo colour: a condition derived from the photo
+LSUN_SIDE = 40  # 8-pixel stripes of fake_layouts.LSUN_STRIPE_IDS; the photo's grey is a function of the id
 
 
-def _jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=quality)
-  return buffer.getvalue()
+def write_celebahq(root: pathlib.Path) -> fake_layouts.FakeDataSet:
+  """Id 1 has no part masks."""
+  return fake_layouts.write_celebahq(root, len(CELEBA_TRAIN), len(CELEBA_VAL), image_size=64, refs=CELEBA_REFS,
+                                     test_refs=CELEBA_TEST_REFS, unmasked=(1,))
 
 
-def _png(pixels: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(pixels.astype(np.uint8)).save(buffer, "PNG")
-  return buffer.getvalue()
+def write_deepfashion(root: pathlib.Path) -> fake_layouts.FakeDataSet:
+  """Lists with Windows separators; a validation image is a training exemplar."""
+  return fake_layouts.write_deepfashion(
+      root, image_shape=FASHION_SIZE, keys=(FASHION_TRAIN, FASHION_VAL),
+      refs={FASHION_TRAIN[0]: (FASHION_TRAIN[2], FASHION_TRAIN[1]), FASHION_TRAIN[1]: (FASHION_TRAIN[0],),
+            FASHION_TRAIN[2]: (FASHION_VAL[1],)},
+      test_refs={FASHION_VAL[0]: (FASHION_TRAIN[0],), FASHION_VAL[1]: (FASHION_VAL[0],)})
 
 
-def _write(path: pathlib.Path, data: bytes | str) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  (path.write_text if isinstance(data, str) else path.write_bytes)(data)
-  return path
-
-
-def _face(seed: int, side: int = 64) -> np.ndarray:
-  """A photo with structure (Canny finds edges): background gradient, a face ellipse, eyes."""
-  rng = np.random.default_rng(seed)
-  image = Image.fromarray(np.tile(np.linspace(30, 200, side, dtype=np.uint8)[None, :, None], (side, 1, 3)))
-  draw = ImageDraw.Draw(image)
-  draw.ellipse((12, 8, 52, 60), fill=tuple(int(v) for v in rng.integers(120, 255, 3)))
-  for x in (22, 36):
-    draw.ellipse((x, 24, x + 6, 30), fill=(10, 10, 10))
-  return np.asarray(image)
-
-
-def _part_masks(image_id: int, side: int = 32) -> dict[str, np.ndarray]:
-  """L-mode 0/255 masks at half the photo's size (CelebAMask-HQ: 512 for 1024 photos); id 1 has none."""
-  if image_id == 1:
-    return {}
-  yy, xx = np.mgrid[:side, :side]
-  skin = ((yy - 17) / 13) ** 2 + ((xx - 16) / 10) ** 2 < 1
-  masks = dict(skin=skin, l_eye=(abs(yy - 13) < 2) & (abs(xx - 12) < 2), hair=yy < 5 + image_id % 3)
-  if image_id % 2:
-    masks["nose"] = (abs(yy - 18) < 3) & (abs(xx - 16) < 1)
-  return {part: mask.astype(np.uint8) * 255 for part, mask in masks.items()}
-
-
-def write_celebahq(root: pathlib.Path) -> pathlib.Path:
-  for image_id in CELEBA_TRAIN + CELEBA_VAL + (CELEBA_EXTRA,):
-    _write(root / "CelebA-HQ-img" / f"{image_id}.jpg", _jpeg(_face(image_id)))
-    for part, mask in _part_masks(image_id).items():
-      _write(builders.celebahq_mask_path(root, f"{image_id}.jpg", part), _png(mask))
-  _write(root / "train.txt", "".join(f"{i}\n" for i in CELEBA_TRAIN))
-  _write(root / "val.txt", "".join(f"{i}\n" for i in CELEBA_VAL))
-  _write(root / "celebahq_ref.txt", CELEBA_REFS)
-  _write(root / "celebahq_ref_test.txt", CELEBA_TEST_REFS)
-  return root
-
-
-def fashion_pose(k: int) -> tuple[np.ndarray, np.ndarray]:
-  """OpenPose files' numbers: 18 candidates (x, y, score, id) inside the photo, and a subset with two missing."""
-  rng = np.random.default_rng(k)
-  candidate = np.column_stack([rng.integers(4, FASHION_SIZE[1] - 4, 18), rng.integers(4, FASHION_SIZE[0] - 4, 18),
-                               rng.uniform(0.5, 1, 18).round(3), np.arange(18)]).astype(np.float64)
-  subset = np.arange(18, dtype=np.float64)
-  subset[[k % 18, (k + 5) % 18]] = -1
-  return candidate, np.concatenate([subset, [25.3, 16]])  # OpenPose appends total score and keypoint count
-
-
-def write_deepfashion(root: pathlib.Path) -> pathlib.Path:
-  for k, key in enumerate(FASHION_TRAIN + FASHION_VAL):
-    _write(root / key, _jpeg(_face(k + 10, side=64)[:, 10:10 + FASHION_SIZE[1]]))
-    candidate, subset = fashion_pose(k)
-    candidate_path, subset_path = builders.deepfashion_pose_files(root, key)
-    _write(candidate_path, "".join(" ".join(f"{v:g}" for v in row) + "\n" for row in candidate))
-    _write(subset_path, " ".join(f"{v:g}" for v in subset) + "\n")
-  windows = lambda keys: "".join(key.replace("/", "\\") + "\r\n" for key in keys)
-  _write(root / "train.txt", windows(FASHION_TRAIN))
-  _write(root / "val.txt", windows(FASHION_VAL))
-  t, v = [key.replace("/", "\\") for key in FASHION_TRAIN], [key.replace("/", "\\") for key in FASHION_VAL]
-  _write(root / "deepfashion_ref.txt", f"{t[0]},{t[2]},{t[1]}\n{t[1]},{t[0]}\n{t[2]},{v[1]}\n")
-  _write(root / "deepfashion_ref_test.txt", f"{v[0]},{t[0]}\n{v[1]},{v[0]}\n")
-  return root
-
-
-def lsun_stripes(k: int) -> np.ndarray:
-  """The label ids of photo ``k``, (40, 40): 8-pixel column stripes of ``LSUN_IDS`` rotated by ``k``."""
-  ids = np.roll(np.array(LSUN_IDS), k)
-  return np.repeat(ids, STRIPE)[None, :].repeat(LSUN_SIDE, 0)
-
-
-def write_lsun(root: pathlib.Path) -> pathlib.Path:
-  for folder, names in (("training", LSUN_TRAIN), ("validation", LSUN_VAL)):
-    for name in names:
-      k = int(name[3:-4] if name.startswith("img") else name[1:-4])
-      ids = lsun_stripes(k)
-      gray = np.vectorize(LSUN_GRAY.get)(ids)
-      _write(root / folder / name, _jpeg(np.repeat(gray[..., None], 3, -1)))
-      _write(root / folder / name.replace(".jpg", ".png"), _png(ids))
-  _write(root / "lsun_church_ref.txt", "img1.jpg,img2.jpg,img10.jpg\nimg2.jpg,img10.jpg\nimg10.jpg,img1.jpg,img2.jpg\n")
-  _write(root / "lsun_church_ref_test.txt", "v1.jpg,v2.jpg,v1.jpg\nv2.jpg,v1.jpg\n")
-  return root
+def write_lsun(root: pathlib.Path) -> fake_layouts.FakeDataSet:
+  """Names whose natural order is not their text order."""
+  return fake_layouts.write_lsun_church(
+      root, image_shape=(LSUN_SIDE, LSUN_SIDE), names=(LSUN_TRAIN, LSUN_VAL),
+      refs={"img1.jpg": ("img2.jpg", "img10.jpg"), "img2.jpg": ("img10.jpg",), "img10.jpg": ("img1.jpg", "img2.jpg")},
+      test_refs={"v1.jpg": ("v2.jpg", "v1.jpg"), "v2.jpg": ("v1.jpg",)})
 
 
 WRITERS = {"celebahq": write_celebahq, "deepfashion": write_deepfashion, "lsun_church": write_lsun}
@@ -141,12 +64,12 @@ def build(name: str, manual_dir: pathlib.Path, data_dir: pathlib.Path, **kwargs)
 
 @pytest.fixture(scope="module", name="prepared")
 def _prepared(tmp_path_factory):
-  """Each fake data set written and built once for the module: name -> (manual_dir, data_dir, builder)."""
+  """Each fake data set written and built once for the module: name -> (FakeDataSet, data_dir, builder)."""
   out = {}
   for name, write in WRITERS.items():
-    manual_dir = write(tmp_path_factory.mktemp(name))
+    fake = write(tmp_path_factory.mktemp(name))
     data_dir = tmp_path_factory.mktemp(f"{name}_tfds")
-    out[name] = manual_dir, data_dir, build(name, manual_dir, data_dir)
+    out[name] = fake, data_dir, build(name, fake.root, data_dir)
   return out
 
 
@@ -174,7 +97,10 @@ def _cfg(config, data_dir, **overrides):
 # Stored records.
 
 def test_celebahq_records_keep_the_files_and_reference_their_exemplars(prepared):
-  manual_dir, _, builder = prepared["celebahq"]
+  fake, _, builder = prepared["celebahq"]
+  manual_dir = fake.root
+  assert (fake.train, fake.validation, fake.exemplars) == tuple(
+      tuple(f"{i}.jpg" for i in ids) for ids in (CELEBA_TRAIN, CELEBA_VAL, (CELEBA_EXTRA,)))
   assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == dict(
       train=4, validation=2, exemplars=1)
   train, val, extra = (_stored(builder, s) for s in builders.SPLITS)
@@ -182,7 +108,7 @@ def test_celebahq_records_keep_the_files_and_reference_their_exemplars(prepared)
   for record in train + val + extra:
     key = _text(record["key"])
     assert record["image"] == (manual_dir / "CelebA-HQ-img" / key).read_bytes()  # the original bytes
-    masks = _part_masks(int(key[:-4]))
+    masks = fake.condition_inputs[key]
     assert [conditions.CELEBAHQ_PART_NAMES[p] for p in record["mask_parts"]] == [
         p for p in conditions.CELEBAHQ_PART_NAMES if p in masks]
     for part, data in zip(record["mask_parts"], record["masks"]):
@@ -198,12 +124,13 @@ def test_celebahq_records_keep_the_files_and_reference_their_exemplars(prepared)
 
 
 def test_deepfashion_records_keep_the_pose_numbers(prepared):
-  manual_dir, _, builder = prepared["deepfashion"]
+  fake, _, builder = prepared["deepfashion"]
   train, val = _stored(builder, "train"), _stored(builder, "validation")
   assert [_text(r["key"]) for r in train] == list(FASHION_TRAIN)  # Windows paths -> keys with /
-  for k, record in enumerate(train + val):
-    candidate, subset = fashion_pose(k)
-    assert record["image"] == (manual_dir / _text(record["key"])).read_bytes()
+  for record in train + val:
+    key = _text(record["key"])
+    candidate, subset = fake.condition_inputs[key]
+    assert record["image"] == (fake.root / key).read_bytes()
     np.testing.assert_array_equal(record["pose_candidate"], candidate[:, :2])
     assert record["pose_candidate"].dtype == np.float64
     np.testing.assert_array_equal(record["pose_subset"], subset[:18].astype(np.int32))
@@ -217,13 +144,14 @@ def test_deepfashion_records_keep_the_pose_numbers(prepared):
 
 
 def test_deepfashion_random_hard_exemplars_follow_the_seed(prepared, tmp_path):
-  manual_dir, _, builder = prepared["deepfashion"]
-  again = build("deepfashion", manual_dir, tmp_path / "same")
+  fake, _, builder = prepared["deepfashion"]
+  again = build("deepfashion", fake.root, tmp_path / "same")
   assert [_refs(r) for r in _stored(again, "train")] == [_refs(r) for r in _stored(builder, "train")]
 
 
 def test_lsun_records_in_natural_order_with_exemplars_beside_them(prepared):
-  manual_dir, _, builder = prepared["lsun_church"]
+  fake, _, builder = prepared["lsun_church"]
+  manual_dir = fake.root
   train, val = _stored(builder, "train"), _stored(builder, "validation")
   assert [_text(r["key"]) for r in train] == ["training/img1.jpg", "training/img2.jpg", "training/img10.jpg"]
   assert [_text(r["key"]) for r in val] == ["validation/v1.jpg", "validation/v2.jpg"]
@@ -254,7 +182,8 @@ def _photo_at(path: pathlib.Path, side: int) -> np.ndarray:
 
 
 def test_celebahq_source_renders_the_official_condition(prepared):
-  manual_dir, data_dir, _ = prepared["celebahq"]
+  fake, data_dir, _ = prepared["celebahq"]
+  manual_dir = fake.root
   source = pipeline.make_source(_cfg(celebahq.get_config("tiny"), data_dir), "train")
   assert isinstance(source, sources.BenchmarkSource) and len(source) == 4
   anno = manual_dir / "CelebAMask-HQ-mask-anno"
@@ -277,28 +206,29 @@ def test_celebahq_source_renders_the_official_condition(prepared):
 
 
 def test_deepfashion_source_draws_the_pose_at_the_photo_size(prepared):
-  manual_dir, data_dir, _ = prepared["deepfashion"]
+  fake, data_dir, _ = prepared["deepfashion"]
   source = pipeline.make_source(_cfg(deepfashion.get_config("tiny"), data_dir), "train")
   record = source[2]
   _check_record(record, 32, 20)
-  candidate, subset = fashion_pose(2)
+  candidate, subset = fake.condition_inputs[FASHION_TRAIN[2]]
   np.testing.assert_array_equal(record["label"], conditions.deepfashion_condition(candidate, subset, FASHION_SIZE, 32))
-  np.testing.assert_array_equal(record["image"], _photo_at(manual_dir / FASHION_TRAIN[2], 32))
-  candidate, subset = fashion_pose(len(FASHION_TRAIN) + 1)  # easy exemplar: the second validation image
+  np.testing.assert_array_equal(record["image"], _photo_at(fake.root / FASHION_TRAIN[2], 32))
+  candidate, subset = fake.condition_inputs[FASHION_VAL[1]]  # easy exemplar: the second validation image
   np.testing.assert_array_equal(record["label_ref"],
                                 conditions.deepfashion_condition(candidate, subset, FASHION_SIZE, 32))
   assert record["label"][..., :3].any() and (record["label"][..., 3:] < 1).any()  # skeleton and limb distances
 
 
 def test_lsun_source_one_hot_with_dont_care(prepared):
-  _, data_dir, _ = prepared["lsun_church"]
+  fake, data_dir, _ = prepared["lsun_church"]
   source = pipeline.make_source(_cfg(lsun_church.get_config("tiny"), data_dir, load_size=40), "train")
-  record = source[0]  # img1: stripes rotated by 1
+  record = source[0]  # img1, written third: stripes rotated by 2
   _check_record(record, 40, 151)
   np.testing.assert_array_equal(record["label"].sum(-1), 1.0)
-  assert record["label"][0, 0, 7] == 1 and record["label"][39, 24, 150] == 1  # img1's stripes: 7, 0, 3, 255, 149
-  np.testing.assert_array_equal(np.argmax(record["label"], -1), channel_ids(lsun_stripes(1)))
-  np.testing.assert_array_equal(np.argmax(record["label_ref"], -1), channel_ids(lsun_stripes(2)))  # img2
+  assert record["label"][0, 0, 149] == 1 and record["label"][39, 32, 150] == 1  # img1's stripes: 149, 7, 0, 3, 255
+  labels = fake.condition_inputs
+  np.testing.assert_array_equal(np.argmax(record["label"], -1), channel_ids(labels["training/img1.jpg"]))
+  np.testing.assert_array_equal(np.argmax(record["label_ref"], -1), channel_ids(labels["training/img2.jpg"]))
 
 
 def channel_ids(ids: np.ndarray) -> np.ndarray:
@@ -306,20 +236,21 @@ def channel_ids(ids: np.ndarray) -> np.ndarray:
   return np.where(ids == 255, 150, ids)
 
 
-def _gray_of_ids(ids: np.ndarray) -> np.ndarray:
+def _gray_of_ids(channels: np.ndarray) -> np.ndarray:
+  """The fake photos' grey at each one-hot channel."""
   table = np.zeros(151)
-  for label_id, gray in LSUN_GRAY.items():
-    table[150 if label_id == 255 else label_id] = gray
-  return table[ids]
+  table[channel_ids(np.array(fake_layouts.LSUN_STRIPE_IDS))] = fake_layouts.LSUN_GRAYS
+  return table[channels]
 
 
 def _is_flipped(label_row: np.ndarray) -> bool:
   """Whether a row of one-hot labels reads the stripes right to left (the photos' stripes run cyclically
-  through ``LSUN_IDS`` left to right; a crop shows at least four of them)."""
+  through ``fake_layouts.LSUN_STRIPE_IDS`` left to right; a crop shows at least four of them)."""
   ids = np.argmax(label_row, -1)
   stripes = [int(i) for k, i in enumerate(ids) if k == 0 or i != ids[k - 1]]
-  forward = list(channel_ids(np.array(LSUN_IDS))) * 2
-  runs = lambda seq: any(seq == forward[k:k + len(seq)] for k in range(len(LSUN_IDS)))
+  stripe_ids = fake_layouts.LSUN_STRIPE_IDS
+  forward = list(channel_ids(np.array(stripe_ids))) * 2
+  runs = lambda seq: any(seq == forward[k:k + len(seq)] for k in range(len(stripe_ids)))
   assert runs(stripes) != runs(stripes[::-1]), stripes
   return runs(stripes[::-1])
 
@@ -327,7 +258,7 @@ def _is_flipped(label_row: np.ndarray) -> bool:
 def test_batches_crop_and_flip_photo_and_condition_together(prepared):
   """LSUN photos whose colour is a function of the label id: after the pipeline's random crops and flips,
   every pixel of every image (ground truth and exemplar) still has its label's colour."""
-  _, data_dir, _ = prepared["lsun_church"]
+  fake, data_dir, _ = prepared["lsun_church"]
   data_cfg = _cfg(lsun_church.get_config("tiny"), data_dir, load_size=40, eval_load_size=40,
                   real_reference_probability=1.0, hard_reference_probability=0.5)
   batches = iter(pipeline.make_dataset(data_cfg, "train", seed=3, batch_size=2, shard_index=0, shard_count=1,
@@ -346,7 +277,8 @@ def test_batches_crop_and_flip_photo_and_condition_together(prepared):
                                      train=False)
   batch = next(iter(evaluation))
   assert batch["label"].shape == (2, 32, 32, 151) and not any(_is_flipped(label[0]) for label in batch["label"])
-  np.testing.assert_array_equal(np.argmax(batch["label"][0], -1), channel_ids(lsun_stripes(1))[4:36, 4:36])  # centre
+  centre = channel_ids(fake.condition_inputs["validation/v1.jpg"])[4:36, 4:36]
+  np.testing.assert_array_equal(np.argmax(batch["label"][0], -1), centre)
   assert np.abs((batch["image"].mean(-1) + 1) / 2 * 255 - _gray_of_ids(np.argmax(batch["label"], -1))).max() < 10
 
 
@@ -392,7 +324,7 @@ def _build_error(name: str, manual_dir: pathlib.Path, data_dir: pathlib.Path, **
 
 
 def test_corrupt_image_stops_or_is_skipped_with_its_users(tmp_path):
-  root = write_celebahq(tmp_path / "celeba")
+  root = write_celebahq(tmp_path / "celeba").root
   bad = root / "CelebA-HQ-img" / "2.jpg"
   bad.write_bytes(bad.read_bytes()[:300])
   message = _build_error("celebahq", root, tmp_path / "a")
@@ -410,7 +342,7 @@ def test_corrupt_image_stops_or_is_skipped_with_its_users(tmp_path):
 
 
 def test_exemplar_list_problems_name_the_list(tmp_path):
-  root = write_celebahq(tmp_path / "celeba")
+  root = write_celebahq(tmp_path / "celeba").root
   (root / "celebahq_ref_test.txt").write_text("2000.jpg,9999.jpg\n2001.jpg,2000.jpg\n")
   message = _build_error("celebahq", root, tmp_path / "a")
   assert message == (f"{root / 'celebahq_ref_test.txt'}:1: exemplar 9999.jpg of 2000.jpg: "
@@ -423,7 +355,8 @@ def test_exemplar_list_problems_name_the_list(tmp_path):
   assert [(s.split, s.key) for s in builder.skipped] == [("validation", "2000.jpg")]
   assert [_refs(r) for r in _stored(builder, "validation")] == [(("2000.jpg", "exemplars", 1),) * 2]  # after 4.jpg
   other = tmp_path / "lists" / "test.txt"
-  _write(other, CELEBA_TEST_REFS)
+  other.parent.mkdir()
+  other.write_text("".join(",".join((key, *names)) + "\n" for key, names in CELEBA_TEST_REFS.items()))
   assert build("celebahq", root, tmp_path / "d", ref_test_list=other).skipped == []
   (root / "celebahq_ref.txt").unlink()
   message = _build_error("celebahq", root, tmp_path / "e")
@@ -438,7 +371,7 @@ def test_exemplar_list_problems_name_the_list(tmp_path):
     (lambda c, s: s.write_text(" ".join(["40"] * 18)), "{s}: refers to candidate row 40, but "),
 ])
 def test_bad_pose_files(tmp_path, damage, expected):
-  root = write_deepfashion(tmp_path / "fashion")
+  root = write_deepfashion(tmp_path / "fashion").root
   candidate, subset = builders.deepfashion_pose_files(root, FASHION_TRAIN[2])
   damage(candidate, subset)
   message = _build_error("deepfashion", root, tmp_path / "a")
@@ -449,9 +382,9 @@ def test_bad_pose_files(tmp_path, damage, expected):
 
 
 def test_bad_lsun_label_maps(tmp_path):
-  root = write_lsun(tmp_path / "lsun")
+  root = write_lsun(tmp_path / "lsun").root
   label = root / "training" / "img2.png"
-  label.write_bytes(_png(np.full((40, 40), 200)))
+  label.write_bytes(fake_layouts.png_bytes(np.full((LSUN_SIDE, LSUN_SIDE), 200)))
   assert _build_error("lsun_church", root, tmp_path / "a").startswith(
       f"{label}: label ids must be 0..149 or 255 (don't care), found 200")
   label.unlink()
@@ -462,10 +395,10 @@ def test_bad_lsun_label_maps(tmp_path):
 
 
 def test_bad_list_lines(tmp_path):
-  root = write_celebahq(tmp_path / "celeba")
+  root = write_celebahq(tmp_path / "celeba").root
   (root / "train.txt").write_text("0\nface_1\n2\n3\n")
   assert _build_error("celebahq", root, tmp_path / "a") == f"{root / 'train.txt'}:2: 'face_1' is not an image id"
-  fashion = write_deepfashion(tmp_path / "fashion")
+  fashion = write_deepfashion(tmp_path / "fashion").root
   (fashion / "val.txt").write_text("img\\MEN\\Denim\\id_00000002\\02_7_additional.jpg\nphotos\\x.jpg\n")
   assert _build_error("deepfashion", fashion, tmp_path / "b") == (
       f"{fashion / 'val.txt'}:2: photos\\x.jpg: not an image under img/ (img/.../<name>.jpg)")

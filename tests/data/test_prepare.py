@@ -24,7 +24,7 @@ def _error_line(err: str) -> str:
 
 
 def test_prepare_summary_reuse_and_overwrite(tmp_path, capsys):
-  manual_dir, data_dir = write_celebahq(tmp_path / "celeba"), tmp_path / "tfds"
+  manual_dir, data_dir = write_celebahq(tmp_path / "celeba").root, tmp_path / "tfds"
   flags = ("--dataset=celebahq", f"--manual_dir={manual_dir}", f"--data_dir={data_dir}")
   status, out, _ = _run(capsys, *flags)
   assert status == 0
@@ -44,7 +44,7 @@ def test_prepare_summary_reuse_and_overwrite(tmp_path, capsys):
 
 
 def test_skip_bad_lists_the_skipped_files(tmp_path, capsys):
-  manual_dir, data_dir = write_celebahq(tmp_path / "celeba"), tmp_path / "tfds"
+  manual_dir, data_dir = write_celebahq(tmp_path / "celeba").root, tmp_path / "tfds"
   bad = manual_dir / "CelebA-HQ-img" / "2.jpg"
   bad.write_bytes(b"not a jpeg")
   flags = ("--dataset=celebahq", f"--manual_dir={manual_dir}", f"--data_dir={data_dir}")
@@ -78,7 +78,7 @@ def test_bad_input_gives_one_error_line(tmp_path, capsys, flags, expected):
 
 def test_module_entry_point(tmp_path):
   """The documented command, in a fresh interpreter, with exemplar lists elsewhere than the data."""
-  manual_dir = write_lsun(tmp_path / "lsun")
+  manual_dir = write_lsun(tmp_path / "lsun").root
   lists = tmp_path / "lists"
   lists.mkdir()
   for name in ("lsun_church_ref.txt", "lsun_church_ref_test.txt"):
