@@ -104,6 +104,7 @@ def train() -> ml_collections.ConfigDict:
       lr_schedule="step",     # "step": MultiStepLR over epochs; "cosine": CosineAnnealingLR(epochs, lr_min)
       lr_milestones=(10, 12, 14, 24), lr_gamma=0.3, lr_min=1e-6, warmup_iter=10000,
       num_steps=0,            # 0: epochs x steps per epoch
+      fsdp=1,                 # devices sharing each parameter / optimiser moment (1: plain data parallel)
       log_every=50, image_every=500, checkpoint_every=1000, keep_checkpoints=3,
       collapse_ratio=0.5,     # warn when L1(output, exemplar) < ratio x L1(output, ground truth)
       profile=False))

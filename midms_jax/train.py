@@ -76,6 +76,8 @@ def check_config(config) -> None:
   if config.train.batch_size % n_devices:
     raise InputError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
                      f"{n_devices} devices")
+  if config.train.fsdp < 1 or n_devices % config.train.fsdp:
+    raise InputError(f"config.train.fsdp={config.train.fsdp} must divide the {n_devices} devices")
   for name in ("midms", "ldm", "first_stage"):
     path = config.checkpoints[name]
     if path and not pathlib.Path(path).is_file():
@@ -208,7 +210,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   if process == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir_lib.write_config(workdir, config)
-  mesh = train_step.data_mesh()
+  mesh = train_step.data_mesh(fsdp=config.train.fsdp)
   host_batch_size = config.train.batch_size // jax.process_count()
 
   # Data.
@@ -236,8 +238,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   if restored is not None:
     state = restored
     logging.info("resumed from step %d in %s", start, manager.directory)
-  state, frozen = train_step.replicate(state, mesh), train_step.replicate(frozen, mesh)
-  steps = train_step.make_train_steps(model, config, steps_per_epoch, mesh)
+  shardings = train_step.state_shardings(state, mesh)
+  state, frozen = jax.device_put(state, shardings), train_step.replicate(frozen, mesh)
+  steps = train_step.make_train_steps(model, config, steps_per_epoch, mesh, state_sharding=shardings)
 
   # Every process runs the preview (it is one program over the whole mesh); its outputs are replicated so
   # that process 0 can draw them beside its own part of the batch (the first rows of the global batch).

@@ -5,8 +5,12 @@ U-Net), the spectral-norm vectors, and the optimiser state. What never trains (t
 VGG19 loss network) is passed separately as ``frozen``. Per-step randomness is
 ``fold_in(PRNGKey(seed), step)``, so results do not depend on the device count.
 
-Parallelism: ``jax.jit`` over a ``Mesh`` whose ``data`` axis spans every device of every host; the
-batch is sharded on that axis and everything else replicated (GSPMD inserts the gradient all-reduce).
+Parallelism: ``jax.jit`` over a 2-D ``Mesh`` (``data``, ``fsdp``) of every device of every host; the batch
+is sharded over both axes (every device takes its rows). With ``fsdp`` = 1 (default) parameters and
+optimiser state are replicated and GSPMD inserts the gradient all-reduce: plain data parallelism. With
+``fsdp`` = k > 1 (``config.train.fsdp``) each parameter and its AdamW moments are split k ways along their
+largest dimension divisible by k (``state_shardings``), so a large U-Net's state takes 1/k of the memory
+per device; GSPMD gathers a parameter where it is used and reduce-scatters its gradient (ZeRO-3 style).
 """
 
 import dataclasses
@@ -25,6 +29,9 @@ from midms_jax.losses.vgg import VGG19
 from midms_jax.models.midms import MIDMs
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
+MIN_FSDP_ELEMENTS = 2**14  # smaller leaves (biases, norms) stay replicated: splitting them saves nothing
 
 
 @flax.struct.dataclass
@@ -60,11 +67,13 @@ class StepFunctions:
   main: Callable
 
 
-def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | None = None) -> StepFunctions:
+def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | None = None,
+                     state_sharding: Any = None) -> StepFunctions:
   """Builds both steps: ``step(state, frozen, batch) -> (state, metrics)``; ``state`` is donated.
 
-  With a ``mesh``, the batch is sharded over its ``data`` axis and state / frozen variables are
-  replicated; without one, plain ``jax.jit``.
+  With a ``mesh``, the batch is sharded over all its devices, frozen variables are replicated and the
+  state is placed as ``state_sharding`` (``state_shardings(state, mesh)``; None: replicated); without
+  one, plain ``jax.jit``.
   """
   vgg = VGG19(tuple(config.loss.vgg_widths)) if config.loss.vgg == "vgg19" else None
   schedules = optim.lr_schedules(config.train, steps_per_epoch)
@@ -99,17 +108,47 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
     if mesh is None:
       return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return jax.jit(fn, in_shardings=(replicated, replicated, sharded), out_shardings=(replicated, replicated),
+    state = replicated if state_sharding is None else state_sharding
+    return jax.jit(fn, in_shardings=(state, replicated, batch_sharding(mesh)), out_shardings=(state, replicated),
                    donate_argnums=0)
 
   return StepFunctions(warmup=compile_step(True), main=compile_step(False))
 
 
-def data_mesh(devices=None) -> Mesh:
-  """A 1-D ``data`` mesh over every device of every process (or the given ones)."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+def data_mesh(devices=None, fsdp: int = 1) -> Mesh:
+  """The (``data``, ``fsdp``) mesh over every device of every process (or the given ones): ``fsdp``
+  devices share each parameter, ``devices / fsdp`` groups of them run data parallel."""
+  devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
+  if fsdp < 1 or devices.size % fsdp:
+    raise ValueError(f"fsdp={fsdp} must divide the {devices.size} devices")
+  return Mesh(devices.reshape(devices.size // fsdp, fsdp), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
+  """Splits the largest dimension divisible by ``fsdp`` over the ``fsdp`` axis; leaves below
+  ``MIN_FSDP_ELEMENTS`` or without such a dimension stay replicated."""
+  if fsdp == 1 or int(np.prod(shape)) < MIN_FSDP_ELEMENTS:
+    return PartitionSpec()
+  divisible = [axis for axis, size in enumerate(shape) if size % fsdp == 0]
+  if not divisible:
+    return PartitionSpec()
+  axis = max(divisible, key=lambda a: shape[a])
+  return PartitionSpec(*(FSDP_AXIS if a == axis else None for a in range(len(shape))))
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """Per-leaf ``NamedSharding`` of a (possibly abstract) state: parameters and optimiser moments by
+  ``fsdp_spec``, the step and the spectral-norm vectors replicated."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp))
+  return TrainState(step=replicated, params=jax.tree_util.tree_map(split, state.params),
+                    spectral=jax.tree_util.tree_map(lambda _: replicated, state.spectral),
+                    opt_state=jax.tree_util.tree_map(split, state.opt_state))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -120,5 +159,5 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   """Assembles the global batch from this host's part (``jax.make_array_from_process_local_data``)."""
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

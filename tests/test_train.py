@@ -119,6 +119,8 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 4)
   with pytest.raises(InputError, match=r"batch_size=2 is not divisible by the 4 devices"):
     train.check_config(synthetic_train_config())
+  with pytest.raises(InputError, match=r"config.train.fsdp=3 must divide the 4 devices"):
+    train.check_config(synthetic_train_config(batch_size=4, fsdp=3))
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):

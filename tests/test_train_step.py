@@ -11,6 +11,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from configs import celebahq
 from midms_jax import optim, train_step
@@ -44,16 +45,21 @@ def _setup(batch_size: int = 2, lr: float = 3e-6):
 DP_BATCH, DP_LR = 8, 1e-6
 
 
-def _one_main_step(n_devices: int) -> dict:
+def _one_main_step(n_devices: int, fsdp: int = 1) -> dict:
   """Loss, grad norm and flattened parameters after one interleaved step from the initial state, global batch
-  ``DP_BATCH``, on a mesh of the first ``n_devices`` devices."""
+  ``DP_BATCH``, on a (data, fsdp) mesh of the first ``n_devices`` devices; ``fsdp_fraction``: the largest
+  parameter's share held by one device."""
   config, model, variables, frozen, batch, tx = _setup(batch_size=DP_BATCH, lr=DP_LR)
-  mesh = train_step.data_mesh(jax.devices()[:n_devices])
-  steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh)
-  state = train_step.replicate(train_step.create_train_state(variables, tx), mesh)
+  mesh = train_step.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
+  state = train_step.create_train_state(variables, tx)
+  shardings = train_step.state_shardings(state, mesh)
+  steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh, state_sharding=shardings)
+  state = jax.device_put(state, shardings)
   state, metrics = steps.main(state, train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch))
+  largest = max(jax.tree_util.tree_leaves(state.params), key=lambda x: x.size)
   params = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(state.params)])
-  return dict(loss=float(metrics["loss_total"]), grad_norm=float(metrics["grad_norm"]), params=params)
+  return dict(loss=float(metrics["loss_total"]), grad_norm=float(metrics["grad_norm"]), params=params,
+              fsdp_fraction=largest.addressable_shards[0].data.size / largest.size)
 
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
@@ -98,22 +104,34 @@ _DP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from tests.test_train_step import _one_main_step
-    result = _one_main_step(8)
-    np.save(sys.argv[1], result["params"])
-    print(json.dumps(dict(devices=len(jax.devices()), loss=result["loss"], grad_norm=result["grad_norm"])))
+    result = _one_main_step(8, fsdp=4)
+    np.save(sys.argv[1], result.pop("params"))
+    print(json.dumps(dict(devices=len(jax.devices()), **result)))
 """)
 
 
 def test_eight_devices_match_one_device(tmp_path):
-  """One interleaved-phase step, global batch 8: 8 simulated CPU devices (a subprocess) vs 1 (this process)."""
+  """One interleaved-phase step, global batch 8: 8 simulated CPU devices (a subprocess; 2 data-parallel
+  groups x 4-way fsdp, so both the batch split and the parameter sharding are exercised) vs 1 device."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   params_path = tmp_path / "params_8.npy"
   out = subprocess.run([sys.executable, "-c", _DP_SCRIPT, str(params_path)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   eight = json.loads(out.stdout.strip().splitlines()[-1])
-  assert eight["devices"] == 8
+  assert eight["devices"] == 8 and eight["fsdp_fraction"] == 0.25  # each device holds a quarter
   one = _one_main_step(1)
   for key in ("loss", "grad_norm"):
     assert abs(one[key] - eight[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], eight[key])
   assert np.max(np.abs(np.load(params_path) - one["params"])) <= 1e-5
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension():
+  split = train_step.FSDP_AXIS
+  assert train_step.fsdp_spec((3, 3, 256, 512), 4) == PartitionSpec(None, None, None, split)
+  assert train_step.fsdp_spec((1024, 96), 64) == PartitionSpec(split, None)
+  assert train_step.fsdp_spec((1030, 97), 4) == PartitionSpec()  # no dimension divisible by 4: replicated
+  assert train_step.fsdp_spec((256,), 4) == PartitionSpec()  # too small to be worth splitting
+  assert train_step.fsdp_spec((3, 3, 256, 512), 1) == PartitionSpec()
+  with pytest.raises(ValueError, match="fsdp=2 must divide the 1 devices"):
+    train_step.data_mesh(jax.devices()[:1], fsdp=2)
