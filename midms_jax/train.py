@@ -206,6 +206,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   """Runs training to ``config.train.num_steps`` (or the epochs); returns the last logged metrics."""
   workdir = pathlib.Path(workdir)
   check_config(config)
+  # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
+  # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
+  _on_every_process(True)
   process = jax.process_index()
   if process == 0:
     workdir.mkdir(parents=True, exist_ok=True)
