@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from midms_jax import optim, train_step, workdir as workdir_lib
 from midms_jax.data import pipeline
-from midms_jax.errors import CheckpointError, InputError
+from midms_jax.errors import CheckpointError, InputError, first_line
 from midms_jax.interop import torch_import
 from midms_jax.losses import vgg
 from midms_jax.models import build
@@ -145,7 +145,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, iterator)
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      reason = first_line(e)
       directory = pathlib.Path(manager.directory)
       (directory / str(step)).rename(directory / f"damaged-{step}")
       logging.warning("checkpoint %d in %s is unreadable (%s); moved to damaged-%d, trying an older one",

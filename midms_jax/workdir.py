@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from ml_collections import ConfigDict
 
-from midms_jax.errors import CheckpointError
+from midms_jax.errors import CheckpointError, first_line
 
 CONFIG_FILE = "config.json"
 FIRST_STAGE_DIR = "first_stage"
@@ -104,11 +104,6 @@ def _tree_metadata(checkpointer: ocp.PyTreeCheckpointer, path: pathlib.Path) -> 
   return metadata.item_metadata.tree
 
 
-def _first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
-
-
 def restore_first_stage(workdir: pathlib.Path) -> dict[str, Any]:
   path = (workdir / FIRST_STAGE_DIR).absolute()
   if not path.is_dir():
@@ -118,7 +113,7 @@ def restore_first_stage(workdir: pathlib.Path) -> dict[str, Any]:
       abstract, restore_args = _host_restore_args(_tree_metadata(checkpointer, path))
       return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
   except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
-    raise CheckpointError(f"{path}: unreadable first-stage checkpoint: {_first_line(e)}") from None
+    raise CheckpointError(f"{path}: unreadable first-stage checkpoint: {first_line(e)}") from None
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -154,7 +149,7 @@ def restore_model_state(workdir: pathlib.Path, step: int) -> dict[str, Any]:
       return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
                                                                     partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
-    raise CheckpointError(f"{path}: unreadable checkpoint: {_first_line(e)}") from None
+    raise CheckpointError(f"{path}: unreadable checkpoint: {first_line(e)}") from None
 
 
 def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Trained:

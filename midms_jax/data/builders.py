@@ -51,7 +51,7 @@ import tqdm
 from PIL import Image
 
 from midms_jax.data import conditions, images
-from midms_jax.errors import InputError
+from midms_jax.errors import InputError, first_line
 
 SPLITS = ("train", "validation", "exemplars")
 RECORD_SPLITS = SPLITS[:2]           # the splits with lists; ``exemplars`` holds what only exemplars need
@@ -107,7 +107,7 @@ def decode_image(data: bytes, name: str | pathlib.Path) -> Image.Image:
   except Image.UnidentifiedImageError:
     raise InputError(f"{name}: not a readable image (corrupt or truncated?): unknown image format") from None
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad files
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise InputError(f"{name}: not a readable image (corrupt or truncated?): {reason}") from None
 
 

@@ -35,7 +35,7 @@ from scipy import ndimage
 from skimage import feature
 
 from midms_jax.data import images
-from midms_jax.errors import InputError
+from midms_jax.errors import InputError, first_line
 
 LABEL_MODES = ("L", "P", "I", "I;16")
 PHOTO_DATA_SETS = ("celebahq",)  # data sets whose condition can be computed from a photo
@@ -93,7 +93,7 @@ def load_array(path: str | pathlib.Path, channels: int) -> np.ndarray:
   try:
     array = np.load(path, allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except  # numpy raises several types on bad files
-    raise InputError(f"{path}: not a readable .npy array: {str(e).strip().splitlines()[0]}") from None
+    raise InputError(f"{path}: not a readable .npy array: {first_line(e)}") from None
   if array.ndim != 3:
     raise InputError(f"{path}: expected an (H, W, C) condition array, found shape {array.shape}")
   if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
@@ -292,7 +292,7 @@ def _read_numbers(path: str | pathlib.Path) -> np.ndarray:
       warnings.simplefilter("ignore", UserWarning)  # loadtxt warns on empty files: an empty pose is valid
       return np.loadtxt(io.StringIO(path.read_text().replace(",", " ")), dtype=np.float64, ndmin=2)
   except ValueError as e:
-    raise InputError(f"{path}: not a table of numbers: {str(e).strip().splitlines()[0]}") from None
+    raise InputError(f"{path}: not a table of numbers: {first_line(e)}") from None
 
 
 def read_candidate(path: str | pathlib.Path) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps
 
-from midms_jax.errors import InputError
+from midms_jax.errors import InputError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FORMATS = {"png": "PNG", "jpg": "JPEG"}  # output format name -> PIL format
@@ -52,7 +52,7 @@ def open_image(path: str | pathlib.Path) -> Image.Image:
       image.load()
       return ImageOps.exif_transpose(image)
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad files
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise InputError(f"{path}: not a readable image (corrupt or truncated?): {reason}") from None
 
 

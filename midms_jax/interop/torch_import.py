@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from midms_jax.errors import CheckpointError
+from midms_jax.errors import CheckpointError, first_line
 from midms_jax.interop import ldm_ema
 from midms_jax.interop.torch_names import reject_unexpected, variables_from_state_dict
 from midms_jax.models import build
@@ -61,7 +61,7 @@ def read_checkpoint(path: str | pathlib.Path) -> dict[str, Any]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # torch.load raises many unrelated types on bad files
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
