@@ -20,6 +20,7 @@ setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
+        "etils[epath]",        # workdir paths, local or gs:// (orbax depends on it too)
         "ml-collections>=1.1.0,<2",
         "absl-py>=2.1",
         "numpy>=1.26",

@@ -1,12 +1,17 @@
 """Training-step benchmark: step time, images/s, compile time and XLA's memory analysis.
 
     python benchmarks/train_step.py --config=configs/celebahq.py --per_device_batch=1 --phase=main
+    python benchmarks/train_step.py --config=configs/celebahq.py --config.dtype=bfloat16 --config.remat=unet_blocks
     python benchmarks/train_step.py --config=configs/synthetic.py --per_device_batch=2 --phase=both
 
 Random weights and a random batch (speed does not depend on them), the VGG19 loss network randomly
 initialised when the config uses it. The step is the one ``train.py`` runs: ``jax.jit`` over a ``data``
 mesh of every device, state donated. ``--phase``: ``warmup`` (matching only, U-Net frozen), ``main``
 (interleaved, U-Net trained) or ``both``. Prints one JSON line per phase; times are medians.
+``flops`` counts matrix-multiply and convolution FLOPs on the step's jaxpr (``midms_jax.flops``: loop
+steps included, each re-warp counted where it runs); ``mfu`` divides them by the step time and the
+devices' data-sheet peak for ``config.dtype``. ``--compile_only`` reports compile time and memory
+without running (e.g. to find the largest batch that fits a device).
 """
 
 import json
@@ -18,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from midms_jax import optim, train_step
+from midms_jax import flops, optim, train_step
 from midms_jax.losses import vgg
 from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
@@ -27,6 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "mode
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per device (global batch = this x devices)")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed steps after the first (compiling) one")
 _PHASE = flags.DEFINE_enum("phase", "both", ["warmup", "main", "both"], "which compiled step to time")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile and report memory, do not run")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high", "highest"],
                                "jax_default_matmul_precision")
 
@@ -52,6 +58,8 @@ def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
   start = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - start
+  if _COMPILE_ONLY.value:
+    return dict(compile_s=round(compile_s, 1), memory=_memory(compiled)), state
   times = []
   for _ in range(iters + 1):
     start = time.perf_counter()
@@ -82,11 +90,19 @@ def main(argv):
   batch = train_step.global_batch(mesh, random_batch(config, global_batch))
   steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh)
   phases = ("warmup", "main") if _PHASE.value == "both" else (_PHASE.value,)
+  device = jax.devices()[0].device_kind
+  peak = flops.peak_flops(device, config.dtype)
+  rewarp_fraction = len(config.midms.rewarp_steps) / config.midms.interleave_steps
   for phase in phases:
-    result, state = time_phase(getattr(steps, phase), state, frozen, batch, _ITERS.value)
-    print(json.dumps(dict(config=config.data.name, phase=phase, devices=mesh.size,
-                          device=jax.devices()[0].device_kind, global_batch=global_batch,
-                          images_per_s=round(global_batch / result["step_s"], 2), **result)))
+    step = getattr(steps, phase)
+    step_flops = flops.count_flops(step, state, frozen, batch, cond_fraction=rewarp_fraction)
+    result, state = time_phase(step, state, frozen, batch, _ITERS.value)
+    if "step_s" in result:
+      result["images_per_s"] = round(global_batch / result["step_s"], 2)
+      result["mfu"] = round(step_flops / result["step_s"] / (peak * mesh.size), 4) if peak else None
+    print(json.dumps(dict(config=config.data.name, phase=phase, dtype=config.dtype, remat=config.remat,
+                          devices=mesh.size, device=device, global_batch=global_batch,
+                          tflops_per_step=round(step_flops / 1e12, 3), **result)), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ matching, the 4-step interleaved loop (ref path only), the 20-step refinement un
 decode. The official code also runs the src path and the original-loss sample and decodes 6 more
 images at inference (5 of its 29 U-Net calls and 6 of 7 decodes do not reach the output): compare
 with its timings knowing that this skips them. Prints one JSON line; timings are medians.
+``--config.dtype=bfloat16`` for mixed precision; ``flops`` / ``mfu`` as in benchmarks/train_step.py.
 """
 
 import json
@@ -18,6 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from midms_jax import flops
 from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
 
@@ -41,6 +43,8 @@ def main(argv):
   exemplar = jax.random.uniform(jax.random.PRNGKey(2), (batch, res, res, 3), minval=-1, maxval=1)
   translate = jax.jit(lambda v, c, e, ec, key: model.translate(v, c, e, ec, key, refine=not _NO_REFINE.value)["image"])
 
+  call_flops = flops.count_flops(translate, variables, condition, exemplar, condition, jax.random.PRNGKey(3),
+                                 cond_fraction=len(config.midms.rewarp_steps) / config.midms.interleave_steps)
   start = time.perf_counter()
   lowered = translate.lower(variables, condition, exemplar, condition, jax.random.PRNGKey(3))
   compiled = lowered.compile()
@@ -56,10 +60,13 @@ def main(argv):
   if memory is not None:
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
             - memory.alias_size_in_bytes)
+  device = str(jax.devices()[0].device_kind)
+  peak_flops = flops.peak_flops(device, config.dtype)
   print(json.dumps(dict(
-      device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), batch_size=batch,
+      device=device, backend=jax.default_backend(), dtype=config.dtype, batch_size=batch,
       resolution=res, refine=not _NO_REFINE.value, compile_s=round(compile_s, 2),
       first_call_s=round(times[0], 3), median_call_s=round(step_s, 4), images_per_s=round(batch / step_s, 3),
+      tflops_per_call=round(call_flops / 1e12, 3), mfu=round(call_flops / step_s / peak_flops, 4) if peak_flops else None,
       xla_peak_bytes=peak, xla_temp_bytes=None if memory is None else memory.temp_size_in_bytes,
       params=sum(build.count_params(v) for v in variables.values()))))
 

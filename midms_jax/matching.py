@@ -8,6 +8,11 @@ normalised grid ``linspace(-1, 1)``.
 The 0.005 softmax temperature amplifies any rounding 200x (it can flip the discrete confidence mask),
 so matrix products here always run at full float32 precision (``Precision.HIGHEST``), whatever the
 global default (TF32/bf16 on accelerators).
+
+Every use of a volume in MIDMs is a softmax-weighted mean over one of its axes, so besides the dense
+functions (which hold the whole ``Hq*Wq x Hs*Ws`` volume) ``warp_by_features`` and ``flow_by_features``
+compute the same results from the two feature maps blockwise over query pixels, in memory linear in
+the number of pixels (the memory-efficient-attention scheme, with MIDMs' clamp at 0 and temperature).
 """
 
 import jax
@@ -31,19 +36,26 @@ def normalize_features(features: jax.Array) -> jax.Array:
   return centred / jnp.linalg.norm(centred, axis=-1, keepdims=True)
 
 
+def _unit_vectors(features: jax.Array, eps: float) -> jax.Array:
+  """Float32 feature vectors divided by (their L2 norm + ``eps``): the operands of ``correlation``."""
+  f = features.astype(jnp.float32)
+  return f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + eps)
+
+
+def _check_pair(name: str, query: jax.Array, support: jax.Array) -> None:
+  _check_rank(f"{name} query (B, H, W, C)", query, 4)
+  _check_rank(f"{name} support (B, H, W, C)", support, 4)
+  if query.shape[0] != support.shape[0] or query.shape[-1] != support.shape[-1]:
+    raise ValueError(f"{name}: query {query.shape} and support {support.shape} differ in batch or channels")
+
+
 def correlation(query: jax.Array, support: jax.Array, eps: float = 1e-5) -> jax.Array:
   """Cosine-similarity volume ``(B, Hq, Wq, Hs, Ws)`` clamped at 0 (``Correlation.correlation``).
 
   Each feature vector is divided by (its L2 norm + ``eps``). Computed in float32.
   """
-  _check_rank("correlation query (B, H, W, C)", query, 4)
-  _check_rank("correlation support (B, H, W, C)", support, 4)
-  if query.shape[0] != support.shape[0] or query.shape[-1] != support.shape[-1]:
-    raise ValueError(f"correlation: query {query.shape} and support {support.shape} differ in batch or channels")
-  q = query.astype(jnp.float32)
-  s = support.astype(jnp.float32)
-  q = q / (jnp.linalg.norm(q, axis=-1, keepdims=True) + eps)
-  s = s / (jnp.linalg.norm(s, axis=-1, keepdims=True) + eps)
+  _check_pair("correlation", query, support)
+  q, s = _unit_vectors(query, eps), _unit_vectors(support, eps)
   return jnp.maximum(jnp.einsum("bijc,bklc->bijkl", q, s, precision=_HIGHEST), 0.0)
 
 
@@ -77,6 +89,11 @@ def coordinate_grid(height: int, width: int) -> jax.Array:
   return jnp.stack([xs, ys], axis=-1)
 
 
+def batched_grid(batch: int, height: int, width: int) -> jax.Array:
+  """``coordinate_grid`` broadcast to ``(B, H, W, 2)``: warped like any values, it gives the soft-argmax map."""
+  return jnp.broadcast_to(coordinate_grid(height, width), (batch, height, width, 2))
+
+
 def get_flow(corr: jax.Array, temperature: float = 0.005) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Soft-argmax matches of a correlation volume (official ``util.get_flow``).
 
@@ -91,14 +108,74 @@ def get_flow(corr: jax.Array, temperature: float = 0.005) -> tuple[jax.Array, ja
   """
   _check_corr(corr)
   b, hq, wq, hs, ws = corr.shape
-  grid_q = coordinate_grid(hq, wq)
-  grid_s = coordinate_grid(hs, ws)
   logits = corr.astype(jnp.float32) / temperature
   weights_q = jax.nn.softmax(logits.reshape(b, hq, wq, hs * ws), axis=-1)
   weights_s = jax.nn.softmax(logits.reshape(b, hq * wq, hs, ws), axis=1)
-  map_trg = jnp.einsum("bijn,nc->bijc", weights_q, grid_s.reshape(hs * ws, 2), precision=_HIGHEST)
-  map_src = jnp.einsum("bnkl,nc->bklc", weights_s, grid_q.reshape(hq * wq, 2), precision=_HIGHEST)
-  return map_trg, map_src, map_trg - grid_q, map_src - grid_s
+  map_trg = jnp.einsum("bijn,nc->bijc", weights_q, coordinate_grid(hs, ws).reshape(hs * ws, 2), precision=_HIGHEST)
+  map_src = jnp.einsum("bnkl,nc->bklc", weights_s, coordinate_grid(hq, wq).reshape(hq * wq, 2), precision=_HIGHEST)
+  return flow_from_maps(map_trg, map_src)
+
+
+def flow_from_maps(map_trg: jax.Array, map_src: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``get_flow``'s ``(map_trg, map_src, flow_trg, flow_src)`` from the two maps: each flow is its map
+  minus the coordinates of its own grid (query grid for ``map_trg``, support grid for ``map_src``)."""
+  _check_rank("flow_from_maps map_trg (B, Hq, Wq, 2)", map_trg, 4)
+  _check_rank("flow_from_maps map_src (B, Hs, Ws, 2)", map_src, 4)
+  return (map_trg, map_src, map_trg - coordinate_grid(*map_trg.shape[1:3]),
+          map_src - coordinate_grid(*map_src.shape[1:3]))
+
+
+def warp_by_features(query: jax.Array, support: jax.Array, values: jax.Array, temperature: float = 0.005,
+                     chunk: int = 1024, eps: float = 1e-5) -> jax.Array:
+  """``soft_warp(values, correlation(query, support, eps), temperature)`` without the volume.
+
+  ``query`` ``(B, Hq, Wq, C)`` and ``support`` ``(B, Hs, Ws, C)`` features, ``values``
+  ``(B, Hs, Ws, V)``; returns ``(B, Hq, Wq, V)`` in the dtype of ``values``. Blocks of ``chunk`` query
+  pixels (a last partial block is padded with zero vectors, whose rows are dropped) are processed one
+  after the other (``lax.map``): clamp-at-0 cosine similarity with every support pixel, softmax over
+  support pixels, weighted mean of the values. Each block is recomputed in the backward pass
+  (``jax.checkpoint``), so forward and backward hold a few ``B x chunk x Hs*Ws`` arrays of one block
+  instead of ``B x Hq*Wq x Hs*Ws`` volumes: memory linear in the pixels for a fixed ``chunk``. Warping
+  several value maps through one correspondence costs one pass when they are concatenated along
+  channels. The transposed warp (support <- query, the official ``corr.permute(0, 3, 4, 1, 2)``) is
+  this function with ``query`` and ``support`` swapped.
+  """
+  _check_pair("warp_by_features", query, support)
+  _check_rank("warp_by_features values (B, Hs, Ws, V)", values, 4)
+  if values.shape[:3] != support.shape[:3]:
+    raise ValueError(f"warp_by_features: values {values.shape} do not match the support grid {support.shape}")
+  if chunk < 1:
+    raise ValueError(f"warp_by_features: chunk must be a positive number of query pixels, got {chunk}")
+  b, hq, wq, c = query.shape
+  n_query, n_support = hq * wq, support.shape[1] * support.shape[2]
+  chunk = min(chunk, n_query)
+  n_blocks = -(-n_query // chunk)
+  q = _unit_vectors(query, eps).reshape(b, n_query, c)
+  q = jnp.pad(q, ((0, 0), (0, n_blocks * chunk - n_query), (0, 0)))
+  q = jnp.moveaxis(q.reshape(b, n_blocks, chunk, c), 1, 0)
+  s = _unit_vectors(support, eps).reshape(b, n_support, c)
+  v = values.astype(jnp.float32).reshape(b, n_support, values.shape[-1])
+
+  @jax.checkpoint
+  def block(q_block: jax.Array) -> jax.Array:
+    corr = jnp.maximum(jnp.einsum("bqc,bnc->bqn", q_block, s, precision=_HIGHEST), 0.0)
+    weights = jax.nn.softmax(corr / temperature, axis=-1)
+    return jnp.einsum("bqn,bnv->bqv", weights, v, precision=_HIGHEST)
+
+  warped = jnp.moveaxis(jax.lax.map(block, q), 0, 1).reshape(b, n_blocks * chunk, -1)[:, :n_query]
+  return warped.reshape(b, hq, wq, -1).astype(values.dtype)
+
+
+def flow_by_features(query: jax.Array, support: jax.Array, temperature: float = 0.005, chunk: int = 1024,
+                     eps: float = 1e-5) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``get_flow(correlation(query, support, eps), temperature)`` without the volume: the maps are the
+  coordinate grids soft-warped by ``warp_by_features`` (support grid onto the query, query grid back)."""
+  _check_pair("flow_by_features", query, support)
+  b, hq, wq, _ = query.shape
+  _, hs, ws, _ = support.shape
+  map_trg = warp_by_features(query, support, batched_grid(b, hs, ws), temperature, chunk, eps)
+  map_src = warp_by_features(support, query, batched_grid(b, hq, wq), temperature, chunk, eps)
+  return flow_from_maps(map_trg, map_src)
 
 
 def grid_sample_bilinear(image: jax.Array, grid: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import app, flags, logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
@@ -63,10 +64,13 @@ class TrainingError(RuntimeError):
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
-  """``jax.distributed.initialize``: from flags, or auto-detected on a multi-host Cloud TPU."""
+  """``jax.distributed.initialize`` from the flags when they name a coordinator; else JAX's own detection where
+  the platform starts several processes: a multi-host Cloud TPU slice (several TPU_WORKER_HOSTNAMES) or a SLURM
+  job step of several tasks (``srun``, SLURM_NTASKS > 1). A single process (one host, all its devices) needs
+  none."""
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS") or 1) > 1:
     jax.distributed.initialize()
 
 
@@ -121,7 +125,7 @@ def _on_every_process(value: bool) -> bool:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(workdir / workdir_lib.CHECKPOINTS_DIR, options=options, item_names=("state", "data"))
@@ -146,8 +150,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, iterator)
                                                                data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
       reason = first_line(e)
-      directory = pathlib.Path(manager.directory)
-      (directory / str(step)).rename(directory / f"damaged-{step}")
+      directory = epath.Path(manager.directory)
+      if jax.process_index() == 0:
+        (directory / str(step)).rename(directory / f"damaged-{step}")
+      multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
       logging.warning("checkpoint %d in %s is unreadable (%s); moved to damaged-%d, trying an older one",
                       step, directory, reason, step)
       manager.reload()
@@ -202,9 +208,9 @@ def _sigterm_requests():
     signal.signal(signal.SIGTERM, previous)
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
   """Runs training to ``config.train.num_steps`` (or the epochs); returns the last logged metrics."""
-  workdir = pathlib.Path(workdir)
+  workdir = workdir_lib.as_path(workdir)
   check_config(config)
   # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
   # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
@@ -253,7 +259,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     out, _ = model.train_forward(variables, batch, jax.random.PRNGKey(0), warmup=False, update_stats=False)
     return dict(warped_ref=out["warped_ref"], initial_warp=model.decode(variables, out["warped_ref_feat"]))
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=process > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=process > 0)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   hooks = [report]
   if process == 0 and config.train.profile:
@@ -279,7 +285,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                               f"step {last_good} in {manager.directory}")
         writer.write_scalars(done, metrics_np)
         if process == 0:
-          with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+          with (workdir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(dict(step=done, **metrics_np)) + "\n")
         _warn_on_collapse(metrics_np, config, done)
         logging.info("step %d/%d %s loss %.5f", done, num_steps, "warm-up" if warmup else "interleaved",

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from midms_jax import optim
 from midms_jax.losses.midms_losses import midms_losses
 from midms_jax.losses.vgg import VGG19
+from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
 
 DATA_AXIS = "data"
@@ -75,7 +76,8 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
   state is placed as ``state_sharding`` (``state_shardings(state, mesh)``; None: replicated); without
   one, plain ``jax.jit``.
   """
-  vgg = VGG19(tuple(config.loss.vgg_widths)) if config.loss.vgg == "vgg19" else None
+  vgg = (VGG19(tuple(config.loss.vgg_widths), dtype=build.compute_dtype(config.dtype))
+         if config.loss.vgg == "vgg19" else None)
   schedules = optim.lr_schedules(config.train, steps_per_epoch)
   warmup_iter = config.train.warmup_iter
   seed = config.train.seed

@@ -15,12 +15,13 @@ the optimiser state, so ``translate`` and ``export`` never hold the optimiser mo
 import contextlib
 import json
 import logging
-import pathlib
+import os
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging as absl_logging
 from ml_collections import ConfigDict
 
@@ -48,27 +49,52 @@ def _tuples(value: Any) -> Any:
   return value
 
 
-def write_config(workdir: pathlib.Path, config: ConfigDict) -> None:
+# Config fields newer than some workdirs, with the value that reproduces what those runs did.
+_FIELDS_ADDED_LATER = ((("dtype",), "float32"), (("remat",), "none"), (("midms", "warp_chunk"), 0))
+
+
+def _with_later_fields(config: ConfigDict) -> ConfigDict:
+  """Fills the fields that a config.json written by an older version lacks, so old runs still load."""
+  for path, default in _FIELDS_ADDED_LATER:
+    section = config
+    for key in path[:-1]:
+      section = section[key]
+    if path[-1] not in section:
+      section[path[-1]] = default
+  return config
+
+
+def as_path(workdir: str | os.PathLike) -> epath.Path:
+  """A workdir as a path object: local folders and cloud storage (``gs://bucket/run``) alike."""
+  return epath.Path(workdir).expanduser()
+
+
+def _absolute(path: epath.Path) -> epath.Path:
+  """Orbax wants absolute paths; a URL (``gs://...``) already is one (pathlib would mangle it)."""
+  return path if "://" in str(path) else path.absolute()
+
+
+def write_config(workdir: epath.Path, config: ConfigDict) -> None:
   (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
 
-def read_config(workdir: str | pathlib.Path) -> ConfigDict:
+def read_config(workdir: str | os.PathLike) -> ConfigDict:
   """The run's config from ``<workdir>/config.json``, equal to the ConfigDict it was written from."""
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   if not workdir.is_dir():
     raise CheckpointError(f"{workdir}: no such training workdir")
   path = workdir / CONFIG_FILE
   try:
-    return ConfigDict(_tuples(json.loads(path.read_text(encoding="utf-8"))))
+    return _with_later_fields(ConfigDict(_tuples(json.loads(path.read_text(encoding="utf-8")))))
   except FileNotFoundError:
     raise CheckpointError(f"{path}: missing; {workdir} is not a midms-jax training workdir") from None
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: not a readable config ({e})") from None
 
 
-def save_first_stage(workdir: pathlib.Path, first_stage: Any) -> None:
+def save_first_stage(workdir: epath.Path, first_stage: Any) -> None:
   """Saves the frozen first stage once (every process calls this; orbax writes from the primary host)."""
-  path = (workdir / FIRST_STAGE_DIR).absolute()
+  path = _absolute(workdir / FIRST_STAGE_DIR)
   if path.exists():
     return
   checkpointer = ocp.StandardCheckpointer()
@@ -97,15 +123,15 @@ def _orbax_warnings_hidden():
     logger.setLevel(level)
 
 
-def _tree_metadata(checkpointer: ocp.PyTreeCheckpointer, path: pathlib.Path) -> Any:
+def _tree_metadata(checkpointer: ocp.PyTreeCheckpointer, path: epath.Path) -> Any:
   metadata = checkpointer.metadata(path)
   if metadata is None or getattr(metadata, "item_metadata", None) is None:
     raise ValueError("its metadata is missing or unreadable (damaged files?)")
   return metadata.item_metadata.tree
 
 
-def restore_first_stage(workdir: pathlib.Path) -> dict[str, Any]:
-  path = (workdir / FIRST_STAGE_DIR).absolute()
+def restore_first_stage(workdir: epath.Path) -> dict[str, Any]:
+  path = _absolute(workdir / FIRST_STAGE_DIR)
   if not path.is_dir():
     raise CheckpointError(f"{path}: missing; the run's frozen first stage is saved there when training starts")
   try:
@@ -116,7 +142,7 @@ def restore_first_stage(workdir: pathlib.Path) -> dict[str, Any]:
     raise CheckpointError(f"{path}: unreadable first-stage checkpoint: {first_line(e)}") from None
 
 
-def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+def checkpoint_steps(workdir: epath.Path) -> list[int]:
   """The steps of the complete checkpoints, oldest first."""
   directory = workdir / CHECKPOINTS_DIR
   if not directory.is_dir():
@@ -125,7 +151,7 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
                 if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
 
 
-def resolve_step(workdir: pathlib.Path, step: int | None) -> int:
+def resolve_step(workdir: epath.Path, step: int | None) -> int:
   """``step`` if a complete checkpoint exists for it, else the newest one; a clear error otherwise."""
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -139,7 +165,7 @@ def resolve_step(workdir: pathlib.Path, step: int | None) -> int:
   return step
 
 
-def restore_model_state(workdir: pathlib.Path, step: int) -> dict[str, Any]:
+def restore_model_state(workdir: epath.Path, step: int) -> dict[str, Any]:
   """``{'step', 'params', 'spectral'}`` of checkpoint ``step`` as host arrays; the optimiser state stays on disk."""
   path = (workdir / CHECKPOINTS_DIR / str(step) / "state").absolute()
   try:
@@ -152,9 +178,9 @@ def restore_model_state(workdir: pathlib.Path, step: int) -> dict[str, Any]:
     raise CheckpointError(f"{path}: unreadable checkpoint: {first_line(e)}") from None
 
 
-def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Trained:
+def load_trained(workdir: str | os.PathLike, step: int | None = None) -> Trained:
   """Config and model variables of checkpoint ``step`` (default: the newest) of a training workdir."""
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = as_path(workdir)
   config = read_config(workdir)
   step = resolve_step(workdir, step)
   state = restore_model_state(workdir, step)
@@ -163,9 +189,9 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
   return Trained(config, variables, step)
 
 
-def split_checkpoint_path(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+def split_checkpoint_path(path: str | os.PathLike) -> tuple[epath.Path, int]:
   """``<workdir>/checkpoints/<step>`` -> (workdir, step)."""
-  path = pathlib.Path(path).expanduser()
+  path = as_path(path)
   if not (path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR):
     raise CheckpointError(f"{path}: not a training checkpoint directory (expected <workdir>/{CHECKPOINTS_DIR}/<step>)")
   if not path.is_dir():

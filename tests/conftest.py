@@ -1,12 +1,21 @@
-"""Shared test fixtures: the official parity data (copied from shared/fixtures/official_parity)."""
+"""Shared test fixtures: the official parity data (copied from shared/fixtures/official_parity), and the
+background jobs of the slowest subprocess tests."""
 
+import concurrent.futures
 import os
 import pathlib
+import shutil
+import subprocess
 import tempfile
+import threading
+from typing import Any, Callable
 
 # One persistent XLA compilation cache for the session, shared with the subprocesses the tests start
 # (they inherit the environment): the training tests compile the same steps in several processes.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="midms-jax-test-cache-"))
+# Removed at the end of the session unless the caller chose the directory.
+_OWN_CACHE_DIR = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="midms-jax-test-cache-")
+if _OWN_CACHE_DIR:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # pylint: disable=wrong-import-position
@@ -134,3 +143,96 @@ def synthetic_run(tmp_path_factory):
   from midms_jax import train  # pylint: disable=import-outside-toplevel
   workdir = tmp_path_factory.mktemp("synthetic_run")
   return workdir, train.train_and_evaluate(synthetic_train_config(), workdir)
+
+
+class BackgroundJob:
+  """What a background launcher gets: a directory of its own, the environment at session start (tests may
+  change ``os.environ`` meanwhile) and subprocesses that are killed when the session ends."""
+
+  def __init__(self, directory: pathlib.Path, environ: dict[str, str], jobs: "BackgroundJobs"):
+    directory.mkdir()
+    self.dir, self.environ, self._jobs = directory, environ, jobs
+
+  def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+    return self._jobs.popen(args, **{"env": self.environ, "stdin": subprocess.DEVNULL, **kwargs})
+
+  def run(self, args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=timeout)`` through ``popen``."""
+    with self.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+      try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+      except BaseException:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+Launcher = Callable[[BackgroundJob], Any]
+
+
+class BackgroundJobs:
+  """Runs the launchers of the selected ``@pytest.mark.background(launcher=...)`` tests one at a time, in test order,
+  in a worker thread from the start of the session: their subprocesses (mostly single-threaded XLA compiles) use
+  the second core while the in-process tests run, and the marked tests only check the results."""
+
+  def __init__(self, launchers: dict[str, Launcher]):
+    self._root = pathlib.Path(tempfile.mkdtemp(prefix="midms-jax-test-background-"))
+    self._lock = threading.Lock()
+    self._procs: list[subprocess.Popen] = []
+    self._closed = False
+    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-test")
+    environ = dict(os.environ)
+    self.results = {node_id: self._executor.submit(launch, BackgroundJob(self._root / str(i), environ, self))
+                    for i, (node_id, launch) in enumerate(launchers.items())}
+
+  def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+    with self._lock:
+      if self._closed:
+        raise RuntimeError("the test session has ended")
+      proc = subprocess.Popen(args, **kwargs)  # pylint: disable=consider-using-with
+      self._procs.append(proc)
+    return proc
+
+  def close(self) -> None:
+    """Kills what is still running (after ``-x`` or Ctrl-C), drops the jobs not started, removes the files."""
+    with self._lock:
+      self._closed = True
+      for proc in self._procs:
+        proc.kill()
+    self._executor.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(self._root, ignore_errors=True)
+
+
+_BACKGROUND = pytest.StashKey[BackgroundJobs]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  config.addinivalue_line("markers", "background(launcher): run launcher(BackgroundJob) from the session start "
+                                     "(a keyword: a lone callable would be taken for the decorated test); "
+                                     "the test gets its result from the background fixture")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+  """Starts the jobs of the selected tests only (after -k, --deselect, ...; none for --collect-only)."""
+  marked = {item.nodeid: item.get_closest_marker("background") for item in session.items}
+  launchers = {node_id: marker.kwargs["launcher"] for node_id, marker in marked.items() if marker}
+  if launchers and not session.config.option.collectonly:
+    session.config.stash[_BACKGROUND] = BackgroundJobs(launchers)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+  jobs = session.config.stash.get(_BACKGROUND, None)
+  if jobs is not None:
+    jobs.close()
+  if _OWN_CACHE_DIR:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def background(request) -> Callable[[], Any]:
+  """Waits for the test's background launcher and gives its result; called in the test's body, so that the
+  launcher's exceptions fail the test (rather than its setup)."""
+  jobs = request.config.stash.get(_BACKGROUND, None)
+  assert jobs is not None and request.node.nodeid in jobs.results, "needs @pytest.mark.background(launcher=...)"
+  return jobs.results[request.node.nodeid].result

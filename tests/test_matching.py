@@ -192,3 +192,99 @@ def test_bad_shapes_raise():
     matching.correlation(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 5)))
   with pytest.raises(ValueError, match="block 2 must be >= 1 and divide the 5x4 latent"):
     matching.confidence_mask(jnp.zeros((1, 5, 4)))
+
+
+def _features(seed: int, query_hw: tuple[int, int], support_hw: tuple[int, int], channels: int = 8,
+              value_channels: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Random (query, support, values) where each query pixel resembles a support pixel (peaked softmax)."""
+  rng = np.random.default_rng(seed)
+  support = rng.standard_normal((2,) + support_hw + (channels,)).astype(np.float32)
+  picks = rng.integers(0, support_hw[0] * support_hw[1], (2,) + query_hw)
+  query = support.reshape(2, -1, channels)[np.arange(2)[:, None, None], picks]
+  query = query + 0.7 * rng.standard_normal(query.shape).astype(np.float32)
+  values = rng.standard_normal((2,) + support_hw + (value_channels,)).astype(np.float32)
+  return query, support, values
+
+
+def _dense_warp(query, support, values, temperature: float, back: bool = False) -> jax.Array:
+  corr = matching.correlation(query, support)
+  return matching.soft_warp(values, matching.transpose_correlation(corr) if back else corr, temperature)
+
+
+def _tolerance(expected) -> float:
+  """1e-5, relative where values exceed 1: the 0.005 temperature amplifies the float32 rounding of the dot
+  products 200x, and blocks of another size round differently (the dense warp itself is ~1e-5 from float64)."""
+  return 1e-5 * max(1.0, float(np.max(np.abs(np.asarray(expected)))))
+
+
+@pytest.mark.parametrize("chunk", [1, 10, 63, 4096])
+def test_warp_by_features_matches_the_dense_warp(chunk):
+  """Blocks of 1, 10 (last one partial), all 63 query pixels and more than the grid: same warps both ways."""
+  query, support, values = _features(0, (7, 9), (6, 8))
+  out = jax.jit(matching.warp_by_features, static_argnums=(3, 4))(query, support, values, 0.005, chunk)
+  assert_close(out, _dense_warp(query, support, values, 0.005), _tolerance(values), "warp")
+  back_values = np.random.default_rng(1).standard_normal((2, 7, 9, 3)).astype(np.float32)
+  back = matching.warp_by_features(support, query, back_values, 0.005, chunk)
+  assert_close(back, _dense_warp(query, support, back_values, 0.005, back=True), _tolerance(back_values),
+               "transposed warp")
+
+
+def test_warp_by_features_reproduces_the_official_warps(corr_io):
+  """From the fixture's normalised features, without the volume: the official warped latent and its cycle."""
+  trg, ref = _nhwc(corr_io, "trg_out_norm"), _nhwc(corr_io, "ref_out_norm")
+  warped = matching.warp_by_features(trg, ref, _nhwc(corr_io, "ref_feats"), chunk=24)
+  assert_close(warped, _nhwc(corr_io, "warped_ref_feat"), 2e-4, "warped_ref_feat")
+  assert_close(warped, matching.soft_warp(_nhwc(corr_io, "ref_feats"), corr_io["corr_ref"]), 1e-5, "vs dense")
+  back = matching.warp_by_features(ref, trg, _nhwc(corr_io, "warped_ref_feat"), chunk=24)
+  assert_close(back, _nhwc(corr_io, "warped_back_ref"), 2e-4, "warped_back_ref")
+
+
+def test_flow_by_features_matches_get_flow_and_the_official_mask(corr_io):
+  trg, ref = _nhwc(corr_io, "trg_out_norm"), _nhwc(corr_io, "ref_out_norm")
+  dense = matching.get_flow(matching.correlation(trg, ref))
+  chunked = jax.jit(matching.flow_by_features, static_argnums=(2, 3))(trg, ref, 0.005, 24)
+  for name, a, b in zip(("map_trg", "map_src", "flow_trg", "flow_src"), chunked, dense):
+    assert_close(a, b, 1e-5, name)
+  for a, b, name in zip(matching.fbcheck(*chunked), matching.fbcheck(*dense), ("fb_ts", "fb_st")):
+    assert_close(a, b, 1e-5, name)
+  mask = matching.confidence_mask(matching.fbcheck(*chunked)[0])
+  np.testing.assert_array_equal(np.asarray(mask), nchw_to_nhwc(corr_io[_flow_key("fb_mask")]))
+
+
+def test_flow_by_features_on_unequal_grids():
+  query, support, _ = _features(1, (5, 4), (6, 7))
+  dense = jax.jit(lambda q, s: matching.get_flow(matching.correlation(q, s)))(query, support)
+  chunked = jax.jit(matching.flow_by_features, static_argnums=(2, 3))(query, support, 0.005, 6)
+  for name, a, b in zip(("map_trg", "map_src", "flow_trg", "flow_src"), chunked, dense):
+    assert a.shape == b.shape
+    assert_close(a, b, 1e-5, name)
+
+
+def test_warp_by_features_gradients_match_the_dense_warp():
+  """Gradients w.r.t. both feature maps and the values, through a warp and the warp back (cycle)."""
+  query, support, values = _features(2, (6, 5), (5, 6))
+  weights = np.random.default_rng(3).standard_normal((2, 6, 5, 5)).astype(np.float32)
+
+  def loss(warp, q, s, v):
+    warped = warp(q, s, v, 0.005)
+    cycled = warp(q, s, warped, 0.005, back=True)
+    return jnp.sum(warped * weights) + jnp.mean(jnp.abs(cycled - v))
+
+  def chunked(q, s, v, t, back=False):
+    return matching.warp_by_features(s, q, v, t, 7) if back else matching.warp_by_features(q, s, v, t, 7)
+
+  grads = lambda warp: jax.jit(jax.grad(lambda *a: loss(warp, *a), argnums=(0, 1, 2)))(query, support, values)
+  expected, actual = grads(_dense_warp), grads(chunked)
+  for name, a, b in zip(("query", "support", "values"), actual, expected):
+    assert float(np.max(np.abs(np.asarray(b)))) > 1e-3, f"{name}: gradient vanishes, test too weak"
+    assert_close(a, b, _tolerance(b), f"d/d{name}")
+
+
+def test_warp_by_features_bad_inputs_raise():
+  query, support, values = _features(0, (4, 4), (4, 4))
+  with pytest.raises(ValueError, match="chunk must be a positive number of query pixels, got 0"):
+    matching.warp_by_features(query, support, values, chunk=0)
+  with pytest.raises(ValueError, match="do not match the support grid"):
+    matching.warp_by_features(query, support, values[:, :3])
+  with pytest.raises(ValueError, match="differ in batch or channels"):
+    matching.warp_by_features(query, support[..., :4], values)

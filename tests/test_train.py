@@ -16,7 +16,7 @@ import pytest
 from configs import celebahq
 from midms_jax import train, train_step
 from midms_jax.errors import CheckpointError, InputError
-from tests.conftest import synthetic_train_config
+from tests.conftest import BackgroundJob, synthetic_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The CLI flags of tests.conftest.synthetic_train_config(): the CLI runs compile the same programs as the
@@ -34,14 +34,15 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
   return out
 
 
-def _run_cli(workdir: pathlib.Path, *extra: str, wait: bool = True):
-  """The CLI in a subprocess (sharing the session's compilation cache, see conftest)."""
-  cmd = [sys.executable, "-m", "midms_jax.train", f"--config={ROOT}/configs/synthetic.py", f"--workdir={workdir}",
-         *SHORT, *extra]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")  # as conftest sets it
-  if wait:
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _cli_args(workdir: pathlib.Path, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "midms_jax.train", f"--config={ROOT}/configs/synthetic.py", f"--workdir={workdir}",
+          *SHORT, *extra]
+
+
+def _cli_env(environ) -> dict[str, str]:
+  """The CLI's environment: ``environ`` (with the session's compilation cache, see conftest) on CPU at the
+  matmul precision conftest sets."""
+  return dict(environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")
 
 
 def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):
@@ -64,37 +65,46 @@ def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):
   assert any("condition" in t for t in tags["tensors"] + tags["images"])
 
 
-def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, tmp_path):
+def _kill_resume_and_damage(job: BackgroundJob) -> tuple[pathlib.Path, str, pathlib.Path, subprocess.CompletedProcess]:
+  """The CLI runs of the resume test (a background job, so independent of the session run): kill -9 a run after
+  its step-3 checkpoint and rerun the same command; then damage checkpoint 6 of a copy of the finished run and
+  run it again. Returns the killed run's workdir and rerun stderr, the damaged copy and its run."""
+  killed = job.dir / "killed"
+  env = _cli_env(job.environ)
+  with job.popen(_cli_args(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True) as proc:
+    deadline = time.time() + 600
+    while time.time() < deadline and not (killed / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists():
+      assert proc.poll() is None, proc.stderr.read()[-3000:]
+      time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+  assert not (killed / "checkpoints" / "6").exists(), "the run finished before it could be killed"
+  out = job.run(_cli_args(killed), timeout=900, cwd=ROOT, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  damaged = job.dir / "damaged"
+  shutil.copytree(killed, damaged)
+  for f in (damaged / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"not a checkpoint")
+  (damaged / "metrics.jsonl").unlink()
+  return killed, out.stderr, damaged, job.run(_cli_args(damaged), timeout=900, cwd=ROOT, env=env)
+
+
+@pytest.mark.background(launcher=_kill_resume_and_damage)
+def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, background):
   """Kill -9 the CLI after the step-3 checkpoint, rerun the same command: steps 4..6 equal the uninterrupted
-  session run bitwise. Then damage the newest checkpoint of a copy of that run: the next run resumes from the
-  older one, with a warning, and again reproduces steps 4..6."""
+  session run bitwise. Then damage the newest checkpoint of a copy of that finished run: the next run resumes
+  from the older one, with a warning, and again reproduces steps 4..6."""
   reference, _ = synthetic_run
   expected = _losses(reference)
-
-  killed = tmp_path / "killed"
-  proc = _run_cli(killed, wait=False)
-  deadline = time.time() + 600
-  while time.time() < deadline and not (killed / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists():
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert not (killed / "checkpoints" / "6").exists(), "the run finished before it could be killed"
-  out = _run_cli(killed)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "resumed from step" in out.stderr
+  killed, resumed_stderr, damaged, out = background()
+  assert "resumed from step" in resumed_stderr
   resumed = _losses(killed)
   assert sorted(resumed) == sorted(expected)
   for step in range(4, 7):
     assert resumed[step] == expected[step], (step, resumed[step], expected[step])
 
-  damaged = tmp_path / "damaged"
-  shutil.copytree(reference, damaged)
-  for f in (damaged / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file() and f.stat().st_size > 0:
-      f.write_bytes(b"not a checkpoint")
-  (damaged / "metrics.jsonl").unlink()
-  out = _run_cli(damaged)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "checkpoint 6" in out.stderr and "unreadable" in out.stderr and "resumed from step 3" in out.stderr
   assert (damaged / "checkpoints" / "damaged-6").is_dir()
@@ -124,7 +134,8 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-  out = _run_cli(tmp_path, f"--config.checkpoints.midms={tmp_path}/nope.pth")
+  out = subprocess.run(_cli_args(tmp_path, f"--config.checkpoints.midms={tmp_path}/nope.pth"), cwd=ROOT,
+                       env=_cli_env(os.environ), capture_output=True, text=True, timeout=900, check=False)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1] == \
       f"error: {tmp_path}/nope.pth: config.checkpoints.midms names a file that does not exist"

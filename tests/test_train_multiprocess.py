@@ -1,13 +1,15 @@
-"""Multi-host training: two processes on 127.0.0.1 form one JAX system (``jax.distributed``, gloo) and run the
-real training CLI together: one global batch split over the hosts, one checkpoint, the same losses."""
+"""Multi-host training: two processes on localhost form one JAX system (``jax.distributed``, gloo) and run the
+real training CLI together, started by ``launch/local_processes.py`` (the launch path a user takes): one global
+batch split over the hosts, one checkpoint, the same losses."""
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import portpicker
+import pytest
+
+from tests.conftest import BackgroundJob
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -16,32 +18,33 @@ STEPS = 2
 FLAGS = [f"--config={ROOT}/configs/synthetic.py", f"--config.train.num_steps={STEPS}",
          f"--config.train.warmup_iter={STEPS}", "--config.train.log_every=1", f"--config.train.checkpoint_every={STEPS}",
          f"--config.train.image_every={STEPS}", "--config.train.batch_size=2"]
-LOSS_LINE = re.compile(r"step (\d+)/\d+ warm-up loss ([-+0-9.eE]+|nan|inf)")
 
 
-def _losses(stderr: str) -> dict[int, str]:
-  return {int(step): loss for step, loss in LOSS_LINE.findall(stderr)}
+def _losses(output: str, process: int) -> dict[int, str]:
+  """Warm-up losses that process ``process`` logged (its lines are prefixed ``[process] `` by the launcher)."""
+  pattern = rf"^\[{process}\] .*step (\d+)/{STEPS} warm-up loss ([-+0-9.eE]+|nan|inf)$"
+  return {int(step): loss for step, loss in re.findall(pattern, output, re.MULTILINE)}
 
 
-def test_two_processes_train_together_and_agree(tmp_path):
-  port = portpicker.pick_unused_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device per process: the mesh spans the two processes
-  procs = [subprocess.Popen([sys.executable, "-m", "midms_jax.train", *FLAGS, f"--workdir={tmp_path / 'run'}",
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:  # a missing peer aborts the other process; a hang must not stall the suite
-    errors = [proc.communicate(timeout=600)[1] for proc in procs]
-  finally:
-    for proc in procs:
-      proc.kill()
-  for i, (proc, err) in enumerate(zip(procs, errors)):
-    assert proc.returncode == 0, f"process {i}:\n{err[-3000:]}"
-  losses = [_losses(err) for err in errors]
-  assert sorted(losses[0]) == list(range(1, STEPS + 1)), errors[0][-3000:]
+def _train_two_processes(job: BackgroundJob) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+  """The two-host run of the test (a background job): its workdir and the launcher's result."""
+  env = dict(job.environ)
+  env.pop("XLA_FLAGS", None)  # the launcher gives each process one CPU device: the mesh spans the two processes
+  workdir = job.dir / "run"
+  command = [sys.executable, str(ROOT / "launch" / "local_processes.py"), "--num_processes=2",
+             "--devices_per_process=1", "--", sys.executable, "-m", "midms_jax.train", *FLAGS, f"--workdir={workdir}"]
+  # The launcher kills both processes when one fails; the timeout keeps a hang from stalling the suite.
+  return workdir, job.run(command, timeout=900, cwd=ROOT, env=env)
+
+
+@pytest.mark.background(launcher=_train_two_processes)
+def test_two_processes_train_together_and_agree(background):
+  workdir, result = background()
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  losses = [_losses(result.stdout, i) for i in range(2)]
+  assert sorted(losses[0]) == list(range(1, STEPS + 1)), result.stdout[-3000:]
   assert losses[0] == losses[1]  # the global loss, the same on both hosts
   assert all(loss not in ("nan", "inf") for loss in losses[0].values())
-  checkpoint = tmp_path / "run" / "checkpoints" / str(STEPS)
+  checkpoint = workdir / "checkpoints" / str(STEPS)
   assert (checkpoint / "_CHECKPOINT_METADATA").is_file() and (checkpoint / "state").is_dir()
-  assert list((tmp_path / "run").glob("events.out.tfevents.*")), "process 0 wrote no TensorBoard events"
+  assert list(workdir.glob("events.out.tfevents.*")), "process 0 wrote no TensorBoard events"

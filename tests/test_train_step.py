@@ -2,7 +2,6 @@
 and a step sharded over 8 devices equals the single-device step."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from midms_jax import optim, train_step
 from midms_jax.interop import torch_import
 from midms_jax.losses import vgg
 from midms_jax.models.midms import MIDMs
-from tests.conftest import FIXTURES
+from tests.conftest import BackgroundJob, FIXTURES
 
 pytest.importorskip("torch")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -110,17 +109,22 @@ _DP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_match_one_device(tmp_path):
+def _eight_device_step(job: BackgroundJob) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+  """``_DP_SCRIPT`` on 8 simulated CPU devices (a background job): the finished process and its parameters file."""
+  env = dict(job.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  params_path = job.dir / "params_8.npy"
+  return job.run([sys.executable, "-c", _DP_SCRIPT, str(params_path)], timeout=900, cwd=ROOT, env=env), params_path
+
+
+@pytest.mark.background(launcher=_eight_device_step)
+def test_eight_devices_match_one_device(background):
   """One interleaved-phase step, global batch 8: 8 simulated CPU devices (a subprocess; 2 data-parallel
   groups x 4-way fsdp, so both the batch split and the parameter sharding are exercised) vs 1 device."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  params_path = tmp_path / "params_8.npy"
-  out = subprocess.run([sys.executable, "-c", _DP_SCRIPT, str(params_path)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900, check=False)
+  one = _one_main_step(1)  # while the job may still run (when this test runs alone)
+  out, params_path = background()
   assert out.returncode == 0, out.stderr[-3000:]
   eight = json.loads(out.stdout.strip().splitlines()[-1])
   assert eight["devices"] == 8 and eight["fsdp_fraction"] == 0.25  # each device holds a quarter
-  one = _one_main_step(1)
   for key in ("loss", "grad_norm"):
     assert abs(one[key] - eight[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], eight[key])
   assert np.max(np.abs(np.load(params_path) - one["params"])) <= 1e-5

@@ -70,3 +70,21 @@ def test_errors_name_the_path_in_one_line(synthetic_run, tmp_path):
   with pytest.raises(CheckpointError, match="checkpoints/6/state: unreadable checkpoint") as excinfo:
     workdir.load_trained(empty)
   assert "\n" not in str(excinfo.value)
+
+
+def test_cloud_storage_workdirs_stay_urls(tmp_path, monkeypatch):
+  """A pod's workdir is a bucket: ``gs://b/run`` must not become the local folder ``gs:/b/run``."""
+  cloud = workdir.as_path("gs://bucket/runs/x")
+  assert str(cloud / workdir.CHECKPOINTS_DIR) == "gs://bucket/runs/x/checkpoints"
+  assert str(workdir._absolute(cloud / workdir.FIRST_STAGE_DIR)) == "gs://bucket/runs/x/first_stage"  # pylint: disable=protected-access
+  monkeypatch.chdir(tmp_path)
+  assert workdir._absolute(workdir.as_path("runs/x")) == tmp_path / "runs" / "x"  # pylint: disable=protected-access
+
+
+def test_configs_of_older_runs_get_the_fields_added_since(tmp_path):
+  """A config.json written before dtype / remat / midms.warp_chunk existed loads with the values those runs used."""
+  old = synthetic.get_config()
+  del old["dtype"], old["remat"], old.midms["warp_chunk"]
+  workdir.write_config(tmp_path, old)
+  back = workdir.read_config(tmp_path)
+  assert (back.dtype, back.remat, back.midms.warp_chunk) == ("float32", "none", 0)

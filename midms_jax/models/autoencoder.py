@@ -128,7 +128,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """LDM Decoder: conv_in, mid (Res, Attn, Res), ``up`` levels run from the last index down
   (num_res_blocks + 1 ResnetBlocks, optional attention, nearest x2 + conv), GroupNorm, swish,
-  conv_out. Output is not clamped (no tanh)."""
+  conv_out. Output is not clamped (no tanh). ``remat_blocks`` recomputes the ResNet blocks in the
+  backward pass (the decoder runs at image resolution, where activations are largest)."""
   ch: int = 128
   out_ch: int = 3
   ch_mult: Sequence[int] = (1, 2, 4)
@@ -139,21 +140,23 @@ class Decoder(nn.Module):
   z_channels: int = 3
   attn_type: str = "vanilla"
   dtype: jnp.dtype = jnp.float32
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     _check_config(self.ch, self.ch_mult, self.dropout, self.attn_type)
     if z.ndim != 4 or z.shape[-1] != self.z_channels:
       raise ValueError(f"Decoder: expected NHWC latent with {self.z_channels} channels, got shape {z.shape}")
+    resnet = nn.remat(ResnetBlock) if self.remat_blocks else ResnetBlock
     width = self.ch * self.ch_mult[-1]
     h = _conv(width, 3, "conv_in", self.dtype)(z.astype(self.dtype))
-    h = ResnetBlock(width, self.dtype, name="mid.block_1")(h)
+    h = resnet(width, self.dtype, name="mid.block_1")(h)
     h = _apply(_attention(self.attn_type, "mid.attn_1", self.dtype), h)
-    h = ResnetBlock(width, self.dtype, name="mid.block_2")(h)
+    h = resnet(width, self.dtype, name="mid.block_2")(h)
     res = self.resolution // 2 ** (len(self.ch_mult) - 1)
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
-        h = ResnetBlock(self.ch * self.ch_mult[level], self.dtype, name=f"up.{level}.block.{i}")(h)
+        h = resnet(self.ch * self.ch_mult[level], self.dtype, name=f"up.{level}.block.{i}")(h)
         if res in self.attn_resolutions:
           h = _apply(_attention(self.attn_type, f"up.{level}.attn.{i}", self.dtype), h)
       if level != 0:
@@ -224,6 +227,7 @@ class VQModel(nn.Module):
   double_z: bool = False
   attn_type: str = "vanilla"
   dtype: jnp.dtype = jnp.float32
+  remat_blocks: bool = False      # the decoder's (see Decoder)
 
   def setup(self) -> None:
     if self.double_z:
@@ -231,7 +235,8 @@ class VQModel(nn.Module):
     self.encoder = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.dropout,
                            self.in_channels, self.resolution, self.z_channels, False, self.attn_type, self.dtype)
     self.decoder = Decoder(self.ch, self.out_ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
-                           self.dropout, self.resolution, self.z_channels, self.attn_type, self.dtype)
+                           self.dropout, self.resolution, self.z_channels, self.attn_type, self.dtype,
+                           self.remat_blocks)
     self.quantize_ = VectorQuantizer(self.n_embed, self.embed_dim, name="quantize")
     self.quant_conv = _conv(self.embed_dim, 1, "quant_conv", self.dtype)
     self.post_quant_conv = _conv(self.z_channels, 1, "post_quant_conv", self.dtype)
@@ -295,6 +300,7 @@ class AutoencoderKL(nn.Module):
   double_z: bool = True
   attn_type: str = "vanilla"
   dtype: jnp.dtype = jnp.float32
+  remat_blocks: bool = False      # the decoder's (see Decoder)
 
   def setup(self) -> None:
     if not self.double_z:
@@ -302,7 +308,8 @@ class AutoencoderKL(nn.Module):
     self.encoder = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.dropout,
                            self.in_channels, self.resolution, self.z_channels, True, self.attn_type, self.dtype)
     self.decoder = Decoder(self.ch, self.out_ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
-                           self.dropout, self.resolution, self.z_channels, self.attn_type, self.dtype)
+                           self.dropout, self.resolution, self.z_channels, self.attn_type, self.dtype,
+                           self.remat_blocks)
     self.quant_conv = _conv(2 * self.embed_dim, 1, "quant_conv", self.dtype)
     self.post_quant_conv = _conv(self.z_channels, 1, "post_quant_conv", self.dtype)
 

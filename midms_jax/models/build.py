@@ -14,6 +14,7 @@ from midms_jax.models.correspondence import CorrespondenceNetworks
 from midms_jax.models.unet import UNetModel
 
 _FIRST_STAGE_ONLY = ("type", "scale_factor")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 _KL_UNUSED = ("n_embed",)
 
 
@@ -21,21 +22,31 @@ def _fields(cfg: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(cfg).items() if k not in drop}
 
 
-def build_unet(cfg: Mapping[str, Any]) -> UNetModel:
-  return UNetModel(**_fields(cfg))
+def compute_dtype(name: str) -> jnp.dtype:
+  """``config.dtype`` ('float32' or 'bfloat16') as a dtype; anything else is a one-line error."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+  return jnp.dtype(name)
 
 
-def build_first_stage(cfg: Mapping[str, Any]) -> VQModel | AutoencoderKL:
+def build_unet(cfg: Mapping[str, Any], dtype=jnp.float32, remat_blocks: bool = False) -> UNetModel:
+  """``remat_blocks``: recompute each input/middle/output block in the backward pass (``config.remat``)."""
+  return UNetModel(**_fields(cfg), dtype=dtype, remat_blocks=remat_blocks)
+
+
+def build_first_stage(cfg: Mapping[str, Any], dtype=jnp.float32,
+                      remat_blocks: bool = False) -> VQModel | AutoencoderKL:
+  """``remat_blocks``: recompute the decoder's ResNet blocks in the backward pass."""
   kind = cfg["type"]
   if kind == "vq":
-    return VQModel(**_fields(cfg, _FIRST_STAGE_ONLY))
+    return VQModel(**_fields(cfg, _FIRST_STAGE_ONLY), dtype=dtype, remat_blocks=remat_blocks)
   if kind == "kl":
-    return AutoencoderKL(**_fields(cfg, _FIRST_STAGE_ONLY + _KL_UNUSED))
+    return AutoencoderKL(**_fields(cfg, _FIRST_STAGE_ONLY + _KL_UNUSED), dtype=dtype, remat_blocks=remat_blocks)
   raise ValueError(f"model.first_stage.type must be 'vq' or 'kl', got {kind!r}")
 
 
-def build_correspondence(cfg: Mapping[str, Any]) -> CorrespondenceNetworks:
-  return CorrespondenceNetworks(**_fields(cfg))
+def build_correspondence(cfg: Mapping[str, Any], dtype=jnp.float32) -> CorrespondenceNetworks:
+  return CorrespondenceNetworks(**_fields(cfg), dtype=dtype)
 
 
 def latent_size(first_stage_cfg: Mapping[str, Any]) -> int:

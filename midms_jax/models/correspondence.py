@@ -10,6 +10,8 @@ Spectral norm follows ``torch.nn.utils.spectral_norm``: in training (``update_st
 call runs one power iteration and writes u, v (apply with ``mutable=["spectral"]`` and thread the
 returned collection into the next call); in evaluation the stored u, v are used as they are.
 These networks are trained from scratch, so parameters are initialised like PyTorch's defaults.
+``dtype`` is the computation dtype of the convolutions (parameters stay float32, the instance and
+positional norms compute in float32); the public methods of ``CorrespondenceNetworks`` return float32.
 """
 
 from typing import Callable
@@ -37,9 +39,11 @@ def _torch_bias_init(fan_in: int) -> Callable:
   return init
 
 
-def _torch_conv(features: int, kernel_size: int, in_channels: int, name: str | None = None) -> nn.Conv:
+def _torch_conv(features: int, kernel_size: int, in_channels: int, name: str | None = None,
+                dtype=jnp.float32) -> nn.Conv:
   """Unpadded Conv2d with bias (callers pad explicitly, reflection or zero, as the official code)."""
   return nn.Conv(features, (kernel_size, kernel_size), padding="VALID", kernel_init=_torch_kernel_init,
+                 dtype=dtype, param_dtype=jnp.float32,
                  bias_init=_torch_bias_init(in_channels * kernel_size ** 2), name=name)
 
 
@@ -80,6 +84,7 @@ class SpectralNormConv(nn.Module):
   padding: int = 0
   use_bias: bool = True
   eps: float = 1e-12
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, update_stats: bool) -> jax.Array:
@@ -96,11 +101,11 @@ class SpectralNormConv(nn.Module):
       u.value, v.value = power_iteration(jax.lax.stop_gradient(weight_orig), u.value, self.eps)
     kernel, _ = spectral_normalized_kernel(weight_orig, jax.lax.stop_gradient(u.value),
                                            jax.lax.stop_gradient(v.value))
-    y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (self.stride, self.stride),
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
                                      ((self.padding, self.padding),) * 2,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
-      y = y + self.param("bias", _torch_bias_init(in_channels * k * k), (self.features,), jnp.float32)
+      y = y + self.param("bias", _torch_bias_init(in_channels * k * k), (self.features,), jnp.float32).astype(y.dtype)
     return y
 
 
@@ -109,23 +114,25 @@ def positional_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
   channels = x.shape[-1]
   if channels < 2:
     raise ValueError(f"positional norm needs at least 2 channels for the unbiased variance, got {channels}")
-  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  x32 = x.astype(jnp.float32)
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / (channels - 1)
-  return centred / jnp.sqrt(var + eps)
+  return (centred / jnp.sqrt(var + eps)).astype(x.dtype)
 
 
 class SPADE(nn.Module):
   """SPADE with positional norm: norm(x) * (1 + gamma(seg)) + beta(seg), 3x3 convs on reflection pads."""
   hidden: int = 128
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, segmap: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     segmap = torch_nearest_resize(segmap, x.shape[1], x.shape[2])
-    shared = _torch_conv(self.hidden, 3, segmap.shape[-1], name="mlp_shared.1")
+    shared = _torch_conv(self.hidden, 3, segmap.shape[-1], name="mlp_shared.1", dtype=self.dtype)
     actv = pad_hw(nn.relu(shared(pad_hw(segmap, 1, "reflect"))), 1, "reflect")
-    gamma = _torch_conv(channels, 3, self.hidden, name="mlp_gamma")(actv)
-    beta = _torch_conv(channels, 3, self.hidden, name="mlp_beta")(actv)
+    gamma = _torch_conv(channels, 3, self.hidden, name="mlp_gamma", dtype=self.dtype)(actv)
+    beta = _torch_conv(channels, 3, self.hidden, name="mlp_beta", dtype=self.dtype)(actv)
     return positional_norm(x) * (1 + gamma) + beta
 
 
@@ -133,21 +140,22 @@ class SPADEResnetBlock(nn.Module):
   """SPADE residual block (fin -> features), spectral-norm convs, learned shortcut iff fin != features."""
   features: int
   spade_hidden: int = 128
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, seg: jax.Array, *, update_stats: bool) -> jax.Array:
     fin = x.shape[-1]
     fmiddle = min(fin, self.features)
+    spade = lambda name: SPADE(self.spade_hidden, self.dtype, name=name)
+    sn_conv = lambda features, kernel, name, **kw: SpectralNormConv(features, kernel, dtype=self.dtype, name=name, **kw)
     if fin != self.features:
-      shortcut = SPADE(self.spade_hidden, name="norm_s")(x, seg)
-      shortcut = SpectralNormConv(self.features, 1, use_bias=False, name="conv_s")(
-          shortcut, update_stats=update_stats)
+      shortcut = sn_conv(self.features, 1, "conv_s", use_bias=False)(spade("norm_s")(x, seg), update_stats=update_stats)
     else:
       shortcut = x
-    dx = nn.leaky_relu(SPADE(self.spade_hidden, name="norm_0")(x, seg), _LEAKY_SLOPE)
-    dx = SpectralNormConv(fmiddle, 3, name="conv_0")(pad_hw(dx, 1, "reflect"), update_stats=update_stats)
-    dx = nn.leaky_relu(SPADE(self.spade_hidden, name="norm_1")(dx, seg), _LEAKY_SLOPE)
-    dx = SpectralNormConv(self.features, 3, name="conv_1")(pad_hw(dx, 1, "reflect"), update_stats=update_stats)
+    dx = nn.leaky_relu(spade("norm_0")(x, seg), _LEAKY_SLOPE)
+    dx = sn_conv(fmiddle, 3, "conv_0")(pad_hw(dx, 1, "reflect"), update_stats=update_stats)
+    dx = nn.leaky_relu(spade("norm_1")(dx, seg), _LEAKY_SLOPE)
+    dx = sn_conv(self.features, 3, "conv_1")(pad_hw(dx, 1, "reflect"), update_stats=update_stats)
     return shortcut + dx
 
 
@@ -162,6 +170,7 @@ class ShallowAdaptiveFeatureGenerator(nn.Module):
   spade_hidden: int = 128
   in_channels: int = 3
   seg_channels: int = 3
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, seg: jax.Array | None = None, *, update_stats: bool) -> jax.Array:
@@ -173,9 +182,11 @@ class ShallowAdaptiveFeatureGenerator(nn.Module):
     for i, mult in enumerate((1, 4, 8)):
       if i:
         x = nn.leaky_relu(x, _LEAKY_SLOPE)
-      conv = SpectralNormConv(self.base_width * mult, 3, padding=1, use_bias=False, name=f"layer{i + 1}.0")
+      conv = SpectralNormConv(self.base_width * mult, 3, padding=1, use_bias=False, dtype=self.dtype,
+                              name=f"layer{i + 1}.0")
       x = instance_norm(conv(x, update_stats=update_stats))
-    return SPADEResnetBlock(self.width, self.spade_hidden, name="G_middle_1")(x, seg, update_stats=update_stats)
+    return SPADEResnetBlock(self.width, self.spade_hidden, self.dtype, name="G_middle_1")(
+        x, seg, update_stats=update_stats)
 
 
 class PReLU(nn.Module):
@@ -185,21 +196,22 @@ class PReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     slope = self.param("weight", nn.initializers.constant(self.init_slope), (1,), jnp.float32)
-    return jnp.where(x >= 0, x, slope * x)
+    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
 class ResidualBlock(nn.Module):
   """Trunk block: reflect-pad conv -> IN -> PReLU -> reflect-pad conv -> IN -> +x -> PReLU (one PReLU)."""
   channels: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.channels:
       raise ValueError(f"ResidualBlock: input has {x.shape[-1]} channels, expected {self.channels}")
     prelu = PReLU(name="prelu")
-    h = _torch_conv(self.channels, 3, self.channels, name="conv1")(pad_hw(x, 1, "reflect"))
+    h = _torch_conv(self.channels, 3, self.channels, name="conv1", dtype=self.dtype)(pad_hw(x, 1, "reflect"))
     h = prelu(instance_norm(h))
-    h = _torch_conv(self.channels, 3, self.channels, name="conv2")(pad_hw(h, 1, "reflect"))
+    h = _torch_conv(self.channels, 3, self.channels, name="conv2", dtype=self.dtype)(pad_hw(h, 1, "reflect"))
     return prelu(instance_norm(h) + x)
 
 
@@ -207,11 +219,12 @@ class ResidualTrunk(nn.Module):
   """The shared ``layer`` trunk: ``blocks`` ResidualBlocks in sequence, named "0", "1", ..."""
   channels: int
   blocks: int = 4
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.blocks):
-      x = ResidualBlock(self.channels, name=str(i))(x)
+      x = ResidualBlock(self.channels, self.dtype, name=str(i))(x)
     return x
 
 
@@ -228,9 +241,10 @@ class CorrespondenceNetworks(nn.Module):
   label_channels: int = 15
   latent_channels: int = 3
   trunk_blocks: int = 4
+  dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    encoder = dict(width=self.width, base_width=self.base_width, spade_hidden=self.spade_hidden)
+    encoder = dict(width=self.width, base_width=self.base_width, spade_hidden=self.spade_hidden, dtype=self.dtype)
     self.real_enc = ShallowAdaptiveFeatureGenerator(
         in_channels=self.latent_channels, seg_channels=self.latent_channels, **encoder)
     self.iter_enc = ShallowAdaptiveFeatureGenerator(
@@ -238,21 +252,24 @@ class CorrespondenceNetworks(nn.Module):
     self.seg_enc = ShallowAdaptiveFeatureGenerator(
         in_channels=self.label_channels, seg_channels=self.label_channels, **encoder)
     trunk_channels = self.width + self.label_channels
-    self.layer = ResidualTrunk(trunk_channels, self.trunk_blocks)
-    self.phi = _torch_conv(self.width, 1, trunk_channels)
-    self.theta = _torch_conv(self.width, 1, trunk_channels)
+    self.layer = ResidualTrunk(trunk_channels, self.trunk_blocks, self.dtype)
+    self.phi = _torch_conv(self.width, 1, trunk_channels, dtype=self.dtype)
+    self.theta = _torch_conv(self.width, 1, trunk_channels, dtype=self.dtype)
+
+  def _in(self, x: jax.Array) -> jax.Array:
+    return x.astype(self.dtype)
 
   def encode_condition(self, semantics: jax.Array, *, update_stats: bool) -> jax.Array:
     """``seg_enc(semantics)`` on the latent-size condition map -> (B, h, w, width)."""
-    return self.seg_enc(semantics, update_stats=update_stats)
+    return self.seg_enc(self._in(semantics), update_stats=update_stats).astype(jnp.float32)
 
   def encode_latent(self, latent: jax.Array, *, update_stats: bool) -> jax.Array:
     """``real_enc(latent)`` (SPADE conditioned on the latent itself) -> (B, h, w, width)."""
-    return self.real_enc(latent, update_stats=update_stats)
+    return self.real_enc(self._in(latent), update_stats=update_stats).astype(jnp.float32)
 
   def encode_iterate(self, x0: jax.Array, condition_features: jax.Array, *, update_stats: bool) -> jax.Array:
     """``iter_enc(x0, seg=condition_features)`` for the re-warping steps -> (B, h, w, width)."""
-    return self.iter_enc(x0, condition_features, update_stats=update_stats)
+    return self.iter_enc(self._in(x0), self._in(condition_features), update_stats=update_stats).astype(jnp.float32)
 
   def trunk(self, x: jax.Array) -> jax.Array:
     """The shared ``layer`` trunk on ``cat[features, semantics]`` (width + label_channels channels)."""
@@ -268,7 +285,8 @@ class CorrespondenceNetworks(nn.Module):
     """``head(layer(cat[features, semantics]))``: matching features before normalisation."""
     if features.shape[:3] != semantics.shape[:3]:
       raise ValueError(f"features {features.shape} and semantics {semantics.shape} differ in batch/spatial size")
-    return self.project(self.trunk(jnp.concatenate([features, semantics], axis=-1)), head)
+    joined = self._in(jnp.concatenate([features, semantics], axis=-1))
+    return self.project(self.trunk(joined), head).astype(jnp.float32)
 
   def __call__(self, latent: jax.Array, semantics: jax.Array, *,
                update_stats: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:

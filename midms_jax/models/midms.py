@@ -14,12 +14,17 @@ indices (official: 1 and 2), before that step's U-Net call, and is confidence-ma
 exemplar (ref) path only. Inference skips the src (pseudo-GT) path and the original-loss sample,
 which the official code computes and discards, then runs the eta=1 refinement as a second scan.
 
+Every soft warp, cycle warp and flow goes through ``MIDMs._warp``: through the correlation volume
+(``midms.warp_chunk = 0``), or blockwise from the matching features (``matching.warp_by_features``,
+memory linear in latent pixels) without ever building it; maps warped through one correspondence
+share one pass.
+
 Layout NHWC. Images in [-1, 1]; condition maps at image resolution, down-sampled to the latent
 grid with PyTorch's nearest rule.
 """
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,9 @@ from midms_jax.models.correspondence import CorrespondenceNetworks
 from midms_jax.models.layers import torch_nearest_resize
 
 Variables = Mapping[str, Any]
+# config.remat: what the backward pass recomputes instead of storing. "unet_blocks": every U-Net block;
+# "full": also each interleaved loop step as a whole (from its carry) and the first-stage decoder's blocks.
+REMAT_POLICIES = ("none", "unet_blocks", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,7 @@ class MatchingSettings:
   rewarp_steps: tuple[int, ...] = (1, 2)
   apply_scale_factor: bool = False
   kl_latent: str = "sample"
+  warp_chunk: int = 0             # query pixels per block of the soft warps; 0: through the dense volume
 
 
 class Noise(NamedTuple):
@@ -62,6 +71,18 @@ class Noise(NamedTuple):
   original: jax.Array
   refine_start: jax.Array
   refine_steps: jax.Array
+
+
+class Match(NamedTuple):
+  """A soft correspondence of a query grid to a support grid (``MIDMs._match``).
+
+  ``query`` / ``support``: the normalised matching features ``(B, H, W, C)``. ``corr``: their
+  correlation volume ``(B, Hq, Wq, Hs, Ws)`` with ``midms.warp_chunk = 0``; None otherwise, when
+  every warp is computed blockwise from the features and no volume exists.
+  """
+  query: jax.Array
+  support: jax.Array
+  corr: jax.Array | None
 
 
 class StepCoefficients(NamedTuple):
@@ -111,6 +132,7 @@ class MIDMs:
   schedule: DiffusionSchedule
   loop: StepCoefficients
   refine: StepCoefficients
+  remat_loop_steps: bool = False   # recompute each interleaved step from its carry in the backward pass
 
   @classmethod
   def from_config(cls, config) -> "MIDMs":
@@ -127,6 +149,8 @@ class MIDMs:
       raise ValueError(f"midms.rewarp_steps {bad} outside the {m.interleave_steps} loop steps")
     if m.kl_latent not in ("sample", "mode"):
       raise ValueError(f"midms.kl_latent must be 'sample' or 'mode', got {m.kl_latent!r}")
+    if m.warp_chunk < 0:
+      raise ValueError(f"midms.warp_chunk must be >= 0 (0: dense correlation volume), got {m.warp_chunk}")
     ks = np.arange(m.loop_start_step, m.loop_start_step + m.interleave_steps)
     loop = _coefficients(schedule, loop_ddim, ks, [i in tuple(m.rewarp_steps) for i in range(m.interleave_steps)])
     refine_ddim = DDIMSchedule.make(schedule, m.refine_steps, m.refine_eta)
@@ -135,9 +159,15 @@ class MIDMs:
     settings = MatchingSettings(
         temperature=m.temperature, fb_threshold=m.fb_threshold, fbcheck_true_backward=m.fbcheck_true_backward,
         confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=tuple(m.rewarp_steps),
-        apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent)
-    return cls(unet=build.build_unet(config.model.unet), first_stage=build.build_first_stage(config.model.first_stage),
-               correspondence=build.build_correspondence(config.model.correspondence), settings=settings,
+        apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent, warp_chunk=m.warp_chunk)
+    if config.remat not in REMAT_POLICIES:
+      raise ValueError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
+    dtype = build.compute_dtype(config.dtype)
+    return cls(unet=build.build_unet(config.model.unet, dtype, remat_blocks=config.remat != "none"),
+               first_stage=build.build_first_stage(config.model.first_stage, dtype,
+                                                   remat_blocks=config.remat == "full"),
+               correspondence=build.build_correspondence(config.model.correspondence, dtype), settings=settings,
+               remat_loop_steps=config.remat == "full",
                scale_factor=float(config.model.first_stage.scale_factor), schedule=schedule, loop=loop, refine=refine)
 
   # ----------------------------------------------------------------------------------------------
@@ -164,7 +194,9 @@ class MIDMs:
     needs ``rng``) or its mode (``midms.kl_latent='mode'``).
     """
     out = self.first_stage.apply(variables["first_stage"], images, method=self.first_stage.encode)
-    if isinstance(out, DiagonalGaussian):  # KL first stage
+    if not isinstance(out, DiagonalGaussian):  # VQ: the latent, in float32 whatever the compute dtype
+      out = out.astype(jnp.float32)
+    else:  # KL first stage
       if self.settings.kl_latent == "mode":
         out = out.mode()
       elif rng is None:
@@ -179,7 +211,8 @@ class MIDMs:
     """Images from latents (VQ: straight-through quantization first). Unclamped, as the official code."""
     if self.settings.apply_scale_factor:
       latents = latents / self.scale_factor
-    return self.first_stage.apply(variables["first_stage"], latents, method=self.first_stage.decode)
+    images = self.first_stage.apply(variables["first_stage"], latents, method=self.first_stage.decode)
+    return images.astype(jnp.float32)
 
   def _corr_apply(self, variables: Variables, spectral, method, *args, update_stats: bool):
     """Runs a correspondence method with the current spectral-norm state; returns (out, new state)."""
@@ -193,16 +226,33 @@ class MIDMs:
   def _unet(self, variables: Variables, x: jax.Array, t: jax.Array) -> jax.Array:
     return self.unet.apply(variables["unet"], x, jnp.full((x.shape[0],), t, jnp.int32)).astype(jnp.float32)
 
-  def _warp(self, values: jax.Array, corr: jax.Array) -> jax.Array:
-    return matching.soft_warp(values, corr, self.settings.temperature)
+  def _match(self, query: jax.Array, support: jax.Array) -> Match:
+    """The correspondence of normalised features; the volume only in dense mode (``warp_chunk = 0``)."""
+    corr = matching.correlation(query, support) if self.settings.warp_chunk == 0 else None
+    return Match(query, support, corr)
 
-  def _cycle_loss(self, warped: jax.Array, corr: jax.Array, original: jax.Array) -> jax.Array:
-    """L1 between ``original`` and ``warped`` warped back through the transposed correlation."""
-    return _l1(self._warp(warped, matching.transpose_correlation(corr)), original)
-
-  def _mask(self, corr: jax.Array) -> dict[str, jax.Array]:
+  def _warp(self, match: Match, values: Sequence[jax.Array], *, back: bool = False) -> list[jax.Array]:
+    """Soft-warps each of ``values`` through ``match``, all in one pass over the correlation: support
+    grid -> query grid, or with ``back`` query grid -> support grid (the transposed volume)."""
     s = self.settings
-    flows = matching.get_flow(corr, s.temperature)
+    stacked = jnp.concatenate([v.astype(jnp.float32) for v in values], axis=-1)
+    if match.corr is not None:
+      corr = matching.transpose_correlation(match.corr) if back else match.corr
+      warped = matching.soft_warp(stacked, corr, s.temperature)
+    else:
+      query, support = (match.support, match.query) if back else (match.query, match.support)
+      warped = matching.warp_by_features(query, support, stacked, s.temperature, s.warp_chunk)
+    pieces = jnp.split(warped, np.cumsum([v.shape[-1] for v in values])[:-1], axis=-1)
+    return [piece.astype(v.dtype) for piece, v in zip(pieces, values)]
+
+  def _cycle_loss(self, match: Match, warped: jax.Array, original: jax.Array) -> jax.Array:
+    """L1 between ``original`` and ``warped`` warped back through the transposed correlation."""
+    return _l1(self._warp(match, [warped], back=True)[0], original)
+
+  def _mask(self, map_trg: jax.Array, map_src: jax.Array) -> dict[str, jax.Array]:
+    """fb distances and confidence masks from a correspondence's soft-argmax maps (``get_flow``'s)."""
+    s = self.settings
+    flows = matching.flow_from_maps(map_trg, map_src)
     fb_ts, _ = matching.fbcheck(*flows, true_backward=s.fbcheck_true_backward)
     mask = matching.confidence_mask(fb_ts, s.fb_threshold, s.mask_block)
     return dict(fb_ts=fb_ts, fb_mask_raw=matching.raw_confidence(fb_ts, s.fb_threshold),
@@ -217,7 +267,10 @@ class MIDMs:
     """Matching features and first soft warps (spec 1.3 steps 2-7). ``gt_latent`` None skips the src path.
 
     Condition maps are down-sampled to the latent grid with PyTorch's nearest rule. Call order of the
-    correspondence networks is the official one (it matters for train-mode spectral norm).
+    correspondence networks is the official one (it matters for train-mode spectral norm). With
+    ``gt_latent`` also the first warp's cycle loss ``loss_fb_first_warp`` (train_epoch's ``loss_fb``; in
+    warm-up the forward's own cycle term is the same). The volumes ``corr_ref`` / ``corr_src`` are
+    returned only in dense mode (``midms.warp_chunk = 0``).
     """
     h, w = exemplar_latent.shape[1:3]
     cond = torch_nearest_resize(condition, h, w)
@@ -234,25 +287,46 @@ class MIDMs:
     match = lambda feats, sem, head: matching.normalize_features(self.correspondence.apply(
         variables["correspondence"], feats, sem, head, method=nets.match_features))
     trg = match(out["trg_matching_feats"], cond, "theta")
-    out["corr_ref"] = matching.correlation(trg, match(out["ref_matching_feats"], ex_cond, "phi"))
-    out["warped_ref_feat"] = self._warp(exemplar_latent, out["corr_ref"])
-    out["warped_ref_seg"] = self._warp(ex_cond, out["corr_ref"])
+    ref = self._match(trg, match(out["ref_matching_feats"], ex_cond, "phi"))
+    out["warped_ref_feat"], out["warped_ref_seg"] = self._warp(ref, [exemplar_latent, ex_cond])
+    matches = dict(corr_ref=ref)
     if gt_latent is not None:
-      out["corr_src"] = matching.correlation(trg, match(out["src_matching_feats"], cond, "phi"))
-      out["warped_src_feat"] = self._warp(gt_latent, out["corr_src"])
+      src = self._match(trg, match(out["src_matching_feats"], cond, "phi"))
+      (out["warped_src_feat"],) = self._warp(src, [gt_latent])
+      out["loss_fb_first_warp"] = self._cycle_loss(ref, out["warped_ref_feat"], exemplar_latent)
+      matches["corr_src"] = src
+    out.update({name: m.corr for name, m in matches.items() if m.corr is not None})
     return out, spectral
 
   # ----------------------------------------------------------------------------------------------
   # The interleaved loop
   # ----------------------------------------------------------------------------------------------
 
-  def _rewarp(self, variables, spectral, x0, condition_features, support_features, latent, *, update_stats):
-    """Re-warp of one path: iter_enc(x0 | condition features) against the support features (spec 1.5)."""
+  def _rewarp(self, variables, spectral, x0, condition_features, support_features, latent, support_condition=None,
+              *, update_stats):
+    """Re-warp of one path: iter_enc(x0 | condition features) against the support features (spec 1.5).
+
+    Returns ``iter_enc``, the warped ``latent`` (``new``), its ``cycle`` loss and in dense mode the
+    volume (``corr``). With ``support_condition`` (the exemplar path) also that condition warped
+    (``seg``) and the confidence ``mask`` (``_mask``): the coordinate grids ride along in the same two
+    passes (forward warp, warp back) to give the soft-argmax maps.
+    """
     query, spectral = self._corr_apply(variables, spectral, CorrespondenceNetworks.encode_iterate, x0,
                                        condition_features, update_stats=update_stats)
-    corr = matching.correlation(matching.normalize_features(query), matching.normalize_features(support_features))
-    new = self._warp(latent, corr)
-    return dict(iter_enc=query, corr=corr, new=new, cycle=self._cycle_loss(new, corr, latent)), spectral
+    match = self._match(matching.normalize_features(query), matching.normalize_features(support_features))
+    out = dict(iter_enc=query)
+    if support_condition is None:
+      (new,) = self._warp(match, [latent])
+      (cycled,) = self._warp(match, [new], back=True)
+    else:
+      grid_s, grid_q = (matching.batched_grid(*features.shape[:3]) for features in (support_features, query))
+      new, out["seg"], map_trg = self._warp(match, [latent, support_condition, grid_s])
+      cycled, map_src = self._warp(match, [new, grid_q], back=True)
+      out["mask"] = self._mask(map_trg, map_src)
+    out.update(new=new, cycle=_l1(cycled, latent))
+    if match.corr is not None:
+      out["corr"] = match.corr
+    return out, spectral
 
   def interleaved_loop(self, variables: Variables, spectral, matched: Mapping[str, jax.Array], exemplar_latent,
                        noise: Noise, gt_latent=None, *, update_stats: bool = False, capture: bool = False):
@@ -260,7 +334,8 @@ class MIDMs:
 
     ``gt_latent`` None runs only the exemplar path (inference). Per-step records hold the re-warp's
     latents and masks always (for ``--debug``), and with ``capture`` every intermediate the parity
-    tests compare (zeros at steps that do not re-warp).
+    tests compare (zeros at steps that do not re-warp; the volumes ``corr_inter`` / ``src_corr_inter``
+    only in dense mode, ``midms.warp_chunk = 0``).
     """
     s = self.settings
     with_src = gt_latent is not None
@@ -275,20 +350,25 @@ class MIDMs:
     def rewarp(carry):
       carry = dict(carry)
       ref, sp = self._rewarp(variables, carry["spectral"], carry["ref_x0"], matched["trg_matching_feats"],
-                             matched["ref_matching_feats"], exemplar_latent, update_stats=update_stats)
-      record = dict(pred_ref_x0_new=ref["new"], **self._mask(ref["corr"]))
+                             matched["ref_matching_feats"], exemplar_latent, matched["exemplar_condition"],
+                             update_stats=update_stats)
+      record = dict(pred_ref_x0_new=ref["new"], **ref["mask"])
       mask = record["fb_mask"] if s.confidence_masking else jnp.ones_like(record["fb_mask"])
       carry["ref_x0"] = ref["new"] * mask + carry["ref_x0"] * (1 - mask)
-      carry["seg"] = self._warp(matched["exemplar_condition"], ref["corr"])
+      carry["seg"] = ref["seg"]
       loss_fb = ref["cycle"]
       if capture:
-        record.update(iter_enc_ref=ref["iter_enc"], corr_inter=ref["corr"], iter_warped_ref_seg=carry["seg"])
+        record.update(iter_enc_ref=ref["iter_enc"], iter_warped_ref_seg=carry["seg"])
+        if "corr" in ref:
+          record["corr_inter"] = ref["corr"]
       if with_src:
         src, sp = self._rewarp(variables, sp, carry["src_x0"], matched["trg_matching_feats"],
                                matched["src_matching_feats"], gt_latent, update_stats=update_stats)
         loss_fb = loss_fb + src["cycle"]
         if capture:
-          record.update(iter_enc_src=src["iter_enc"], src_corr_inter=src["corr"], src_pred_ref_x0_new=src["new"])
+          record.update(iter_enc_src=src["iter_enc"], src_pred_ref_x0_new=src["new"])
+          if "corr" in src:
+            record["src_corr_inter"] = src["corr"]
       record["pred_ref_x0_mixed"] = carry["ref_x0"]
       carry["loss_fb"] = carry["loss_fb"] + loss_fb
       carry["spectral"] = sp
@@ -317,6 +397,8 @@ class MIDMs:
                          f"{p}/sqrt_a_prev": part(update.sqrt_a_prev), f"{p}/x_prev": part(update.x_prev)})
       return carry, record
 
+    if self.remat_loop_steps:
+      step = jax.checkpoint(step)
     carry, records = jax.lax.scan(step, init, self.loop)
     out = dict(pred_ref_x0=carry["ref_x0"], iter_warped_ref_seg=carry["seg"], loss_fb=carry["loss_fb"])
     if with_src:
@@ -389,7 +471,8 @@ class MIDMs:
     ``batch``: ``image`` (GT photo of the condition), ``ref`` (exemplar), ``label`` (condition),
     ``label_ref`` (exemplar's condition), NHWC. ``warmup`` (static) skips the diffusion loop as the
     official code does before ``warmup_iter``. ``update_stats`` runs the spectral-norm power iteration
-    on every call (PyTorch train mode). Returns ``(outputs, new spectral state)``.
+    on every call (PyTorch train mode). Returns ``(outputs, new spectral state)``; the outputs hold the
+    correlation volumes ``corr_ref`` / ``corr_src`` only in dense mode (``midms.warp_chunk = 0``).
     """
     encode_key, noise_key, index_key = jax.random.split(rng, 3)
     gt_key, ex_key = jax.random.split(encode_key)
@@ -398,11 +481,9 @@ class MIDMs:
     spectral = variables["correspondence"]["spectral"]
     matched, spectral = self.initial_matching(variables, spectral, batch["label"], batch["label_ref"],
                                               exemplar_latent, gt_latent, update_stats=update_stats)
-    out = dict(src_feats=gt_latent, ref_feats=exemplar_latent,
-               **{k: matched[k] for k in ("trg_matching_feats", "src_matching_feats", "ref_matching_feats",
-                                          "corr_src", "corr_ref", "warped_ref_feat")})
-    # First-warp cycle (train_epoch's ``loss_fb``); in warm-up the forward's own cycle term is the same.
-    out["loss_fb_first_warp"] = self._cycle_loss(matched["warped_ref_feat"], matched["corr_ref"], exemplar_latent)
+    kept = ("trg_matching_feats", "src_matching_feats", "ref_matching_feats", "warped_ref_feat", "loss_fb_first_warp")
+    out = dict(src_feats=gt_latent, ref_feats=exemplar_latent, **{k: matched[k] for k in kept},
+               **{k: matched[k] for k in ("corr_src", "corr_ref") if k in matched})
     if warmup:
       pred_ref, pred_src = matched["warped_ref_feat"], matched["warped_src_feat"]
       out["original_loss"] = _mse(matched["warped_src_feat"], gt_latent)
@@ -423,8 +504,8 @@ class MIDMs:
       out["iter_warped_ref_seg"] = loop_out["iter_warped_ref_seg"]
       if capture:
         records["original"] = original
-    out["warped_ref"] = self.decode(variables, pred_ref)
-    out["warped_src"] = self.decode(variables, pred_src)
+    # One decoder call for both paths: half the decoder's compiled code (forward and backward).
+    out["warped_ref"], out["warped_src"] = jnp.split(self.decode(variables, jnp.concatenate([pred_ref, pred_src])), 2)
     out["pred_ref_x0"], out["pred_src_x0"] = pred_ref, pred_src
     if capture:
       out.update(matched=matched, steps=records)

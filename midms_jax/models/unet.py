@@ -182,7 +182,7 @@ class TimestepEmbedSequential(nn.Module):
   layers: Sequence[Callable[..., nn.Module]]
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
     for index, make_layer in enumerate(self.layers):
       layer = make_layer(name=str(index))
       x = layer(x, emb, train=train) if isinstance(layer, ResBlock) else layer(x)
@@ -195,7 +195,8 @@ class UNetModel(nn.Module):
   Attention runs at the levels whose down-sampling factor is in ``attention_resolutions``, with
   ``C // num_head_channels`` heads, or ``num_heads`` heads when ``num_head_channels == -1`` (the
   official precedence). ``dtype`` is the computation dtype; parameters stay float32 and GroupNorm
-  and the attention softmax run in float32. The output is float32.
+  and the attention softmax run in float32. The output is float32. ``remat_blocks`` recomputes each
+  input/middle/output block in the backward pass instead of storing its activations.
   """
   image_size: int = 64
   in_channels: int = 3
@@ -212,6 +213,7 @@ class UNetModel(nn.Module):
   resblock_updown: bool = False
   use_new_attention_order: bool = False
   dtype: jnp.dtype = jnp.float32
+  remat_blocks: bool = False
 
   def _heads(self, channels: int) -> int:
     if self.num_head_channels == -1:
@@ -259,8 +261,11 @@ class UNetModel(nn.Module):
     emb = timestep_embedding(timesteps, self.model_channels).astype(self.dtype)
     emb = dense(name="time_embed.2")(nn.silu(dense(name="time_embed.0")(emb)))
 
+    # static_argnums counts self as 0: (x, emb, train) are 1, 2, 3.
+    sequential = nn.remat(TimestepEmbedSequential, static_argnums=(3,)) if self.remat_blocks else TimestepEmbedSequential
+
     def block(name: str, layers, h: jax.Array) -> jax.Array:
-      return TimestepEmbedSequential(tuple(layers), name=name)(h, emb, train=train)
+      return sequential(tuple(layers), name=name)(h, emb, train)
 
     stem = functools.partial(_conv, self.model_channels, 3, dtype=self.dtype)
     h = block("input_blocks.0", [stem], x.astype(self.dtype))

@@ -154,6 +154,10 @@ def test_bad_loop_configs_are_refused():
   config.midms.rewarp_steps = (1, 4)
   with pytest.raises(ValueError, match=r"rewarp_steps \[4\] outside the 4 loop steps"):
     MIDMs.from_config(config)
+  config = celebahq.get_config("tiny")
+  config.midms.warp_chunk = -1
+  with pytest.raises(ValueError, match="midms.warp_chunk must be >= 0"):
+    MIDMs.from_config(config)
 
 
 def test_options_change_the_result_only_where_they_should(io, setup):
@@ -191,3 +195,88 @@ def test_train_mode_spectral_norm_forward_matches_official(io, setup):
   assert set(flat) == set(after)
   for key, value in after.items():
     assert_close(flat[key], value, 1e-5, key)
+
+
+def _chunked_model(chunk: int = 24) -> MIDMs:
+  """The tiny model with blockwise warps: 24 of the 64 latent pixels per block, the last block partial."""
+  config = celebahq.get_config("tiny")
+  config.midms.warp_chunk = chunk
+  return MIDMs.from_config(config)
+
+
+def _assert_same(actual, expected, name: str, atol: float = 2e-5) -> None:
+  """Within ``atol``, relative where values exceed 1. The 0.005 temperature amplifies float32 rounding
+  200x: blocks round differently from the whole volume (~1e-5 on a warp, the dense one is as far from
+  float64), and the loop carries it on; fb distances sample flows at the maps, amplifying it again."""
+  scale = max(1.0, float(np.max(np.abs(np.asarray(expected)))))
+  assert_close(actual, expected, atol * scale, name)
+
+
+def test_chunked_warps_give_the_dense_matching_and_gradient(io, setup):
+  """warp_chunk > 0, the matching of a training step: initial matching (both paths, first-warp cycle
+  loss), then the first re-warp of each path (exemplar path with seg and mask) from the official x0
+  give the dense volume's results, and so does the gradient of their losses w.r.t. the last layers
+  before the correlations (the theta / phi heads, the encoders' last convolutions). (The U-Net, whose
+  backward takes minutes to compile on CPU, does not touch the warps; the translation test below runs
+  the interleaved loop.)"""
+  model, variables = setup
+  x = forward_inputs(io)
+  encode = jax.jit(model.encode)
+  gt, exemplar = encode(variables, x["src_img"]), encode(variables, x["ref_img"])
+  ref_x0, src_x0 = (_nhwc(io[f"train/loop0/{p}/pred_x0"]) for p in ("ref", "src"))
+  flat = traverse_util.flatten_dict(variables["correspondence"]["params"], sep="/")
+  last = lambda name: name.split("/")[0] in ("theta", "phi") or "/G_middle_1/conv_1/" in name
+  trained = {k: v for k, v in flat.items() if last(k)}
+  assert len(trained) == 10  # theta, phi; seg_enc, real_enc, iter_enc: weight and bias each
+
+  def run(m: MIDMs):
+    def loss(params):
+      every = traverse_util.unflatten_dict({**flat, **params}, sep="/")
+      v = {**variables, "correspondence": {**variables["correspondence"], "params": every}}
+      spectral = v["correspondence"]["spectral"]
+      out, _ = m.initial_matching(v, spectral, x["input_semantics"], x["ref_semantics"], exemplar, gt)
+      # pylint: disable-next=protected-access
+      ref, _ = m._rewarp(v, spectral, ref_x0, out["trg_matching_feats"], out["ref_matching_feats"], exemplar,
+                         out["exemplar_condition"], update_stats=False)
+      # pylint: disable-next=protected-access
+      src, _ = m._rewarp(v, spectral, src_x0, out["trg_matching_feats"], out["src_matching_feats"], gt,
+                         update_stats=False)
+      out.update({f"rewarp_ref/{k}": ref[k] for k in ("new", "cycle", "seg")}, **ref["mask"],
+                 **{f"rewarp_src/{k}": src[k] for k in ("new", "cycle")})
+      total = (out["loss_fb_first_warp"] + ref["cycle"] + src["cycle"]
+               + sum(jnp.mean(out[k]) for k in ("warped_ref_feat", "warped_ref_seg", "warped_src_feat"))
+               + jnp.mean(ref["new"]) + jnp.mean(src["new"]) + jnp.mean(ref["seg"]))
+      return total, out
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(trained)
+
+  (_, dense), dense_grads = run(model)
+  (_, chunked), chunked_grads = run(_chunked_model())
+  assert set(dense) - set(chunked) == {"corr_ref", "corr_src"}
+  np.testing.assert_array_equal(chunked["fb_mask"], nchw_to_nhwc(io["train/rewarp1/fb_mask"]))  # both values
+  for name, value in chunked.items():
+    if name in ("fb_mask", "fb_mask_raw"):
+      np.testing.assert_array_equal(value, dense[name], err_msg=name)
+    else:
+      _assert_same(value, dense[name], name, 1e-4 if name == "fb_ts" else 2e-5)
+  for name, grad in chunked_grads.items():  # through the softmax Jacobians: 1/T again
+    _assert_same(grad, dense_grads[name], f"d/d{name}", 5e-5)
+
+
+def test_chunked_warps_give_the_dense_translation(io, setup):
+  """warp_chunk > 0, inference: same masks (exactly), fb distances and latents as the dense volume
+  through the interleaved loop; no volumes captured."""
+  model, variables = setup
+  x = forward_inputs(io)
+  noise = forward_noise(io, "infer", model)
+  run = lambda m: jax.jit(lambda v: m.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"],
+                                                jax.random.PRNGKey(0), refine=False, noise=noise,
+                                                capture=True))(variables)
+  dense, chunked = run(model), run(_chunked_model())
+  assert "corr_ref" not in chunked["matched"] and "corr_ref" in dense["matched"]
+  assert set(dense["steps"]) - set(chunked["steps"]) == {"corr_inter"}
+  for name in ("image", "latent", "initial_warp"):
+    _assert_same(chunked[name], dense[name], name)
+  for name in ("pred_ref_x0_new", "pred_ref_x0_mixed", "iter_warped_ref_seg", "fb_ts"):
+    _assert_same(chunked["steps"][name], dense["steps"][name], f"steps/{name}", 1e-4 if name == "fb_ts" else 2e-5)
+  for name in ("fb_mask", "fb_mask_raw"):
+    np.testing.assert_array_equal(chunked["steps"][name], dense["steps"][name], err_msg=name)
