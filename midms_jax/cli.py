@@ -29,10 +29,20 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], doc: str | N
 def run_in_process(flag_values: flags.FlagValues, main: Callable[[list[str]], int], argv: Sequence[str],
                    doc: str | None = None) -> int:
   """Parses ``argv`` (program name first) afresh, every flag not given taking its default, runs ``main``
-  on the remaining arguments and returns its exit status."""
+  on the remaining arguments and returns its exit status.
+
+  ``sys.argv`` is ``argv`` meanwhile: ml_collections reads ``--config.*`` overrides from there and defines a
+  flag for each, so the previous call's override flags are removed first.
+  """
+  for name in [name for name in flag_values if name.startswith("config.")]:
+    delattr(flag_values, name)
   flag_values.unparse_flags()
+  saved, sys.argv = sys.argv, list(argv)
   try:
-    remaining = parse_flags(flag_values, argv, doc)
-  except SystemExit as e:
-    return int(e.code)
-  return main(remaining)
+    try:
+      remaining = parse_flags(flag_values, argv, doc)
+    except SystemExit as e:
+      return int(e.code)
+    return main(remaining)
+  finally:
+    sys.argv = saved

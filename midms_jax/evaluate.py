@@ -546,16 +546,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run(argv: Sequence[str]) -> int:
-  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status.
-  (``sys.argv`` is ``argv`` meanwhile: ml_collections reads the ``--config.*`` overrides from there and defines
-  a flag for each, which a later call must not find defined.)"""
-  for name in [name for name in FLAGS if name.startswith("config.")]:
-    delattr(FLAGS, name)
-  saved, sys.argv = sys.argv, list(argv)
-  try:
-    return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
-  finally:
-    sys.argv = saved
+  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status."""
+  return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
