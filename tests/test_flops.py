@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from midms_jax import flops
+from midms_jax.models import conv as models_conv
 
 A = jax.ShapeDtypeStruct((8, 16), jnp.float32)
 B = jax.ShapeDtypeStruct((16, 32), jnp.float32)
@@ -43,3 +44,14 @@ def test_cond_is_weighted_between_its_branches():
   assert flops.count_flops(fn, pred, square, cond_fraction=1.0) == two_matmuls
   assert flops.count_flops(fn, pred, square, cond_fraction=0.5) == two_matmuls / 2
   assert flops.count_flops(fn, pred, square, cond_fraction=0.0) == 0
+
+
+def test_platform_dependent_conditional_counts_one_branch_whatever_cond_fraction():
+  """``models.conv``'s backward picks its branch per platform: its gradient counts as lax's does."""
+  x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 4, 6), jnp.float32)
+  numbers = ("NHWC", "HWIO", "NHWC")
+  grads = lambda fn: jax.grad(lambda x, w: jnp.sum(fn(x, w, (2, 2), "SAME", dimension_numbers=numbers)), (0, 1))
+  want = flops.count_flops(grads(jax.lax.conv_general_dilated), x, w)
+  for fraction in (0.0, 0.5, 1.0):
+    assert flops.count_flops(grads(models_conv.conv_general_dilated), x, w, cond_fraction=fraction) == want

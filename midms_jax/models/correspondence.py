@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from midms_jax.models.conv import conv_general_dilated
 from midms_jax.models.layers import instance_norm, pad_hw, torch_nearest_resize
 
 SPECTRAL = "spectral"
@@ -43,7 +44,7 @@ def _torch_conv(features: int, kernel_size: int, in_channels: int, name: str | N
                 dtype=jnp.float32) -> nn.Conv:
   """Unpadded Conv2d with bias (callers pad explicitly, reflection or zero, as the official code)."""
   return nn.Conv(features, (kernel_size, kernel_size), padding="VALID", kernel_init=_torch_kernel_init,
-                 dtype=dtype, param_dtype=jnp.float32,
+                 dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated,
                  bias_init=_torch_bias_init(in_channels * kernel_size ** 2), name=name)
 
 
@@ -101,7 +102,7 @@ class SpectralNormConv(nn.Module):
       u.value, v.value = power_iteration(jax.lax.stop_gradient(weight_orig), u.value, self.eps)
     kernel, _ = spectral_normalized_kernel(weight_orig, jax.lax.stop_gradient(u.value),
                                            jax.lax.stop_gradient(v.value))
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+    y = conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
                                      ((self.padding, self.padding),) * 2,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:

@@ -1,0 +1,25 @@
+"""XLA flags this package sets by default, before JAX starts its backends (``import midms_jax`` does it).
+
+``--xla_cpu_experimental_ynn_fusion_type=`` (empty: no YNNPACK fusions) sends XLA:CPU's convolutions
+to its Eigen kernels, which on the development CPU ran MIDMs' convolutions 1.5 to 3x faster than
+YNNPACK, the backward ones most (``docs/benchmarks.md``). It only concerns the CPU backend. A flag
+the user already put in ``XLA_FLAGS`` (any value) is left as the user set it; importing this package
+after JAX has initialised its backends leaves the flags without effect.
+"""
+
+import os
+from typing import MutableMapping
+
+DEFAULT_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def with_default_flags(xla_flags: str) -> str:
+  """``xla_flags`` with every ``DEFAULT_FLAGS`` entry it does not already name appended."""
+  named = {flag.split("=", 1)[0] for flag in xla_flags.split()}
+  added = [f"{name}={value}" for name, value in DEFAULT_FLAGS.items() if name not in named]
+  return " ".join([*xla_flags.split(), *added])
+
+
+def set_default_flags(environ: MutableMapping[str, str] = os.environ) -> None:
+  """Writes ``with_default_flags`` of ``environ['XLA_FLAGS']`` back to ``environ``."""
+  environ["XLA_FLAGS"] = with_default_flags(environ.get("XLA_FLAGS", ""))
