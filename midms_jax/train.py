@@ -1,27 +1,35 @@
 """Training: ``python -m midms_jax.train --config=configs/deepfashion.py --workdir=runs/df``.
 
-The workdir receives ``config.json``, ``first_stage/`` (the frozen autoencoder, once),
-``checkpoints/<step>/``, TensorBoard events and ``metrics.jsonl`` (one JSON line per logged step); its
-layout is ``midms_jax.workdir``'s, which ``translate --workdir`` and ``export`` read. Running the same
-command again resumes from the newest complete checkpoint.
+``config.stage`` picks what trains: ``"midms"`` (fine-tune MIDMs from the pretrained LDM the config
+names), ``"ldm"`` (pre-train the LDM itself, ``midms_jax.ldm``) or ``"ldm+midms"`` (both in sequence:
+the MIDMs stage starts from the LDM stage's EMA U-Net, read from its export).
 
-The loop, in labelled sections: set-up (multi-host, mesh, config checks that fail before compiling),
-initial variables (pretrained PyTorch files named in the config, or random init), checkpoint restore
-(orbax; model, optimiser, spectral-norm state and the data iterator), the two compiled steps (warm-up
-and interleaved, switched by the host loop), logging (clu), and checkpoint saving (every N steps, at
-the end, and on SIGTERM).
+The MIDMs stage's workdir receives ``config.json``, ``first_stage/`` (the frozen autoencoder, once),
+``checkpoints/<step>/``, TensorBoard events and ``metrics.jsonl`` (one JSON line per logged step); its
+layout is ``midms_jax.workdir``'s, which ``translate --workdir`` and ``export`` read. The LDM stage
+writes the same into ``<workdir>/ldm/``, and at its end ``<workdir>/ldm/export/ldm.safetensors`` (and
+``ldm.ckpt`` where torch is installed): a CompVis LDM checkpoint with the EMA shadows. Paths in
+``config.checkpoints`` may start with ``{workdir}``. Running the same command again resumes each stage
+from its newest complete checkpoint (a finished stage is not run again).
+
+In labelled sections: set-up (multi-host, mesh, config checks that fail before compiling), initial
+variables (pretrained PyTorch files named in the config, or random init), checkpoints (orbax; model,
+optimiser, spectral-norm state and the data iterator), the stages, and the loop they share: compiled
+steps (MIDMs: warm-up and interleaved, switched by the host loop), a progress bar with an ETA, logging
+(clu, ``metrics.jsonl``), images, and checkpoint saving (every N steps, at the end, and on SIGTERM).
 """
 
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import pathlib
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -32,15 +40,20 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
+from tqdm import tqdm
 
-from midms_jax import optim, train_step, workdir as workdir_lib
+from midms_jax import held_out, ldm, optim, train_step, workdir as workdir_lib
 from midms_jax.data import pipeline
 from midms_jax.errors import CheckpointError, InputError, first_line
-from midms_jax.interop import torch_import
+from midms_jax.interop import torch_export, torch_import
 from midms_jax.losses import vgg
 from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
 
+STAGES = ("midms", "ldm", "ldm+midms")
+LDM_DIR = "ldm"                   # the LDM stage's workdir, inside the run's
+LDM_EXPORT_DIR = "export"         # in LDM_DIR: ldm.safetensors (+ ldm.ckpt with torch)
+WORKDIR_PLACEHOLDER = "{workdir}"  # in config.checkpoints paths: the run's workdir
 
 
 def _define_flags() -> dict[str, flags.FlagHolder]:
@@ -77,23 +90,35 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 def check_config(config) -> None:
   """Problems found before anything is compiled, one line each."""
   n_devices = jax.device_count()
-  if config.train.batch_size % n_devices:
-    raise InputError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
-                     f"{n_devices} devices")
+  if config.stage not in STAGES:
+    raise InputError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
+  batch_sizes = {"train": config.train.batch_size} if config.stage == "midms" else {"ldm": config.ldm.batch_size}
+  if config.stage == "ldm+midms":
+    batch_sizes["train"] = config.train.batch_size
+  for section, batch_size in batch_sizes.items():
+    if batch_size % n_devices:
+      raise InputError(f"config.{section}.batch_size={batch_size} is not divisible by the {n_devices} devices")
   if config.train.fsdp < 1 or n_devices % config.train.fsdp:
     raise InputError(f"config.train.fsdp={config.train.fsdp} must divide the {n_devices} devices")
   for name in ("midms", "ldm", "first_stage"):
     path = config.checkpoints[name]
+    if config.stage == "ldm+midms" and name == "ldm":
+      continue  # written by the LDM stage of this run
     if path and not pathlib.Path(path).is_file():
       raise CheckpointError(f"{path}: config.checkpoints.{name} names a file that does not exist")
+  if config.stage == "ldm":
+    return
+  if config.loss.vgg not in vgg.LOSS_NETWORKS:
+    raise InputError(f"config.loss.vgg must be one of {vgg.LOSS_NETWORKS}, got {config.loss.vgg!r}")
   if config.loss.vgg == "vgg19" and not pathlib.Path(config.loss.vgg_checkpoint or "").is_file():
     raise CheckpointError(f"{config.loss.vgg_checkpoint or '<empty>'}: config.loss.vgg_checkpoint must name "
                           "CoCosNet's vgg19_conv.pth (the VGG19 loss network), or set config.loss.vgg='none'")
 
 
-def initial_variables(config, rng: jax.Array) -> dict[str, Any]:
-  """Pretrained PyTorch weights named in ``config.checkpoints`` on top of a random init."""
-  variables = build.init_variables(config.model, rng)
+def initial_variables(config, rng: jax.Array, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Pretrained PyTorch weights named in ``config.checkpoints`` on top of a random init (of ``parts`` only,
+  when given: ``build.init_variables``)."""
+  variables = build.init_variables(config.model, rng, parts)
   ckpt = config.checkpoints
   if ckpt.ldm:
     variables.update(torch_import.load_ldm_checkpoint(ckpt.ldm, config.model, use_ema=ckpt.use_ema))
@@ -105,9 +130,8 @@ def initial_variables(config, rng: jax.Array) -> dict[str, Any]:
 
 
 def vgg_variables(config) -> dict[str, Any]:
-  if config.loss.vgg == "none":
-    return {}
-  return vgg.load_vgg19(config.loss.vgg_checkpoint, tuple(config.loss.vgg_widths))
+  """The loss network's variables (``config.loss.vgg``; empty for "none")."""
+  return vgg.load_loss_network(config.loss)
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -125,9 +149,8 @@ def _on_every_process(value: bool) -> bool:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=True)
+def checkpoint_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
   return ocp.CheckpointManager(workdir / workdir_lib.CHECKPOINTS_DIR, options=options, item_names=("state", "data"))
 
 
@@ -208,48 +231,158 @@ def _sigterm_requests():
     signal.signal(signal.SIGTERM, previous)
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
-  """Runs training to ``config.train.num_steps`` (or the epochs); returns the last logged metrics."""
-  workdir = workdir_lib.as_path(workdir)
-  check_config(config)
-  # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
-  # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
-  _on_every_process(True)
+@dataclasses.dataclass
+class _Stage:
+  """One stage as the shared loop runs it."""
+  name: str                      # "ldm" or "midms": progress bar and log lines
+  workdir: epath.Path
+  config: Any
+  state: Any                     # initial state (replaced by a restored checkpoint)
+  frozen: Any                    # what the steps read but never update
+  num_steps: int
+  intervals: Any                 # log_every, image_every, checkpoint_every, keep_checkpoints
+  run_step: Callable             # (step index, state, frozen, batch) -> (state, metrics)
+  draw: Callable                 # (state, frozen, host batch, global batch) -> image grid (1, H, W, 3)
+  image_name: str
+  shardings: Callable = train_step.state_shardings  # (state, mesh) -> the state's NamedShardings
+  phase: Callable = lambda step: ""  # a word for the log line of this step
+
+
+def _with_workdir(config, workdir: epath.Path):
+  """A copy of ``config`` with ``{workdir}`` in ``config.checkpoints`` paths replaced by ``workdir``."""
+  config = config.copy_and_resolve_references()
+  for name in ("ldm", "first_stage", "midms"):
+    config.checkpoints[name] = config.checkpoints[name].replace(WORKDIR_PLACEHOLDER, str(workdir))
+  return config
+
+
+def _from_ldm_stage(config, workdir: epath.Path):
+  """The MIDMs stage's config of an ``ldm+midms`` run: it starts from the LDM stage's export (EMA weights)."""
+  config = config.copy_and_resolve_references()
+  config.checkpoints.ldm = str(ldm_export_dir(workdir) / "ldm.safetensors")
+  config.checkpoints.use_ema = True
+  return config
+
+
+def ldm_export_dir(workdir: epath.Path) -> epath.Path:
+  """Where the LDM stage of the run in ``workdir`` exports its result."""
+  return workdir / LDM_DIR / LDM_EXPORT_DIR
+
+
+def _data(config, batch_size: int):
+  """This host's training iterator and the steps per epoch of ``batch_size`` global examples."""
   process = jax.process_index()
-  if process == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir_lib.write_config(workdir, config)
-  mesh = train_step.data_mesh(fsdp=config.train.fsdp)
-  host_batch_size = config.train.batch_size // jax.process_count()
+  dataset = pipeline.make_dataset(config.data, "train", seed=config.train.seed,
+                                  batch_size=batch_size // jax.process_count(), shard_index=process,
+                                  shard_count=jax.process_count(), train=True, worker_count=config.data.worker_count)
+  return iter(dataset), max(1, len(pipeline.make_source(config.data, "train")) // batch_size)
 
-  # Data.
-  dataset = pipeline.make_dataset(config.data, "train", seed=config.train.seed, batch_size=host_batch_size,
-                                  shard_index=process, shard_count=jax.process_count(), train=True,
-                                  worker_count=config.data.worker_count)
-  iterator = iter(dataset)
-  steps_per_epoch = max(1, len(pipeline.make_source(config.data, "train")) // config.train.batch_size)
-  num_steps = total_steps(config, steps_per_epoch)
 
-  # Model, variables, optimiser state.
-  model = MIDMs.from_config(config)
-  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed))
-  if _on_every_process((workdir / workdir_lib.FIRST_STAGE_DIR).exists()):  # resuming: the run's own weights
-    variables["first_stage"] = workdir_lib.restore_first_stage(workdir)
-  else:
-    workdir_lib.save_first_stage(workdir, variables["first_stage"])
-  frozen = train_step.frozen_variables(variables, vgg_variables(config))
-  tx = optim.make_optimizer(config.train, freeze_unet=True)
-  state = train_step.create_train_state(variables, tx)
-  del variables
-  manager = checkpoint_manager(workdir, config)
+def _first_stage(workdir: epath.Path, variables: dict[str, Any]) -> Any:
+  """The run's frozen first stage: the one saved in ``workdir`` when resuming, else ``variables``' (saved)."""
+  if _on_every_process((workdir / workdir_lib.FIRST_STAGE_DIR).exists()):
+    return workdir_lib.restore_first_stage(workdir)
+  workdir_lib.save_first_stage(workdir, variables["first_stage"])
+  return variables["first_stage"]
+
+
+def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
+  """The training loop both stages share: restore, steps, progress, logs, images, checkpoints, SIGTERM."""
+  process, workdir, intervals = jax.process_index(), stage.workdir, stage.intervals
+  manager = checkpoint_manager(workdir, intervals.keep_checkpoints)
+  state = stage.state
   restored, start = restore_checkpoint(manager, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state),
                                        iterator)
   if restored is not None:
     state = restored
-    logging.info("resumed from step %d in %s", start, manager.directory)
-  shardings = train_step.state_shardings(state, mesh)
-  state, frozen = jax.device_put(state, shardings), train_step.replicate(frozen, mesh)
-  steps = train_step.make_train_steps(model, config, steps_per_epoch, mesh, state_sharding=shardings)
+    logging.info("%s: resumed from step %d in %s", stage.name, start, manager.directory)
+  shardings = stage.shardings(state, mesh)
+  state, frozen = jax.device_put(state, shardings), train_step.replicate(stage.frozen, mesh)
+  run_step = stage.run_step(shardings)
+
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=process > 0)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer)]
+  if process == 0 and stage.config.train.profile:
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
+  last_good = manager.latest_step()
+  metrics_np: dict[str, float] = {}
+  stop = False
+  bar = tqdm(total=stage.num_steps, initial=start, desc=stage.name, unit="step", file=sys.stderr,
+             disable=process > 0 or start >= stage.num_steps, dynamic_ncols=True, mininterval=1.0)
+
+  with _sigterm_requests() as preemption, bar:
+    for step in range(start, stage.num_steps):
+      host_batch = next(iterator)
+      batch = train_step.global_batch(mesh, host_batch)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = run_step(step, state, frozen, batch)
+      for hook in hooks:
+        hook(step + 1)
+      done = step + 1
+      bar.update(1)
+      if done % intervals.log_every == 0 or done == stage.num_steps:
+        metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        if not np.isfinite(metrics_np["loss_total"]):
+          manager.wait_until_finished()
+          raise TrainingError(f"{stage.name}: loss is {metrics_np['loss_total']} at step {done}; the last good "
+                              f"checkpoint is step {last_good} in {manager.directory}")
+        writer.write_scalars(done, metrics_np)
+        if process == 0:
+          with (workdir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(step=done, **metrics_np)) + "\n")
+        _warn_on_collapse(metrics_np, stage.config, done)
+        bar.set_postfix(loss=f"{metrics_np['loss_total']:.4f}", refresh=False)
+        logging.info("%s step %d/%d %s loss %.5f", stage.name, done, stage.num_steps, stage.phase(step),
+                     metrics_np["loss_total"])
+      if intervals.image_every and done % intervals.image_every == 0:
+        grid = stage.draw(state, frozen, host_batch, batch)
+        if process == 0:
+          writer.write_images(done, {stage.image_name: grid})
+      stop = _on_every_process(preemption.requested)  # every host stops after the same step
+      if done % intervals.checkpoint_every == 0 or done == stage.num_steps or stop:
+        save_checkpoint(manager, state, iterator, force=stop)
+        last_good = done
+      if stop:
+        break
+  manager.wait_until_finished()
+  writer.flush()
+  if stop:
+    raise Preempted(f"SIGTERM: saved step {done} of the {stage.name} stage in {manager.directory}, stopping",
+                    metrics_np)
+  stage.state = state
+  return metrics_np
+
+
+class Preempted(Exception):
+  """SIGTERM stopped training after saving a checkpoint (not an error: the same command resumes).
+  ``metrics``: the last logged ones."""
+
+  def __init__(self, message: str, metrics: dict[str, float]):
+    super().__init__(message)
+    self.metrics = metrics
+
+
+def _start(config, workdir: epath.Path) -> None:
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.write_config(workdir, config)
+
+
+def train_midms(config, workdir: epath.Path, mesh) -> dict[str, float]:
+  """The MIDMs stage (official fine-tuning: warm-up, then the interleaved loop)."""
+  _start(config, workdir)
+  iterator, steps_per_epoch = _data(config, config.train.batch_size)
+  model = MIDMs.from_config(config)
+  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed))
+  variables["first_stage"] = _first_stage(workdir, variables)
+  frozen = train_step.frozen_variables(variables, vgg_variables(config))
+  state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
+  del variables
+
+  def run_step(shardings):
+    steps = train_step.make_train_steps(model, config, steps_per_epoch, mesh, state_sharding=shardings)
+    return lambda step, state, frozen, batch: (
+        (steps.warmup if step < config.train.warmup_iter else steps.main)(state, frozen, batch))
 
   # Every process runs the preview (it is one program over the whole mesh); its outputs are replicated so
   # that process 0 can draw them beside its own part of the batch (the first rows of the global batch).
@@ -259,51 +392,101 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     out, _ = model.train_forward(variables, batch, jax.random.PRNGKey(0), warmup=False, update_stats=False)
     return dict(warped_ref=out["warped_ref"], initial_warp=model.decode(variables, out["warped_ref_feat"]))
 
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=process > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  hooks = [report]
-  if process == 0 and config.train.profile:
-    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
-  last_good = manager.latest_step()
-  metrics_np: dict[str, float] = {}
+  stage = _Stage(name="midms", workdir=workdir, config=config, state=state, frozen=frozen,
+                 num_steps=total_steps(config, steps_per_epoch),
+                 intervals=config.train, run_step=run_step,
+                 draw=lambda state, frozen, host_batch, batch: image_grid(
+                     host_batch, jax.device_get(preview(state, frozen, batch))),
+                 image_name="condition|exemplar|warp|output|gt",
+                 phase=lambda step: "warm-up" if step < config.train.warmup_iter else "interleaved")
+  return _run(stage, iterator, mesh)
 
-  with _sigterm_requests() as preemption:
-    for step in range(start, num_steps):
-      host_batch = next(iterator)
-      batch = train_step.global_batch(mesh, host_batch)
-      warmup = step < config.train.warmup_iter
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = (steps.warmup if warmup else steps.main)(state, frozen, batch)
-      for hook in hooks:
-        hook(step + 1)
-      done = step + 1
-      if done % config.train.log_every == 0 or done == num_steps:
-        metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-        if not np.isfinite(metrics_np["loss_total"]):
-          manager.wait_until_finished()
-          raise TrainingError(f"loss is {metrics_np['loss_total']} at step {done}; the last good checkpoint is "
-                              f"step {last_good} in {manager.directory}")
-        writer.write_scalars(done, metrics_np)
-        if process == 0:
-          with (workdir / "metrics.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(step=done, **metrics_np)) + "\n")
-        _warn_on_collapse(metrics_np, config, done)
-        logging.info("step %d/%d %s loss %.5f", done, num_steps, "warm-up" if warmup else "interleaved",
-                     metrics_np["loss_total"])
-      if config.train.image_every and done % config.train.image_every == 0:
-        grid = image_grid(host_batch, jax.device_get(preview(state, frozen, batch)))
-        if process == 0:
-          writer.write_images(done, {"condition|exemplar|warp|output|gt": grid})
-      stop = _on_every_process(preemption.requested)  # every host stops after the same step
-      if done % config.train.checkpoint_every == 0 or done == num_steps or stop:
-        save_checkpoint(manager, state, iterator, force=stop)
-        last_good = done
-      if stop:
-        logging.warning("SIGTERM: saved step %d, stopping", done)
-        break
-  manager.wait_until_finished()
-  writer.flush()
-  return metrics_np
+
+def train_ldm(config, workdir: epath.Path, mesh) -> dict[str, float]:
+  """The LDM stage (``midms_jax.ldm``); exports ``ldm.safetensors`` (+ ``ldm.ckpt``) when it ends."""
+  _start(config, workdir)
+  iterator, _ = _data(config, config.ldm.batch_size)
+  model = MIDMs.from_config(config)
+  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), parts=("unet", "first_stage"))
+  first_stage = _first_stage(workdir, variables)
+  state = ldm.create_state(variables["unet"]["params"], ldm.make_optimizer(config.ldm))
+  del variables
+  preview = jax.jit(ldm.make_preview(model, config.ldm.preview_t), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def run_step(shardings):
+    step_fn = ldm.make_step(model, config, mesh, state_sharding=shardings)
+    return lambda step, state, frozen, batch: step_fn(state, frozen, batch)
+
+  stage = _Stage(name="ldm", workdir=workdir, config=config, state=state, frozen=dict(first_stage=first_stage),
+                 num_steps=config.ldm.num_steps, intervals=config.ldm,
+                 run_step=run_step,
+                 draw=lambda state, frozen, host_batch, batch: ldm.image_grid(
+                     host_batch["image"], jax.device_get(preview(state, frozen, batch["image"]))),
+                 image_name="image|noised|denoised", shardings=ldm.state_shardings)
+  metrics = _run(stage, iterator, mesh)
+  export_ldm(config, workdir, stage.state, first_stage)
+  return metrics
+
+
+def export_ldm(config, workdir: epath.Path, state: ldm.LDMState, first_stage: Any) -> epath.Path:
+  """Writes ``<workdir>/export/ldm.safetensors`` (and ``ldm.ckpt`` where torch is installed): the LDM stage's
+  U-Net, its EMA shadows and the first stage in CompVis' key layout (process 0; the others wait)."""
+  out = workdir / LDM_EXPORT_DIR
+  host = ldm.exported_variables(state, jax.device_get(first_stage), config.ldm.ema_decay)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    state_dict = torch_export.ldm_state_dict(host, config)
+    torch_export.save_safetensors(out / "ldm.safetensors", state_dict)
+    if importlib.util.find_spec("torch") is not None:
+      torch_export.save_ldm_ckpt(out / "ldm.ckpt", state_dict, global_step=int(host["ema_counters"]["num_updates"]))
+    logging.info("ldm: exported step %d to %s", int(host["ema_counters"]["num_updates"]), out)
+  multihost_utils.sync_global_devices("ldm export written")
+  return out
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
+  """Runs ``config.stage`` to its last step; returns the last logged metrics (of the last stage that ran).
+
+  A stage whose checkpoint already holds its last step is not run again: with ``ldm+midms`` a resumed run
+  continues where it stopped, in whichever stage. SIGTERM saves a checkpoint and returns what was logged.
+  """
+  workdir = workdir_lib.as_path(workdir)
+  check_config(config)
+  # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
+  # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
+  _on_every_process(True)
+  config = _with_workdir(config, workdir)
+  mesh = train_step.data_mesh(fsdp=config.train.fsdp)
+  metrics: dict[str, float] = {}
+  try:
+    if config.stage in ("ldm", "ldm+midms"):
+      ldm_dir = workdir / LDM_DIR
+      export = ldm_dir / LDM_EXPORT_DIR / "ldm.safetensors"
+      if not (_on_every_process(export.exists()) and
+              workdir_lib.checkpoint_steps(ldm_dir)[-1:] == [config.ldm.num_steps]):
+        metrics = train_ldm(config, ldm_dir, mesh)
+    if config.stage == "ldm+midms":
+      metrics = train_midms(_from_ldm_stage(config, workdir), workdir, mesh)
+    elif config.stage == "midms":
+      metrics = train_midms(config, workdir, mesh)
+  except Preempted as e:
+    logging.warning("%s", e)
+    return e.metrics
+  if config.stage != "ldm" and config.evaluate.results_pairs:
+    write_held_out_results(workdir)
+  return metrics
+
+
+def write_held_out_results(workdir: epath.Path) -> None:
+  """``results.json`` and ``samples.png`` of the run's newest checkpoint (``midms_jax.held_out``)."""
+  if jax.process_count() > 1:
+    logging.warning("held-out results are computed by single-process runs only: skipped (run "
+                    "python -m midms_jax.evaluate on one host)")
+    return
+  trained = workdir_lib.load_trained(workdir)
+  logging.info("scoring %d held-out pairs of step %d", trained.config.evaluate.results_pairs, trained.step)
+  scores = held_out.write(workdir, trained.config, trained.variables, trained.step)
+  logging.info("held-out results: %s", json.dumps(scores))
 
 
 def _warn_on_collapse(metrics: dict[str, float], config, step: int) -> None:

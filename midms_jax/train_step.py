@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from midms_jax import optim
 from midms_jax.losses.midms_losses import midms_losses
-from midms_jax.losses.vgg import VGG19
+from midms_jax.losses import vgg as vgg_lib
 from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
 
@@ -50,7 +50,7 @@ def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransform
 
 
 def frozen_variables(variables: Mapping[str, Any], vgg_variables: Mapping[str, Any]) -> dict[str, Any]:
-  """What the step reads but never updates: the first stage and the VGG19 loss network."""
+  """What the step reads but never updates: the first stage and the VGG loss network."""
   return dict(first_stage=variables["first_stage"], vgg=vgg_variables)
 
 
@@ -76,8 +76,7 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
   state is placed as ``state_sharding`` (``state_shardings(state, mesh)``; None: replicated); without
   one, plain ``jax.jit``.
   """
-  vgg = (VGG19(tuple(config.loss.vgg_widths), dtype=build.compute_dtype(config.dtype))
-         if config.loss.vgg == "vgg19" else None)
+  vgg = vgg_lib.loss_network(config.loss, build.compute_dtype(config.dtype))
   schedules = optim.lr_schedules(config.train, steps_per_epoch)
   warmup_iter = config.train.warmup_iter
   seed = config.train.seed

@@ -29,6 +29,7 @@ from midms_jax.errors import CheckpointError, first_line
 
 CONFIG_FILE = "config.json"
 FIRST_STAGE_DIR = "first_stage"
+NO_VARIABLES_FILE = "no_variables"  # in FIRST_STAGE_DIR for a first stage without variables (pixel_shuffle)
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_STATE_FIELDS = ("step", "params", "spectral")  # what inference needs of a TrainState
 
@@ -50,7 +51,8 @@ def _tuples(value: Any) -> Any:
 
 
 # Config fields newer than some workdirs, with the value that reproduces what those runs did.
-_FIELDS_ADDED_LATER = ((("dtype",), "float32"), (("remat",), "none"), (("midms", "warp_chunk"), 0))
+_FIELDS_ADDED_LATER = ((("stage",), "midms"), (("evaluate", "results_pairs"), 0), (("dtype",), "float32"),
+                       (("remat",), "none"), (("midms", "warp_chunk"), 0))
 
 
 def _with_later_fields(config: ConfigDict) -> ConfigDict:
@@ -97,6 +99,11 @@ def save_first_stage(workdir: epath.Path, first_stage: Any) -> None:
   path = _absolute(workdir / FIRST_STAGE_DIR)
   if path.exists():
     return
+  if not jax.tree_util.tree_leaves(first_stage):  # orbax refuses empty trees
+    if jax.process_index() == 0:
+      path.mkdir(parents=True)
+      (path / NO_VARIABLES_FILE).write_text("this run's first stage has no variables\n")
+    return
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, jax.device_get(first_stage))
   checkpointer.wait_until_finished()
@@ -134,6 +141,8 @@ def restore_first_stage(workdir: epath.Path) -> dict[str, Any]:
   path = _absolute(workdir / FIRST_STAGE_DIR)
   if not path.is_dir():
     raise CheckpointError(f"{path}: missing; the run's frozen first stage is saved there when training starts")
+  if (path / NO_VARIABLES_FILE).exists():
+    return {}
   try:
     with _orbax_warnings_hidden(), ocp.PyTreeCheckpointer() as checkpointer:
       abstract, restore_args = _host_restore_args(_tree_metadata(checkpointer, path))

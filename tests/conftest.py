@@ -126,10 +126,22 @@ def tiny_midms(midms_checkpoint_path):
   return config, midms.MIDMs.from_config(config), jax.tree_util.tree_map(jax.numpy.asarray, variables)
 
 
-def synthetic_train_config(**train_overrides):
-  """``configs/synthetic.py`` shortened to a few steps: warm-up for 3, then the interleaved step."""
+# The LDM stage and the held-out scoring of the shortened synthetic run (tests/test_train.py passes the same as
+# CLI flags).
+SHORT_LDM = dict(num_steps=4, log_every=2, image_every=2, checkpoint_every=2)
+SHORT_EVALUATE = dict(results_pairs=4, batch_size=4, refine=False)
+
+
+def synthetic_train_config(stage: str = "ldm+midms", **train_overrides):
+  """``configs/synthetic.py`` (LDM stage, then MIDMs from its export) shortened to a few steps: 4 LDM steps;
+  MIDMs warm-up for 3, then the interleaved step. ``stage="midms"``: the MIDMs stage alone, from random weights."""
   from configs import synthetic  # pylint: disable=import-outside-toplevel
   config = synthetic.get_config()
+  config.ldm.update(SHORT_LDM)
+  config.evaluate.update(SHORT_EVALUATE)
+  config.stage = stage
+  if stage == "midms":
+    config.checkpoints.ldm = ""
   # warmup_iter as the CLI tests' (tests/test_train.py SHORT): the same compiled steps (shared cache)
   config.train.update(dict(num_steps=6, warmup_iter=3, log_every=1, checkpoint_every=3, image_every=3))
   config.train.update(train_overrides)
@@ -138,8 +150,8 @@ def synthetic_train_config(**train_overrides):
 
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory):
-  """(workdir, last metrics) of one 6-step synthetic training run (checkpoints at steps 3 and 6), shared by
-  the training, workdir, export and translate tests."""
+  """(workdir, last metrics) of one short synthetic training run (4 LDM steps, then 6 MIDMs steps with
+  checkpoints at steps 3 and 6), shared by the training, workdir, export and translate tests."""
   from midms_jax import train  # pylint: disable=import-outside-toplevel
   workdir = tmp_path_factory.mktemp("synthetic_run")
   return workdir, train.train_and_evaluate(synthetic_train_config(), workdir)

@@ -16,13 +16,15 @@ import pytest
 from configs import celebahq
 from midms_jax import train, train_step
 from midms_jax.errors import CheckpointError, InputError
-from tests.conftest import BackgroundJob, synthetic_train_config
+from tests.conftest import SHORT_EVALUATE, SHORT_LDM, BackgroundJob, synthetic_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The CLI flags of tests.conftest.synthetic_train_config(): the CLI runs compile the same programs as the
 # in-process session run (persistent cache) and reproduce its losses.
 SHORT = [f"--config.train.{k}={v}" for k, v in synthetic_train_config().train.items()
          if k in ("num_steps", "warmup_iter", "log_every", "checkpoint_every", "image_every")]
+SHORT += [f"--config.ldm.{k}={v}" for k, v in SHORT_LDM.items()]
+SHORT += [f"--config.evaluate.{k}={v}" for k, v in SHORT_EVALUATE.items()]
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -43,6 +45,38 @@ def _cli_env(environ) -> dict[str, str]:
   """The CLI's environment: ``environ`` (with the session's compilation cache, see conftest) on CPU at the
   matmul precision conftest sets."""
   return dict(environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")
+
+
+def test_synthetic_run_pretrains_the_ldm_then_starts_midms_from_its_export(synthetic_run):
+  workdir, _ = synthetic_run
+  ldm_dir = workdir / "ldm"
+  assert sorted(_losses(ldm_dir)) == [2, 4]
+  assert sorted(int(p.name) for p in (ldm_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  assert (ldm_dir / "first_stage" / "no_variables").is_file()  # pixel-unshuffle: nothing to save
+  export = ldm_dir / "export" / "ldm.safetensors"
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["checkpoints"]["ldm"] == str(export) and config["checkpoints"]["use_ema"]
+  # The MIDMs stage's U-Net started from the export's EMA weights: its first checkpoint moved away from them
+  # only by three warm-up steps, in which the U-Net is frozen.
+  from midms_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from midms_jax.interop import torch_import  # pylint: disable=import-outside-toplevel
+  exported = torch_import.load_ldm_checkpoint(export, workdir_lib.read_config(workdir).model, use_ema=True)
+  warmed = workdir_lib.load_trained(workdir, step=3).variables
+  for a, b in zip(jax.tree_util.tree_leaves(exported["unet"]), jax.tree_util.tree_leaves(warmed["unet"])):
+    assert jnp.array_equal(a, b)
+
+
+def test_synthetic_run_ends_with_held_out_results_and_samples(synthetic_run):
+  workdir, _ = synthetic_run
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["pairs"] == SHORT_EVALUATE["results_pairs"] and results["step"] == 6
+  assert sorted(results["methods"]) == ["exemplar", "initial_warp", "midms"]
+  assert sorted(results["ablations"]) == ["no_confidence_masking", "no_rewarp"]
+  for scores in [*results["methods"].values(), *results["ablations"].values()]:
+    assert sorted(scores) == ["lpips", "psnr"] and 0 <= scores["lpips"] < 2 and 0 < scores["psnr"] < 100
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(workdir / "samples.png") as samples:
+    assert samples.size == (5 * 32, 4 * 32)  # condition | exemplar | warp | output | gt, the 4 pairs
 
 
 def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):
@@ -104,6 +138,8 @@ def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, backg
   assert sorted(resumed) == sorted(expected)
   for step in range(4, 7):
     assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+  # The same training, resumed or not, ends with the same held-out results, to the last digit.
+  assert (killed / "results.json").read_text() == (reference / "results.json").read_text()
 
   assert out.returncode == 0, out.stderr[-3000:]
   assert "checkpoint 6" in out.stderr and "unreadable" in out.stderr and "resumed from step 3" in out.stderr
@@ -155,7 +191,7 @@ def _scripted_steps(monkeypatch, loss_at, on_step=lambda step: None) -> None:
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
   _scripted_steps(monkeypatch, lambda step: float("nan") if step == 3 else 1.0)
-  config = synthetic_train_config(num_steps=5, checkpoint_every=2, image_every=0)
+  config = synthetic_train_config("midms", num_steps=5, checkpoint_every=2, image_every=0)
   with pytest.raises(train.TrainingError, match=r"loss is nan at step 3; the last good checkpoint is step 2 in "):
     train.train_and_evaluate(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
@@ -165,7 +201,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
   before = signal.getsignal(signal.SIGTERM)
   preempt = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
   _scripted_steps(monkeypatch, lambda step: 1.0, on_step=preempt)
-  config = synthetic_train_config(num_steps=5, checkpoint_every=10, image_every=0)
+  config = synthetic_train_config("midms", num_steps=5, checkpoint_every=10, image_every=0)
   train.train_and_evaluate(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # saved at once, then stopped
   assert sorted(_losses(tmp_path)) == [1, 2]

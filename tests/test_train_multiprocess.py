@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 2
 # Warm-up steps only (matching, U-Net frozen): the cheaper of the two programs to compile. The image grid at
 # the last step checks that every host takes part in the preview (process 0 alone would hang).
-FLAGS = [f"--config={ROOT}/configs/synthetic.py", f"--config.train.num_steps={STEPS}",
+FLAGS = [f"--config={ROOT}/configs/synthetic.py:midms", "--config.checkpoints.ldm=", f"--config.train.num_steps={STEPS}",
          f"--config.train.warmup_iter={STEPS}", "--config.train.log_every=1", f"--config.train.checkpoint_every={STEPS}",
          f"--config.train.image_every={STEPS}", "--config.train.batch_size=2"]
 

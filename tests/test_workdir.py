@@ -29,7 +29,9 @@ def _leaves_equal(a, b) -> bool:
 def test_load_trained_gives_the_checkpoint_without_optimiser_state(synthetic_run):
   run, _ = synthetic_run
   newest, older = workdir.load_trained(run), workdir.load_trained(run, step=3)
-  assert (newest.step, older.step) == (6, 3) and newest.config == synthetic_train_config()
+  expected = synthetic_train_config()  # the MIDMs stage started from the LDM stage's export
+  expected.checkpoints.update(dict(ldm=str(run / "ldm" / "export" / "ldm.safetensors"), use_ema=True))
+  assert (newest.step, older.step) == (6, 3) and newest.config == expected
   assert sorted(newest.variables) == ["correspondence", "first_stage", "unet"]
   assert sorted(newest.variables["correspondence"]) == ["params", "spectral"]
   assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(newest.variables))
@@ -82,9 +84,10 @@ def test_cloud_storage_workdirs_stay_urls(tmp_path, monkeypatch):
 
 
 def test_configs_of_older_runs_get_the_fields_added_since(tmp_path):
-  """A config.json written before dtype / remat / midms.warp_chunk existed loads with the values those runs used."""
+  """A config.json written before stage / dtype / remat / midms.warp_chunk existed loads with the values those
+  runs used."""
   old = synthetic.get_config()
-  del old["dtype"], old["remat"], old.midms["warp_chunk"]
+  del old["stage"], old["dtype"], old["remat"], old.midms["warp_chunk"]
   workdir.write_config(tmp_path, old)
   back = workdir.read_config(tmp_path)
-  assert (back.dtype, back.remat, back.midms.warp_chunk) == ("float32", "none", 0)
+  assert (back.stage, back.dtype, back.remat, back.midms.warp_chunk) == ("midms", "float32", "none", 0)

@@ -53,10 +53,17 @@ def _require_torch(path: pathlib.Path):
 
 
 def read_checkpoint(path: str | pathlib.Path) -> dict[str, Any]:
-  """Loads a ``torch.save`` file (weights only, on CPU) and returns its top-level dict."""
+  """Loads a ``torch.save`` file (weights only, on CPU) and returns its top-level dict; a ``.safetensors`` file
+  (this package's torch-free export) is read without torch as ``{'state_dict': numpy arrays}``."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise CheckpointError(f"{path}: no such checkpoint file")
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    try:
+      return {"state_dict": load_file(str(path))}
+    except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
+      raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {first_line(e)}") from None
   torch = _require_torch(path)
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -69,11 +76,15 @@ def read_checkpoint(path: str | pathlib.Path) -> dict[str, Any]:
 
 
 def state_dict_of(checkpoint: Mapping[str, Any], path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """The ``state_dict`` entry (or the checkpoint itself if it is a bare state dict) as float32 numpy arrays."""
-  torch = _require_torch(pathlib.Path(path))
+  """The ``state_dict`` entry (or the checkpoint itself if it is a bare state dict) as float32 numpy arrays
+  (integer buffers keep their type)."""
   state = checkpoint.get("state_dict", checkpoint)
   if not isinstance(state, Mapping) or not state:
     raise CheckpointError(f"{path}: checkpoint has no 'state_dict' (keys: {sorted(checkpoint)[:8]})")
+  if all(isinstance(value, np.ndarray) for value in state.values()):  # read from safetensors
+    return {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+            for key, value in state.items()}
+  torch = _require_torch(pathlib.Path(path))
   arrays = {}
   for key, value in state.items():
     if not isinstance(value, torch.Tensor):

@@ -26,38 +26,60 @@ METHODS = ("midms", "exemplar", "initial_warp")
 METRICS = ("psnr", "lpips")
 
 
-def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
-                batch: Mapping[str, jax.Array], keys: jax.Array, *, refine: bool = True) -> dict[str, jax.Array]:
-  """``{'<method>/<metric>': (B,)}`` for one batch; ``keys`` ``(B, 2)``: one PRNG key per pair."""
+def translations(model: MIDMs, variables: Mapping[str, Any], batch: Mapping[str, jax.Array], keys: jax.Array, *,
+                 refine: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(translation, decoded single-shot warp) of every pair of ``batch``, unclamped; pair ``i`` uses ``keys[i]``."""
   def translate_one(condition, exemplar, exemplar_condition, key):
     out = model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key, refine=refine)
     return out["image"][0], model.decode(variables, out["initial_warp"])[0]
 
-  output, warp = jax.vmap(translate_one)(batch["label"], batch["ref"], batch["label_ref"], keys)
+  return jax.vmap(translate_one)(batch["label"], batch["ref"], batch["label_ref"], keys)
+
+
+def pair_keys(seed: int, start: int, count: int) -> jax.Array:
+  """The PRNG keys of pairs ``start .. start + count - 1``: ``fold_in(PRNGKey(seed), i)``."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(start, start + count))
+
+
+def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
+                batch: Mapping[str, jax.Array], keys: jax.Array, *,
+                refine: bool = True) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """(``{'<method>/<metric>': (B,)}``, the scored images ``{method: (B, H, W, 3)}``) for one batch; ``keys``
+  ``(B, 2)``: one PRNG key per pair."""
+  output, warp = translations(model, variables, batch, keys, refine=refine)
   images = dict(midms=jnp.clip(output, -1, 1), exemplar=batch["ref"], initial_warp=jnp.clip(warp, -1, 1))
   truth = batch["image"]
   scores = {}
   for method, image in images.items():
     scores[f"{method}/psnr"] = psnr(image, truth)
     scores[f"{method}/lpips"] = LPIPS().apply(lpips_variables, image, truth)
-  return scores
+  return scores, images
 
 
 def evaluate(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
-             batches: Iterable[Mapping[str, np.ndarray]], *, seed: int = 0, refine: bool = True) -> dict[str, Any]:
+             batches: Iterable[Mapping[str, np.ndarray]], *, seed: int = 0, refine: bool = True,
+             keep_images: int = 0) -> dict[str, Any]:
   """Mean PSNR and LPIPS per method over every pair of ``batches``:
-  ``{'midms': {'psnr', 'lpips'}, 'exemplar': {...}, 'initial_warp': {...}, 'pairs': n}``."""
+  ``{'midms': {'psnr', 'lpips'}, 'exemplar': {...}, 'initial_warp': {...}, 'pairs': n}``; with ``keep_images``
+  also ``'images'``: ``{method: (k, H, W, 3)}`` of the first ``k = keep_images`` pairs (at most all)."""
   score = jax.jit(functools.partial(pair_scores, model, refine=refine))
   sums = {f"{m}/{k}": 0.0 for m in METHODS for k in METRICS}
+  kept: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
   count = 0
   for batch in batches:
     size = len(batch["image"])
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(count, count + size))
-    for name, values in jax.device_get(score(variables, lpips_variables, dict(batch), keys)).items():
+    keys = pair_keys(seed, count, size)
+    scores, images = score(variables, lpips_variables, dict(batch), keys)
+    for name, values in jax.device_get(scores).items():
       sums[name] += float(np.sum(np.asarray(values, np.float64)))
+    if count < keep_images:
+      for method, image in jax.device_get(images).items():
+        kept[method].append(np.asarray(image)[:keep_images - count])
     count += size
   if not count:
     raise ValueError("evaluate: no pairs to score (empty batches)")
   result: dict[str, Any] = {m: {k: sums[f"{m}/{k}"] / count for k in METRICS} for m in METHODS}
   result["pairs"] = count
+  if keep_images:
+    result["images"] = {m: np.concatenate(parts) for m, parts in kept.items()}
   return result

@@ -4,13 +4,14 @@
 (plus ``type`` and ``scale_factor`` for the first stage, which are not module fields).
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from midms_jax.models.autoencoder import AutoencoderKL, VQModel
 from midms_jax.models.correspondence import CorrespondenceNetworks
+from midms_jax.models.pixel_shuffle import PixelShuffleFirstStage
 from midms_jax.models.unet import UNetModel
 
 _FIRST_STAGE_ONLY = ("type", "scale_factor")
@@ -35,14 +36,16 @@ def build_unet(cfg: Mapping[str, Any], dtype=jnp.float32, remat_blocks: bool = F
 
 
 def build_first_stage(cfg: Mapping[str, Any], dtype=jnp.float32,
-                      remat_blocks: bool = False) -> VQModel | AutoencoderKL:
-  """``remat_blocks``: recompute the decoder's ResNet blocks in the backward pass."""
+                      remat_blocks: bool = False) -> VQModel | AutoencoderKL | PixelShuffleFirstStage:
+  """``remat_blocks``: recompute the decoder's ResNet blocks in the backward pass (VQ, KL)."""
   kind = cfg["type"]
+  if kind == "pixel_shuffle":
+    return PixelShuffleFirstStage(**_fields(cfg, _FIRST_STAGE_ONLY), dtype=dtype)
   if kind == "vq":
     return VQModel(**_fields(cfg, _FIRST_STAGE_ONLY), dtype=dtype, remat_blocks=remat_blocks)
   if kind == "kl":
     return AutoencoderKL(**_fields(cfg, _FIRST_STAGE_ONLY + _KL_UNUSED), dtype=dtype, remat_blocks=remat_blocks)
-  raise ValueError(f"model.first_stage.type must be 'vq' or 'kl', got {kind!r}")
+  raise ValueError(f"model.first_stage.type must be 'vq', 'kl' or 'pixel_shuffle', got {kind!r}")
 
 
 def build_correspondence(cfg: Mapping[str, Any], dtype=jnp.float32) -> CorrespondenceNetworks:
@@ -103,12 +106,13 @@ def abstract_variables(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
   return {name: _abstract(module, inputs) for name, (module, inputs) in _modules_and_inputs(model_cfg).items()}
 
 
-def init_variables(model_cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
-  """Randomly initialised ``{'unet', 'first_stage', 'correspondence'}`` variables (PyTorch-style inits)."""
-  parts = _modules_and_inputs(model_cfg)
-  keys = dict(zip(parts, jax.random.split(rng, len(parts))))
+def init_variables(model_cfg: Mapping[str, Any], rng: jax.Array, parts: Sequence[str] | None = None) -> dict[str, Any]:
+  """Randomly initialised ``{'unet', 'first_stage', 'correspondence'}`` variables (PyTorch-style inits), or only
+  those named in ``parts``; each part's values do not depend on which others are built."""
+  modules = _modules_and_inputs(model_cfg)
+  keys = dict(zip(modules, jax.random.split(rng, len(modules))))
   return {name: jax.jit(module.init)(keys[name], *(jnp.zeros(x.shape, x.dtype) for x in inputs))
-          for name, (module, inputs) in parts.items()}
+          for name, (module, inputs) in modules.items() if parts is None or name in parts}
 
 
 def count_params(variables: Mapping[str, Any]) -> int:
