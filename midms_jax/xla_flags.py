@@ -4,13 +4,18 @@
 to its Eigen kernels, which on the development CPU ran MIDMs' convolutions 1.5 to 3x faster than
 YNNPACK, the backward ones most (``docs/benchmarks.md``). It only concerns the CPU backend. A flag
 the user already put in ``XLA_FLAGS`` (any value) is left as the user set it; importing this package
-after JAX has initialised its backends leaves the flags without effect.
+after JAX has initialised its backends leaves the flags without effect; with a jaxlib release outside
+``CHECKED_JAXLIB`` nothing is set (XLA would abort on a flag that release no longer knows).
 """
 
+import importlib.metadata
 import os
 from typing import MutableMapping
 
 DEFAULT_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA aborts on a flag it does not know, and experimental flags come and go: they are set only for the jaxlib
+# releases they were checked on (version prefixes).
+CHECKED_JAXLIB = ("0.10.",)
 
 
 def with_default_flags(xla_flags: str) -> str:
@@ -20,6 +25,14 @@ def with_default_flags(xla_flags: str) -> str:
   return " ".join([*xla_flags.split(), *added])
 
 
+def _jaxlib_checked() -> bool:
+  try:
+    return importlib.metadata.version("jaxlib").startswith(CHECKED_JAXLIB)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
 def set_default_flags(environ: MutableMapping[str, str] = os.environ) -> None:
-  """Writes ``with_default_flags`` of ``environ['XLA_FLAGS']`` back to ``environ``."""
-  environ["XLA_FLAGS"] = with_default_flags(environ.get("XLA_FLAGS", ""))
+  """Writes ``with_default_flags`` of ``environ['XLA_FLAGS']`` back to ``environ`` (with a checked jaxlib)."""
+  if _jaxlib_checked():
+    environ["XLA_FLAGS"] = with_default_flags(environ.get("XLA_FLAGS", ""))

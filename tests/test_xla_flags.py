@@ -23,3 +23,10 @@ def test_other_flags_are_kept_in_order():
 def test_importing_the_package_set_them():
   import os  # pylint: disable=import-outside-toplevel
   assert "--xla_cpu_experimental_ynn_fusion_type" in os.environ["XLA_FLAGS"]
+
+
+def test_nothing_is_set_for_an_unchecked_jaxlib(monkeypatch):
+  monkeypatch.setattr(xla_flags, "CHECKED_JAXLIB", ("0.0.",))
+  env = {"XLA_FLAGS": "--a=1"}
+  xla_flags.set_default_flags(env)
+  assert env == {"XLA_FLAGS": "--a=1"}
