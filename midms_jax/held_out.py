@@ -83,7 +83,7 @@ def sample_grid(batches, images: Mapping[str, np.ndarray]) -> np.ndarray:
   inputs = {k: np.concatenate([b[k] for b in batches])[:rows] for k in ("image", "ref", "label")}
   condition = inputs["label"][..., :3] * 2 - 1
   columns = [condition, inputs["ref"], images["initial_warp"], images["midms"], inputs["image"]]
-  return np.clip(np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1), -1, 1)
+  return np.clip(images_lib.tile_columns(columns), -1, 1)
 
 
 def write(workdir: epath.Path, config, variables: Mapping[str, Any], step: int) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from midms_jax import train_step as midms_train_step
+from midms_jax.data import images as images_lib
 from midms_jax.models.midms import MIDMs
 
 
@@ -140,7 +141,7 @@ def image_grid(images: np.ndarray, preview: Mapping[str, np.ndarray], n: int = 4
   n = min(n, len(images))
   to01 = lambda x: np.clip((np.asarray(x[:n]) + 1) / 2, 0, 1)
   columns = [to01(images), to01(preview["noisy"]), to01(preview["denoised"])]
-  return np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1)[None]
+  return images_lib.tile_columns(columns)[None]
 
 
 def exported_variables(state: LDMState, first_stage: Any, ema_decay_value: float) -> dict[str, Any]:

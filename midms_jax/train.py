@@ -43,7 +43,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from midms_jax import held_out, ldm, optim, train_step, workdir as workdir_lib
-from midms_jax.data import pipeline
+from midms_jax.data import images as images_lib, pipeline
 from midms_jax.errors import CheckpointError, InputError, first_line
 from midms_jax.interop import torch_export, torch_import
 from midms_jax.losses import vgg
@@ -203,7 +203,7 @@ def image_grid(batch, outputs, n: int = 4) -> np.ndarray:
   to01 = lambda x: np.clip((np.asarray(x[:n]) + 1) / 2, 0, 1)
   columns = [_to_rgb(np.asarray(batch["label"][:n])), to01(batch["ref"]), to01(outputs["initial_warp"]),
              to01(outputs["warped_ref"]), to01(batch["image"])]
-  return np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1)[None]
+  return images_lib.tile_columns(columns)[None]
 
 
 # --------------------------------------------------------------------------------------------------

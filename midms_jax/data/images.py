@@ -114,6 +114,12 @@ def save_image(path: str | pathlib.Path, image, format: str = "png") -> None:
   write_uint8(path, to_uint8(image), format)
 
 
+def tile_columns(columns) -> np.ndarray:
+  """One picture from equally shaped image batches: column k stacks batch k's images top to bottom
+  (``[(rows, H, W, C), ...]`` -> ``(rows H, k W, C)``)."""
+  return np.concatenate([np.concatenate(list(np.asarray(c)), axis=0) for c in columns], axis=1)
+
+
 def natural_key(name: str) -> tuple:
   """Sort key with digit runs compared as numbers (``2.jpg`` before ``10.jpg``), as the official natural
   sort, then the name itself (a total order: ``a01`` and ``a1`` do not tie)."""

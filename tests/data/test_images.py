@@ -103,3 +103,9 @@ def test_save_image_jpg_and_bad_format(tmp_path):
     images.save_image(tmp_path / "a.gif", image, "gif")
   with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
     images.save_image(tmp_path / "b.png", image[..., :1], "png")
+
+
+def test_tile_columns_puts_each_batch_in_a_column_top_to_bottom():
+  a = np.arange(2 * 2 * 1 * 1, dtype=np.float32).reshape(2, 2, 1, 1)
+  tiled = images.tile_columns([a, a + 10])
+  np.testing.assert_array_equal(tiled[..., 0], [[0, 10], [1, 11], [2, 12], [3, 13]])
