@@ -57,17 +57,21 @@ def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
   return jax.tree_util.tree_map(lambda s, p: s - (1 - decay) * (s - p), ema, params)
 
 
+def _levels(model: MIDMs, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sqrt(ā_t), sqrt(1 - ā_t))`` per sample, shaped to broadcast over NHWC latents."""
+  at = lambda table: jnp.asarray(table)[t][:, None, None, None]
+  return at(model.schedule.sqrt_alphas_cumprod), at(model.schedule.sqrt_one_minus_alphas_cumprod)
+
+
 def noised(model: MIDMs, latents: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """``q_sample``: ``sqrt(ā_t) z + sqrt(1 - ā_t) ε`` per sample."""
-  sqrt_ac = jnp.asarray(model.schedule.sqrt_alphas_cumprod)[t][:, None, None, None]
-  sqrt_1m_ac = jnp.asarray(model.schedule.sqrt_one_minus_alphas_cumprod)[t][:, None, None, None]
+  sqrt_ac, sqrt_1m_ac = _levels(model, t)
   return sqrt_ac * latents + sqrt_1m_ac * noise
 
 
 def predicted_x0(model: MIDMs, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
   """``(x_t - sqrt(1 - ā_t) ε̂) / sqrt(ā_t)``: the clean latent the predicted noise implies."""
-  sqrt_ac = jnp.asarray(model.schedule.sqrt_alphas_cumprod)[t][:, None, None, None]
-  sqrt_1m_ac = jnp.asarray(model.schedule.sqrt_one_minus_alphas_cumprod)[t][:, None, None, None]
+  sqrt_ac, sqrt_1m_ac = _levels(model, t)
   return (x_t - sqrt_1m_ac * eps) / sqrt_ac
 
 
