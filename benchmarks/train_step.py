@@ -16,6 +16,7 @@ without running (e.g. to find the largest batch that fits a device).
 
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -33,8 +34,12 @@ _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per device (
 _ITERS = flags.DEFINE_integer("iters", 5, "timed steps after the first (compiling) one")
 _PHASE = flags.DEFINE_enum("phase", "both", ["warmup", "main", "both"], "which compiled step to time")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile and report memory, do not run")
+_COUNT_FLOPS = flags.DEFINE_bool("count_flops", True, "trace the step once more to count its FLOPs (for MFU)")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high", "highest"],
                                "jax_default_matmul_precision")
+
+
+_START = time.perf_counter()
 
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -54,12 +59,21 @@ def _memory(compiled) -> dict[str, int] | None:
   return {f.replace("_size_in_bytes", "_mb"): round(getattr(analysis, f) / 2**20) for f in fields}
 
 
+def _progress(what: str) -> None:
+  """Timestamped progress on stderr: where the minutes of a large compile go (tracing, XLA, autotuning)."""
+  print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
   start = time.perf_counter()
-  compiled = step.lower(state, frozen, batch).compile()
+  lowered = step.lower(state, frozen, batch)
+  lower_s = time.perf_counter() - start
+  _progress(f"lowered in {lower_s:.1f} s; compiling")
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  _progress(f"compiled in {compile_s - lower_s:.1f} s")
   if _COMPILE_ONLY.value:
-    return dict(compile_s=round(compile_s, 1), memory=_memory(compiled)), state
+    return dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), memory=_memory(compiled)), state
   times = []
   for _ in range(iters + 1):
     start = time.perf_counter()
@@ -67,11 +81,13 @@ def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
     jax.block_until_ready(metrics["loss_total"])
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times[1:]) if iters else times[0]
-  return dict(compile_s=round(compile_s, 1), step_s=round(step_s, 4), memory=_memory(compiled)), state
+  return dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), step_s=round(step_s, 4),
+              memory=_memory(compiled)), state
 
 
 def main(argv):
   del argv
+  _progress(f"devices: {jax.devices()}")
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
   mesh = train_step.data_mesh()
@@ -88,6 +104,7 @@ def main(argv):
   state = train_step.replicate(state, mesh)
   del variables
   batch = train_step.global_batch(mesh, random_batch(config, global_batch))
+  _progress("state and batch on the devices")
   steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh)
   phases = ("warmup", "main") if _PHASE.value == "both" else (_PHASE.value,)
   device = jax.devices()[0].device_kind
@@ -95,14 +112,17 @@ def main(argv):
   rewarp_fraction = len(config.midms.rewarp_steps) / config.midms.interleave_steps
   for phase in phases:
     step = getattr(steps, phase)
-    step_flops = flops.count_flops(step, state, frozen, batch, cond_fraction=rewarp_fraction)
+    step_flops = None
+    if _COUNT_FLOPS.value:
+      step_flops = flops.count_flops(step, state, frozen, batch, cond_fraction=rewarp_fraction)
+      _progress(f"{phase}: counted {step_flops / 1e12:.2f} TFLOP per step")
     result, state = time_phase(step, state, frozen, batch, _ITERS.value)
     if "step_s" in result:
       result["images_per_s"] = round(global_batch / result["step_s"], 2)
-      result["mfu"] = round(step_flops / result["step_s"] / (peak * mesh.size), 4) if peak else None
+      result["mfu"] = round(step_flops / result["step_s"] / (peak * mesh.size), 4) if peak and step_flops else None
     print(json.dumps(dict(config=config.data.name, phase=phase, dtype=config.dtype, remat=config.remat,
                           devices=mesh.size, device=device, global_batch=global_batch,
-                          tflops_per_step=round(step_flops / 1e12, 3), **result)), flush=True)
+                          tflops_per_step=step_flops and round(step_flops / 1e12, 3), **result)), flush=True)
 
 
 if __name__ == "__main__":
