@@ -41,6 +41,7 @@ def get_config(variant: str = ""):
   data = base.data("synthetic", label_nc, load_size=32, crop_size=32)
   # Flipping only the ground truth would mirror textures the exemplar cannot reveal; one exemplar per sample.
   data.update(dict(flip=False, hard_reference_probability=0.0, image_size=32, min_objects=2, max_objects=4,
+                   background_textures=("flat",),
                    seed=0, train_size=100_000, validation_size=1_000))
   config = base.assemble(data_cfg=data, **pixel_shuffle_first_stage(32))
   config.stage = {"": "ldm+midms", "ldm": "ldm", "midms": "midms"}[variant]

@@ -143,7 +143,7 @@ def synthetic_train_config(stage: str = "ldm+midms", **train_overrides):
   if stage == "midms":
     config.checkpoints.ldm = ""
   # warmup_iter as the CLI tests' (tests/test_train.py SHORT): the same compiled steps (shared cache)
-  config.train.update(dict(num_steps=6, warmup_iter=3, log_every=1, checkpoint_every=3, image_every=3))
+  config.train.update(dict(batch_size=2, num_steps=6, warmup_iter=3, log_every=1, checkpoint_every=3, image_every=3))
   config.train.update(train_overrides)
   return config
 

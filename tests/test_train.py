@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The CLI flags of tests.conftest.synthetic_train_config(): the CLI runs compile the same programs as the
 # in-process session run (persistent cache) and reproduce its losses.
 SHORT = [f"--config.train.{k}={v}" for k, v in synthetic_train_config().train.items()
-         if k in ("num_steps", "warmup_iter", "log_every", "checkpoint_every", "image_every")]
+         if k in ("batch_size", "num_steps", "warmup_iter", "log_every", "checkpoint_every", "image_every")]
 SHORT += [f"--config.ldm.{k}={v}" for k, v in SHORT_LDM.items()]
 SHORT += [f"--config.evaluate.{k}={v}" for k, v in SHORT_EVALUATE.items()]
 

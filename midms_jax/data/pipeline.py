@@ -78,7 +78,8 @@ def make_source(data_cfg: Mapping[str, Any], split: str):
     config = synthetic.SyntheticConfig(
         image_size=data_cfg["image_size"], min_objects=data_cfg["min_objects"],
         max_objects=data_cfg["max_objects"], seed=data_cfg["seed"], train_size=data_cfg["train_size"],
-        validation_size=data_cfg["validation_size"])
+        validation_size=data_cfg["validation_size"],
+        background_textures=tuple(data_cfg.get("background_textures", synthetic.BACKGROUND_TEXTURES)))
     return synthetic.SyntheticSource(config, split)
   from midms_jax.data import sources  # pylint: disable=import-outside-toplevel  # TFDS only for the benchmarks
   if name in sources.NAMES:

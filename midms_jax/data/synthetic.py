@@ -23,7 +23,10 @@ in both layouts, so the ground truth is the exemplar's object pixels under a sim
 the two condition maps reveal (centre and size). Objects are not flipped or rotated between layouts
 for that reason: a flip of a symmetric shape is invisible in the condition map, so the flipped
 texture could not be inferred. The background does not move and uses only global parametric
-textures (no noise), so parts hidden behind objects in the exemplar are still determined.
+textures (no noise; ``background_textures`` picks them, "flat" being one colour), so parts hidden
+behind objects in the exemplar are still determined. ``configs/synthetic.py`` uses flat backgrounds:
+a uniformly labelled region gives soft matching no cue to where in it a pixel lies, so a striped
+background would be warped to its mean colour by any matcher, and copying the exemplar would win.
 Placement keeps objects inside the image and apart where it can (``min_separation``); occlusion
 is rare and then the smaller object is drawn on top.
 
@@ -42,7 +45,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
-TEXTURES = ("stripes", "checker", "gradient", "noise")
+TEXTURES = ("stripes", "checker", "gradient", "noise", "flat")
+OBJECT_TEXTURES = TEXTURES[:4]
 BACKGROUND_TEXTURES = ("stripes", "checker", "gradient")  # global, so recoverable from a partial view
 LABEL_CHANNELS = len(SHAPES) + 2  # background + one per shape + boundaries
 EDGE_CHANNEL = LABEL_CHANNELS - 1
@@ -63,6 +67,7 @@ class SyntheticConfig:
   frequency_range: tuple[float, float] = (0.6, 1.5)       # texture cycles per object radius
   min_separation: float = 0.9  # centres kept >= this * (r_i + r_j) apart when placement allows
   antialias: bool = True       # soft coverage at edges (else hard masks and an exact one-hot label)
+  background_textures: tuple[str, ...] = BACKGROUND_TEXTURES  # of BACKGROUND_TEXTURES + ("flat",)
   train_size: int = 100_000
   validation_size: int = 1_000
 
@@ -83,6 +88,10 @@ class SyntheticConfig:
     if not 0 < self.frequency_range[0] <= self.frequency_range[1]:
       raise ValueError(f"SyntheticConfig: frequency_range must be positive and ordered, "
                        f"got {self.frequency_range}")
+    allowed_backgrounds = BACKGROUND_TEXTURES + ("flat",)
+    if not self.background_textures or not set(self.background_textures) <= set(allowed_backgrounds):
+      raise ValueError(f"SyntheticConfig: background_textures must be names from {allowed_backgrounds}, "
+                       f"got {self.background_textures}")
     if self.min_separation < 0:
       raise ValueError(f"SyntheticConfig: min_separation must be >= 0, got {self.min_separation}")
     if self.train_size < 0 or self.validation_size < 0:
@@ -164,7 +173,7 @@ def sample_layouts(rng: np.random.Generator, config: SyntheticConfig) -> tuple[L
 
 
 def sample_appearance(rng: np.random.Generator, count: int, config: SyntheticConfig,
-                      textures: Sequence[str] = TEXTURES) -> Appearance:
+                      textures: Sequence[str] = OBJECT_TEXTURES) -> Appearance:
   """``count`` random surfaces with texture kinds drawn from ``textures``."""
   kinds = np.array([TEXTURES.index(t) for t in textures])
   low, high = config.frequency_range
@@ -181,7 +190,7 @@ def make_scene(layout_rng: np.random.Generator, appearance_rng: np.random.Genera
   """A scene from separate layout and appearance streams (same layout rng => same condition maps)."""
   layout, layout_ref = sample_layouts(layout_rng, config)
   objects = sample_appearance(appearance_rng, len(layout.classes), config)
-  background = sample_appearance(appearance_rng, 1, config, BACKGROUND_TEXTURES)
+  background = sample_appearance(appearance_rng, 1, config, config.background_textures)
   return Scene(layout, layout_ref, objects, background)
 
 
@@ -237,6 +246,8 @@ def _texture(app: Appearance, i: int, u: np.ndarray, v: np.ndarray) -> np.ndarra
     return _unit(0.5 + 2 * product)
   if kind == "gradient":
     return _unit(0.5 + 0.5 * (u * cos + v * sin))
+  if kind == "flat":
+    return np.zeros(np.broadcast_shapes(u.shape, v.shape), np.float32)
   # noise: bilinear interpolation of a lattice spanning the object's [-1, 1]^2 frame
   last = NOISE_GRID - 1
   gu = np.minimum(np.maximum((u + 1) * (last / 2), 0), last)

@@ -169,10 +169,24 @@ def test_source_splits_lengths_and_batches():
     (dict(max_objects=6), "max_objects"), (dict(min_objects=0), "min_objects"),
     (dict(classes=("disc", "hexagon")), "classes"), (dict(classes=("disc", "disc")), "classes"),
     (dict(classes=("disc",), max_objects=2), "len(classes)"), (dict(radius_range=(0.3, 0.2)), "radius_range"),
-    (dict(image_size=4), "image_size"), (dict(frequency_range=(0, 1)), "frequency_range")])
+    (dict(image_size=4), "image_size"), (dict(frequency_range=(0, 1)), "frequency_range"),
+    (dict(background_textures=("noise",)), "background_textures"), (dict(background_textures=()), "background_textures")])
 def test_bad_config_is_refused(changes, phrase):
   with pytest.raises(ValueError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
     dataclasses.replace(CONFIG, **changes)
+
+
+def test_flat_background_is_one_colour_and_objects_keep_their_textures():
+  config = dataclasses.replace(CONFIG, background_textures=("flat",))
+  for index in range(4):
+    item, textured = synthetic.sample(index, config), synthetic.sample(index, CONFIG)
+    for image, label in ((item["image"], item["label"]), (item["ref"], item["label_ref"])):
+      background = image[label[..., 0] == 1]
+      np.testing.assert_allclose(background, np.broadcast_to(background[0], background.shape), atol=1e-6)
+    # Same layouts and object appearances as the default config: only the backdrop changed.
+    np.testing.assert_array_equal(item["label"], textured["label"])
+    objects = item["label"][..., 0] == 0
+    np.testing.assert_allclose(item["image"][objects], textured["image"][objects], atol=1e-5)
 
 
 def test_bad_split_is_refused():
