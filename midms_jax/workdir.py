@@ -67,8 +67,9 @@ def _with_later_fields(config: ConfigDict) -> ConfigDict:
 
 
 def as_path(workdir: str | os.PathLike) -> epath.Path:
-  """A workdir as a path object: local folders and cloud storage (``gs://bucket/run``) alike."""
-  return epath.Path(workdir).expanduser()
+  """A workdir as a path object: local folders (made absolute: orbax refuses relative checkpoint paths) and
+  cloud storage (``gs://bucket/run``) alike."""
+  return _absolute(epath.Path(workdir).expanduser())
 
 
 def _absolute(path: epath.Path) -> epath.Path:

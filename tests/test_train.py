@@ -102,10 +102,11 @@ def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):
 def _kill_resume_and_damage(job: BackgroundJob) -> tuple[pathlib.Path, str, pathlib.Path, subprocess.CompletedProcess]:
   """The CLI runs of the resume test (a background job, so independent of the session run): kill -9 a run after
   its step-3 checkpoint and rerun the same command; then damage checkpoint 6 of a copy of the finished run and
-  run it again. Returns the killed run's workdir and rerun stderr, the damaged copy and its run."""
+  run it again. Returns the killed run's workdir and rerun stderr, the damaged copy and its run. The killed run
+  names its workdir relative to the current directory, as the README's command does."""
   killed = job.dir / "killed"
   env = _cli_env(job.environ)
-  with job.popen(_cli_args(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+  with job.popen(_cli_args(pathlib.Path("killed")), cwd=job.dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                  text=True) as proc:
     deadline = time.time() + 600
     while time.time() < deadline and not (killed / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists():
@@ -113,7 +114,7 @@ def _kill_resume_and_damage(job: BackgroundJob) -> tuple[pathlib.Path, str, path
       time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
   assert not (killed / "checkpoints" / "6").exists(), "the run finished before it could be killed"
-  out = job.run(_cli_args(killed), timeout=900, cwd=ROOT, env=env)
+  out = job.run(_cli_args(pathlib.Path("killed")), timeout=900, cwd=job.dir, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
 
   damaged = job.dir / "damaged"

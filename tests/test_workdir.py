@@ -80,7 +80,7 @@ def test_cloud_storage_workdirs_stay_urls(tmp_path, monkeypatch):
   assert str(cloud / workdir.CHECKPOINTS_DIR) == "gs://bucket/runs/x/checkpoints"
   assert str(workdir._absolute(cloud / workdir.FIRST_STAGE_DIR)) == "gs://bucket/runs/x/first_stage"  # pylint: disable=protected-access
   monkeypatch.chdir(tmp_path)
-  assert workdir._absolute(workdir.as_path("runs/x")) == tmp_path / "runs" / "x"  # pylint: disable=protected-access
+  assert workdir.as_path("runs/x") == tmp_path / "runs" / "x"
 
 
 def test_configs_of_older_runs_get_the_fields_added_since(tmp_path):
