@@ -97,7 +97,7 @@ def read_config(workdir: str | os.PathLike) -> ConfigDict:
 
 def save_first_stage(workdir: epath.Path, first_stage: Any) -> None:
   """Saves the frozen first stage once (every process calls this; orbax writes from the primary host)."""
-  path = _absolute(workdir / FIRST_STAGE_DIR)
+  path = workdir / FIRST_STAGE_DIR
   if path.exists():
     return
   if not jax.tree_util.tree_leaves(first_stage):  # orbax refuses empty trees
@@ -139,7 +139,7 @@ def _tree_metadata(checkpointer: ocp.PyTreeCheckpointer, path: epath.Path) -> An
 
 
 def restore_first_stage(workdir: epath.Path) -> dict[str, Any]:
-  path = _absolute(workdir / FIRST_STAGE_DIR)
+  path = workdir / FIRST_STAGE_DIR
   if not path.is_dir():
     raise CheckpointError(f"{path}: missing; the run's frozen first stage is saved there when training starts")
   if (path / NO_VARIABLES_FILE).exists():

@@ -48,6 +48,7 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross")
 TEXTURES = ("stripes", "checker", "gradient", "noise", "flat")
 OBJECT_TEXTURES = TEXTURES[:4]
 BACKGROUND_TEXTURES = ("stripes", "checker", "gradient")  # global, so recoverable from a partial view
+BACKGROUND_CHOICES = BACKGROUND_TEXTURES + ("flat",)  # what SyntheticConfig.background_textures may name
 LABEL_CHANNELS = len(SHAPES) + 2  # background + one per shape + boundaries
 EDGE_CHANNEL = LABEL_CHANNELS - 1
 SPLITS = ("train", "validation")
@@ -67,7 +68,7 @@ class SyntheticConfig:
   frequency_range: tuple[float, float] = (0.6, 1.5)       # texture cycles per object radius
   min_separation: float = 0.9  # centres kept >= this * (r_i + r_j) apart when placement allows
   antialias: bool = True       # soft coverage at edges (else hard masks and an exact one-hot label)
-  background_textures: tuple[str, ...] = BACKGROUND_TEXTURES  # of BACKGROUND_TEXTURES + ("flat",)
+  background_textures: tuple[str, ...] = BACKGROUND_TEXTURES  # names from BACKGROUND_CHOICES
   train_size: int = 100_000
   validation_size: int = 1_000
 
@@ -88,9 +89,8 @@ class SyntheticConfig:
     if not 0 < self.frequency_range[0] <= self.frequency_range[1]:
       raise ValueError(f"SyntheticConfig: frequency_range must be positive and ordered, "
                        f"got {self.frequency_range}")
-    allowed_backgrounds = BACKGROUND_TEXTURES + ("flat",)
-    if not self.background_textures or not set(self.background_textures) <= set(allowed_backgrounds):
-      raise ValueError(f"SyntheticConfig: background_textures must be names from {allowed_backgrounds}, "
+    if not self.background_textures or not set(self.background_textures) <= set(BACKGROUND_CHOICES):
+      raise ValueError(f"SyntheticConfig: background_textures must be names from {BACKGROUND_CHOICES}, "
                        f"got {self.background_textures}")
     if self.min_separation < 0:
       raise ValueError(f"SyntheticConfig: min_separation must be >= 0, got {self.min_separation}")
