@@ -67,6 +67,8 @@ def midms() -> ml_collections.ConfigDict:
       interleave_steps=4,          # diffusion_iteratiom_num: U-Net steps of the interleaved loop
       loop_start_step=12,          # hijack step k of the first loop step (official 3 * ddim_steps // 4):
                                    # noised to time_range[k-1] = 311, U-Net told time_range[k] = 249
+      first_step_noise="official",  # "official": a chain's first step noises to time_range[k-1] but tells the
+                                   # U-Net time_range[k]; "matched": noised to the level the U-Net is told
       loop_eta=0.0,                # DDIM eta of the loop (its x_prev is never used, only x0 and dir)
       rewarp_steps=(1, 2),         # loop indices that re-warp before the U-Net call
       temperature=0.005,           # softmax temperature of soft warps and flows
@@ -77,6 +79,8 @@ def midms() -> ml_collections.ConfigDict:
       refine_steps=200, refine_eta=1.0, refine_hijack_step=180,  # inference refinement
       apply_scale_factor=False,    # official: latents are not multiplied by the LDM scale_factor
       kl_latent="sample",          # KL first stage: official encodes with a posterior sample; or "mode"
+      rewarp_support="encoder",    # re-warp query vs real_enc's raw exemplar features (official, spec 1.5) or
+                                   # "matching": vs the phi-head features the initial matching used
       warp_chunk=0,                # query pixels per block of the soft warps (0: the whole correlation volume
                                    # at once; > 0: memory linear in latent pixels, same results within 1e-5)
   ))
@@ -125,6 +129,7 @@ def ldm() -> ml_collections.ConfigDict:
       num_steps=100_000, batch_size=48, lr=1e-4,   # LDM CelebA-HQ: base lr 2e-6 x batch 48 (scale_lr)
       adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01,
       ema_decay=0.9999,   # LitEma: min(decay, (1 + k) / (10 + k)) at update k
+      max_timestep=0,     # t uniform in [0, max_timestep); 0: all diffusion.timesteps (LDM's objective)
       preview_t=500,      # the image log: images noised to this step and the EMA U-Net's one-step estimate
       log_every=50, image_every=1000, checkpoint_every=5000, keep_checkpoints=3))
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 from etils import epath
 
-from midms_jax.data import images as images_lib, pipeline
+from midms_jax.data import images as images_lib, pipeline, synthetic
 from midms_jax.metrics import lpips, translation_quality
 from midms_jax.models.midms import MIDMs
 
@@ -73,15 +73,21 @@ def results(config, variables: Mapping[str, Any], step: int) -> tuple[dict[str, 
   ablations = {name: score(variant(config, **overrides))["midms"] for name, overrides in ABLATIONS.items()}
   scores = _rounded(dict(split=config.evaluate.split, pairs=full["pairs"], step=int(step), lpips="v0.1 vgg",
                          methods={m: full[m] for m in translation_quality.METHODS}, ablations=ablations))
-  return scores, sample_grid(batches, full["images"])
+  return scores, sample_grid(batches, full["images"], config.data.name)
 
 
-def sample_grid(batches, images: Mapping[str, np.ndarray]) -> np.ndarray:
-  """Rows = the scored pairs of ``images``; columns condition (its first three channels, [0, 1] -> [-1, 1]) |
-  exemplar | initial warp | output | ground truth."""
+def condition_rgb(label: np.ndarray, data_name: str) -> np.ndarray:
+  """A condition map as an image in [-1, 1]: the synthetic set's class colours, else its first three channels."""
+  rgb = synthetic.colourise(label) if data_name == "synthetic" else label[..., :3]
+  return rgb * 2 - 1
+
+
+def sample_grid(batches, images: Mapping[str, np.ndarray], data_name: str) -> np.ndarray:
+  """Rows = the scored pairs of ``images``; columns condition (``condition_rgb``) | exemplar | initial warp |
+  output | ground truth."""
   rows = len(images["midms"])
   inputs = {k: np.concatenate([b[k] for b in batches])[:rows] for k in ("image", "ref", "label")}
-  condition = inputs["label"][..., :3] * 2 - 1
+  condition = condition_rgb(inputs["label"], data_name)
   columns = [condition, inputs["ref"], images["initial_warp"], images["midms"], inputs["image"]]
   return np.clip(images_lib.tile_columns(columns), -1, 1)
 

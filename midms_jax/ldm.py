@@ -79,10 +79,19 @@ def _unet(model: MIDMs, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
   return model.unet.apply({"params": params}, x, t).astype(jnp.float32)
 
 
-def eps_loss(model: MIDMs, params: Any, latents: jax.Array, rng: jax.Array) -> jax.Array:
-  """LDM's simple loss on one batch of clean latents: uniform ``t``, Gaussian ``ε``, MSE on ``ε``."""
+def timestep_limit(model: MIDMs, max_timestep: int) -> int:
+  """The exclusive upper bound of the training timesteps: ``ldm.max_timestep``, or all of them when 0."""
+  num = model.schedule.num_timesteps
+  if not 0 <= max_timestep <= num:
+    raise ValueError(f"ldm.max_timestep must be in [0, {num}] (0: all timesteps), got {max_timestep}")
+  return max_timestep or num
+
+
+def eps_loss(model: MIDMs, params: Any, latents: jax.Array, rng: jax.Array, max_timestep: int = 0) -> jax.Array:
+  """LDM's simple loss on one batch of clean latents: ``t`` uniform in ``[0, max_timestep)`` (0: all
+  timesteps, LDM's objective), Gaussian ``ε``, MSE on ``ε``."""
   t_key, noise_key = jax.random.split(rng)
-  t = jax.random.randint(t_key, (latents.shape[0],), 0, model.schedule.num_timesteps)
+  t = jax.random.randint(t_key, (latents.shape[0],), 0, timestep_limit(model, max_timestep))
   noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
   eps = _unet(model, params, noised(model, latents, t, noise), t)
   return jnp.mean(jnp.square(noise - eps))
@@ -101,6 +110,9 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
   """``step(state, frozen, batch) -> (state, metrics)``, state donated; ``frozen = {'first_stage': ...}``,
   ``batch['image']`` the training images. Sharding as ``train_step.make_train_steps``."""
   ldm_cfg = config.ldm
+  limit = timestep_limit(model, ldm_cfg.max_timestep)
+  if not 0 <= ldm_cfg.preview_t < limit:
+    raise ValueError(f"ldm.preview_t={ldm_cfg.preview_t} must be a trained timestep, in [0, {limit})")
   tx = make_optimizer(ldm_cfg)
   seed = config.train.seed
 
@@ -108,7 +120,8 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     encode_key, loss_key = jax.random.split(rng)
     latents = model.encode({"first_stage": frozen["first_stage"]}, batch["image"], encode_key)
-    loss, grads = jax.value_and_grad(lambda p: eps_loss(model, p, latents, loss_key))(state.params)
+    loss, grads = jax.value_and_grad(lambda p: eps_loss(model, p, latents, loss_key, ldm_cfg.max_timestep))(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(ldm_cfg.ema_decay, state.step + 1)

@@ -52,7 +52,9 @@ def _tuples(value: Any) -> Any:
 
 # Config fields newer than some workdirs, with the value that reproduces what those runs did.
 _FIELDS_ADDED_LATER = ((("stage",), "midms"), (("evaluate", "results_pairs"), 0), (("dtype",), "float32"),
-                       (("remat",), "none"), (("midms", "warp_chunk"), 0))
+                       (("remat",), "none"), (("midms", "warp_chunk"), 0),
+                       (("midms", "first_step_noise"), "official"), (("ldm", "max_timestep"), 0),
+                       (("midms", "rewarp_support"), "encoder"))
 
 
 def _with_later_fields(config: ConfigDict) -> ConfigDict:

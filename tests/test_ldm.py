@@ -47,6 +47,39 @@ def test_eps_loss_is_mse_on_the_noise_of_q_sample(setup):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_max_timestep_limits_the_training_timesteps(setup):
+  """``max_timestep`` draws t from [0, max): the loss equals the formula with that bound (the same key over all
+  1000 timesteps draws other timesteps, so an ignored bound fails the comparison)."""
+  config, model, variables, images = setup
+  latents = model.encode({"first_stage": {}}, images)
+  rng = jax.random.PRNGKey(3)
+  t_key, noise_key = jax.random.split(rng)
+  t = jax.random.randint(t_key, (4,), 0, 20)
+  assert int(jnp.max(t)) < 20
+  noise = jax.random.normal(noise_key, latents.shape)
+  ac = np.asarray(model.schedule.alphas_cumprod)[np.asarray(t)][:, None, None, None]
+  x_t = np.sqrt(ac) * np.asarray(latents) + np.sqrt(1 - ac) * np.asarray(noise)
+  # A U-Net whose output depends on its input (a fresh one's zero-initialised last convolution outputs 0).
+  leaves, tree = jax.tree_util.tree_flatten(variables["unet"]["params"])
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  params = tree.unflatten([leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+  eps = jax.jit(model.unet.apply)({"params": params}, jnp.asarray(x_t, jnp.float32), t)
+  want = np.mean((np.asarray(noise) - np.asarray(eps)) ** 2)
+  assert not np.array_equal(t, jax.random.randint(t_key, (4,), 0, config.diffusion.timesteps))
+  got = jax.jit(lambda params: ldm.eps_loss(model, params, latents, rng, 20))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"ldm.max_timestep must be in \[0, 1000\]"):
+    ldm.eps_loss(model, params, latents, rng, 1001)
+
+
+def test_preview_must_be_a_trained_timestep(setup):
+  config, model, _, _ = setup
+  config = config.copy_and_resolve_references()
+  config.ldm.max_timestep, config.ldm.preview_t = 200, 500
+  with pytest.raises(ValueError, match=r"ldm.preview_t=500 must be a trained timestep, in \[0, 200\)"):
+    ldm.make_step(model, config)
+
+
 def test_compiled_step_learns_and_keeps_the_ema_behind(setup):
   config, model, variables, images = setup
   config = config.copy_and_resolve_references()

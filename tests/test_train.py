@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import celebahq
@@ -77,6 +78,13 @@ def test_synthetic_run_ends_with_held_out_results_and_samples(synthetic_run):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   with Image.open(workdir / "samples.png") as samples:
     assert samples.size == (5 * 32, 4 * 32)  # condition | exemplar | warp | output | gt, the 4 pairs
+    grid = np.asarray(samples.convert("RGB"), np.float32) / 255
+  # The condition column shows the class colours of the held-out conditions (synthetic.colourise).
+  from midms_jax import held_out, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from midms_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  batches = held_out.held_out_batches(workdir_lib.read_config(workdir), 4)
+  labels = np.concatenate([b["label"] for b in batches])[:4]
+  np.testing.assert_allclose(grid[:, :32], np.concatenate(synthetic.colourise(labels)), atol=1 / 255 + 1e-6)
 
 
 def test_synthetic_run_goes_through_warmup_and_writes_everything(synthetic_run):

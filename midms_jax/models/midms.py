@@ -56,6 +56,8 @@ class MatchingSettings:
   apply_scale_factor: bool = False
   kl_latent: str = "sample"
   warp_chunk: int = 0             # query pixels per block of the soft warps; 0: through the dense volume
+  rewarp_support: str = "encoder"  # re-warp against real_enc's raw features ("encoder", official) or the
+                                   # phi-head features of the initial matching ("matching")
 
 
 class Noise(NamedTuple):
@@ -97,8 +99,17 @@ class StepCoefficients(NamedTuple):
   rewarp: jax.Array             # bool: re-warp before this step's U-Net call
 
 
-def _coefficients(schedule: DiffusionSchedule, ddim: DDIMSchedule, ks, rewarp_flags) -> StepCoefficients:
+FIRST_STEP_NOISE = ("official", "matched")
+REWARP_SUPPORTS = ("encoder", "matching")
+
+
+def _coefficients(schedule: DiffusionSchedule, ddim: DDIMSchedule, ks, rewarp_flags,
+                  first_step_noise: str = "official") -> StepCoefficients:
+  """``first_step_noise``: "official" noises a chain's clean start to ``time_range[k-1]`` (one DDIM level above
+  the U-Net's timestep, the official off-by-one); "matched" noises it to the U-Net's own timestep."""
   steps = [ddim.hijack_step(int(k)) for k in ks]
+  if first_step_noise == "matched":
+    steps = [s._replace(noise_t=s.t) for s in steps]
   f32 = lambda values: jnp.asarray(np.asarray(values, np.float32))
   return StepCoefficients(
       t=jnp.asarray([s.t for s in steps], jnp.int32),
@@ -149,17 +160,23 @@ class MIDMs:
       raise ValueError(f"midms.rewarp_steps {bad} outside the {m.interleave_steps} loop steps")
     if m.kl_latent not in ("sample", "mode"):
       raise ValueError(f"midms.kl_latent must be 'sample' or 'mode', got {m.kl_latent!r}")
+    if m.first_step_noise not in FIRST_STEP_NOISE:
+      raise ValueError(f"midms.first_step_noise must be one of {FIRST_STEP_NOISE}, got {m.first_step_noise!r}")
+    if m.rewarp_support not in REWARP_SUPPORTS:
+      raise ValueError(f"midms.rewarp_support must be one of {REWARP_SUPPORTS}, got {m.rewarp_support!r}")
     if m.warp_chunk < 0:
       raise ValueError(f"midms.warp_chunk must be >= 0 (0: dense correlation volume), got {m.warp_chunk}")
     ks = np.arange(m.loop_start_step, m.loop_start_step + m.interleave_steps)
-    loop = _coefficients(schedule, loop_ddim, ks, [i in tuple(m.rewarp_steps) for i in range(m.interleave_steps)])
+    loop = _coefficients(schedule, loop_ddim, ks, [i in tuple(m.rewarp_steps) for i in range(m.interleave_steps)],
+                         m.first_step_noise)
     refine_ddim = DDIMSchedule.make(schedule, m.refine_steps, m.refine_eta)
     refine_ks = np.arange(m.refine_hijack_step, refine_ddim.total_steps)
-    refine = _coefficients(schedule, refine_ddim, refine_ks, [False] * len(refine_ks))
+    refine = _coefficients(schedule, refine_ddim, refine_ks, [False] * len(refine_ks), m.first_step_noise)
     settings = MatchingSettings(
         temperature=m.temperature, fb_threshold=m.fb_threshold, fbcheck_true_backward=m.fbcheck_true_backward,
         confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=tuple(m.rewarp_steps),
-        apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent, warp_chunk=m.warp_chunk)
+        apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent, warp_chunk=m.warp_chunk,
+        rewarp_support=m.rewarp_support)
     if config.remat not in REMAT_POLICIES:
       raise ValueError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
     dtype = build.compute_dtype(config.dtype)
@@ -290,8 +307,10 @@ class MIDMs:
     ref = self._match(trg, match(out["ref_matching_feats"], ex_cond, "phi"))
     out["warped_ref_feat"], out["warped_ref_seg"] = self._warp(ref, [exemplar_latent, ex_cond])
     matches = dict(corr_ref=ref)
+    out["ref_support_feats"] = ref.support
     if gt_latent is not None:
       src = self._match(trg, match(out["src_matching_feats"], cond, "phi"))
+      out["src_support_feats"] = src.support
       (out["warped_src_feat"],) = self._warp(src, [gt_latent])
       out["loss_fb_first_warp"] = self._cycle_loss(ref, out["warped_ref_feat"], exemplar_latent)
       matches["corr_src"] = src
@@ -347,10 +366,12 @@ class MIDMs:
     if with_src:
       init.update(src_x0=matched["warped_src_feat"], src_a=first_a, src_d=first.noise_sqrt_1m_ac * noise.loop_src)
 
+    support = "support_feats" if s.rewarp_support == "matching" else "matching_feats"
+
     def rewarp(carry):
       carry = dict(carry)
       ref, sp = self._rewarp(variables, carry["spectral"], carry["ref_x0"], matched["trg_matching_feats"],
-                             matched["ref_matching_feats"], exemplar_latent, matched["exemplar_condition"],
+                             matched[f"ref_{support}"], exemplar_latent, matched["exemplar_condition"],
                              update_stats=update_stats)
       record = dict(pred_ref_x0_new=ref["new"], **ref["mask"])
       mask = record["fb_mask"] if s.confidence_masking else jnp.ones_like(record["fb_mask"])
@@ -363,7 +384,7 @@ class MIDMs:
           record["corr_inter"] = ref["corr"]
       if with_src:
         src, sp = self._rewarp(variables, sp, carry["src_x0"], matched["trg_matching_feats"],
-                               matched["src_matching_feats"], gt_latent, update_stats=update_stats)
+                               matched[f"src_{support}"], gt_latent, update_stats=update_stats)
         loss_fb = loss_fb + src["cycle"]
         if capture:
           record.update(iter_enc_src=src["iter_enc"], src_pred_ref_x0_new=src["new"])

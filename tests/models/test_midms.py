@@ -7,6 +7,7 @@ import pytest
 from flax import traverse_util
 
 from configs import celebahq
+from midms_jax import matching
 from midms_jax.models.midms import MIDMs
 from tests.conftest import assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
@@ -158,6 +159,65 @@ def test_bad_loop_configs_are_refused():
   config.midms.warp_chunk = -1
   with pytest.raises(ValueError, match="midms.warp_chunk must be >= 0"):
     MIDMs.from_config(config)
+  config = celebahq.get_config("tiny")
+  config.midms.first_step_noise = "paper"
+  with pytest.raises(ValueError, match="midms.first_step_noise must be one of"):
+    MIDMs.from_config(config)
+  config = celebahq.get_config("tiny")
+  config.midms.rewarp_support = "phi"
+  with pytest.raises(ValueError, match="midms.rewarp_support must be one of"):
+    MIDMs.from_config(config)
+
+
+def test_rewarp_support_matching_correlates_with_the_initial_matching_features(io, setup):
+  """"matching": the re-warp's query is correlated with the normalised phi-head features the initial matching
+  used (the official "encoder" support, real_enc's raw features, is checked against the fixture above)."""
+  model, variables = setup
+  x = forward_inputs(io)
+  config = celebahq.get_config("tiny")
+  config.midms.rewarp_support = "matching"
+  matching_model = MIDMs.from_config(config)
+
+  def run(v, n):
+    out = matching_model.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"], jax.random.PRNGKey(0),
+                                   refine=False, noise=n, capture=True)
+    matched, _ = matching_model.initial_matching(v, v["correspondence"]["spectral"], x["input_semantics"],
+                                                 x["ref_semantics"], matching_model.encode(v, x["ref_img"]))
+    return out["steps"], matched
+
+  steps, matched = jax.jit(run)(variables, forward_noise(io, "infer", model))
+  for support, matches in ((matched["ref_support_feats"], True), (matched["ref_matching_feats"], False)):
+    want = matching.correlation(matching.normalize_features(steps["iter_enc_ref"][1]),
+                                matching.normalize_features(support))
+    assert np.allclose(np.asarray(steps["corr_inter"][1]), np.asarray(want), atol=1e-5) == matches
+
+
+def test_matched_first_step_noises_to_the_unet_timestep(io, setup):
+  """Official: the loop's chain starts at time_range[k-1] = 311 with the U-Net told 249 (refinement: 101 vs 96);
+  "matched" noises to the told level; the rest of the schedule is the same."""
+  model, variables = setup
+  official = MIDMs.from_config(celebahq.get_config("tiny"))
+  config = celebahq.get_config("tiny")
+  config.midms.first_step_noise = "matched"
+  matched = MIDMs.from_config(config)
+  sqrt_ac = np.sqrt(np.asarray(official.schedule.alphas_cumprod))
+  for coefficients, levels in ((official.loop, (311, 249)), (official.refine, (101, 96))):
+    assert int(coefficients.t[0]) == levels[1]
+    np.testing.assert_allclose(float(coefficients.noise_sqrt_ac[0]), sqrt_ac[levels[0]], rtol=1e-6)
+  for name in ("loop", "refine"):
+    got, base = getattr(matched, name), getattr(official, name)
+    np.testing.assert_allclose(np.asarray(got.noise_sqrt_ac), sqrt_ac[np.asarray(got.t)], rtol=1e-6)
+    for field in ("t", "a_t", "a_prev", "sigma", "rewarp"):
+      np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(base, field)))
+  # In the forward pass: the first U-Net input is the initial warp noised to t=249 with the same draw.
+  x = forward_inputs(io)
+  noise = forward_noise(io, "infer", model)
+  out = jax.jit(lambda v, n: matched.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"],
+                                               jax.random.PRNGKey(0), refine=False, noise=n, capture=True))(
+      variables, noise)
+  ac = float(np.asarray(official.schedule.alphas_cumprod)[249])
+  want = np.sqrt(ac) * np.asarray(out["initial_warp"]) + np.sqrt(1 - ac) * np.asarray(noise.loop_ref)
+  np.testing.assert_allclose(np.asarray(out["steps"]["ref/x_noisy"][0]), want, atol=1e-5)
 
 
 def test_options_change_the_result_only_where_they_should(io, setup):
