@@ -66,9 +66,10 @@ def get_config(variant: str = ""):
   # step costs detail (grain) that large noise levels multiply. first_step_noise="matched": the chain starts at
   # the level the U-Net is told (the official off-by-one starts one DDIM level noisier: residual noise). The
   # paper's forward-backward check (fbcheck_true_backward): the official one marks every match farther than ~1/8
-  # of the image unconfident, and objects here move farther (20.9 -> 21.4 dB with the paper's). The re-warp matches against the phi-head features of the initial matching (rewarp_support): against
-  # real_enc's raw features, which carry no semantics, a re-warp trained for minutes scores 18 dB where the
-  # initial warp scores 23.5. The official eta=1 refinement re-noises to t=101, far above the loop: left out.
+  # of the image unconfident, and objects here move farther (20.9 -> 21.4 dB with the paper's). The re-warp
+  # matches against the phi-head features of the initial matching (rewarp_support): against real_enc's raw
+  # features, which carry no semantics, a re-warp trained for minutes scores 18 dB where the initial warp
+  # scores 23.5. The official eta=1 refinement re-noises to t=101, far above the loop: left out.
   config.midms.update(dict(ddim_steps=200, loop_start_step=197, interleave_steps=3, rewarp_steps=(1,),
                            first_step_noise="matched", fbcheck_true_backward=True, rewarp_support="matching"))
   # LDM pre-training on the timesteps the loop visits (t < 200; one-step x0 from held-out latents at t=21:

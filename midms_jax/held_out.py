@@ -77,9 +77,12 @@ def results(config, variables: Mapping[str, Any], step: int) -> tuple[dict[str, 
 
 
 def condition_rgb(label: np.ndarray, data_name: str) -> np.ndarray:
-  """A condition map as an image in [-1, 1]: the synthetic set's class colours, else its first three channels."""
-  rgb = synthetic.colourise(label) if data_name == "synthetic" else label[..., :3]
-  return rgb * 2 - 1
+  """A condition map as an RGB picture in [0, 1]: the synthetic set's class colours, else its first three
+  channels (fewer: repeated)."""
+  if data_name == "synthetic":
+    return synthetic.colourise(label)
+  x = label[..., :3]
+  return np.concatenate([x] * 3, axis=-1)[..., :3] if x.shape[-1] < 3 else x
 
 
 def sample_grid(batches, images: Mapping[str, np.ndarray], data_name: str) -> np.ndarray:
@@ -87,7 +90,7 @@ def sample_grid(batches, images: Mapping[str, np.ndarray], data_name: str) -> np
   output | ground truth."""
   rows = len(images["midms"])
   inputs = {k: np.concatenate([b[k] for b in batches])[:rows] for k in ("image", "ref", "label")}
-  condition = condition_rgb(inputs["label"], data_name)
+  condition = condition_rgb(inputs["label"], data_name) * 2 - 1
   columns = [condition, inputs["ref"], images["initial_warp"], images["midms"], inputs["image"]]
   return np.clip(images_lib.tile_columns(columns), -1, 1)
 

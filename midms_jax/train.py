@@ -190,19 +190,14 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, iterator)
 # Logging
 # --------------------------------------------------------------------------------------------------
 
-def _to_rgb(x: np.ndarray) -> np.ndarray:
-  """A condition map as an RGB picture: its first three channels (fewer: repeated)."""
-  x = x[..., :3]
-  return np.concatenate([x] * 3, axis=-1)[..., :3] if x.shape[-1] < 3 else x
-
-
-def image_grid(batch, outputs, n: int = 4) -> np.ndarray:
+def image_grid(batch, outputs, data_name: str, n: int = 4) -> np.ndarray:
   """Rows = the first ``n`` samples of this host's ``batch`` (the first rows of the global batch, whose
-  ``outputs`` are given); columns = condition | exemplar | initial warp | output | ground truth, in [0, 1]."""
+  ``outputs`` are given); columns = condition (``held_out.condition_rgb``) | exemplar | initial warp | output |
+  ground truth, in [0, 1]."""
   n = min(n, len(batch["image"]))
   to01 = lambda x: np.clip((np.asarray(x[:n]) + 1) / 2, 0, 1)
-  columns = [_to_rgb(np.asarray(batch["label"][:n])), to01(batch["ref"]), to01(outputs["initial_warp"]),
-             to01(outputs["warped_ref"]), to01(batch["image"])]
+  columns = [held_out.condition_rgb(np.asarray(batch["label"][:n]), data_name), to01(batch["ref"]),
+             to01(outputs["initial_warp"]), to01(outputs["warped_ref"]), to01(batch["image"])]
   return images_lib.tile_columns(columns)[None]
 
 
@@ -396,7 +391,7 @@ def train_midms(config, workdir: epath.Path, mesh) -> dict[str, float]:
                  num_steps=total_steps(config, steps_per_epoch),
                  intervals=config.train, run_step=run_step,
                  draw=lambda state, frozen, host_batch, batch: image_grid(
-                     host_batch, jax.device_get(preview(state, frozen, batch))),
+                     host_batch, jax.device_get(preview(state, frozen, batch)), config.data.name),
                  image_name="condition|exemplar|warp|output|gt",
                  phase=lambda step: "warm-up" if step < config.train.warmup_iter else "interleaved")
   return _run(stage, iterator, mesh)
