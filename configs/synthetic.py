@@ -59,19 +59,24 @@ def get_config(variant: str = ""):
   # The contextual term (output vs exemplar statistics) at 0.1: at 1 it pulls the output towards the exemplar's
   # textures wherever they are (0.5 dB, LPIPS 0.02 worse); the original-loss weight 100 puts the U-Net's own
   # denoising term (an MSE of ~0.005 on latents) on the scale of the perceptual terms (~1).
-  config.loss.update(dict(perc=1.0, perc_layer="r22", context=0.1, original=100.0))
+  config.loss.update(dict(perc=1.0, perc_layer="r22", context=0.1, original=100.0, rewarp=1.0))
   config.midms.temperature = 0.05
   # The loop joins the diffusion late, at small noise: U-Net steps at t = 11, 6, 1 of a 200-step schedule,
-  # re-warping before the second. A U-Net trained for minutes restores little from a noisy soft warp, and each
-  # step costs detail (grain) that large noise levels multiply. first_step_noise="matched": the chain starts at
-  # the level the U-Net is told (the official off-by-one starts one DDIM level noisier: residual noise). The
-  # paper's forward-backward check (fbcheck_true_backward): the official one marks every match farther than ~1/8
-  # of the image unconfident, and objects here move farther (20.9 -> 21.4 dB with the paper's). The re-warp
-  # matches against the phi-head features of the initial matching (rewarp_support): against real_enc's raw
-  # features, which carry no semantics, a re-warp trained for minutes scores 18 dB where the initial warp
-  # scores 23.5. The official eta=1 refinement re-noises to t=101, far above the loop: left out.
+  # re-warping before the second. first_step_noise="none": the chain starts from the warp itself, scaled to the
+  # first level with no Gaussian draw (DDIM with eta=0 is then deterministic): a U-Net trained for minutes does
+  # not remove a fresh draw cleanly even at t=11, and LPIPS sees the residual grain (one step from the ground
+  # truth at t=11 already costs 0.13 LPIPS), while started clean it learns to improve the warp. The paper's
+  # forward-backward check (fbcheck_true_backward): the official one marks every match farther than ~1/8 of the
+  # image unconfident, and objects here move farther. The re-warp matches against the phi-head features of the
+  # initial matching (rewarp_support): against real_enc's raw features, which carry no semantics, a re-warp
+  # trained for minutes scores 18 dB where the initial warp scores 23.5. It re-warps no better than the initial
+  # matching, while the U-Net's first step already improves on that: a re-warped pixel replaces x0 only where
+  # the cycle is consistent within 2 latent pixels (fb_threshold 0.25, normalised units), and the re-warp gets a
+  # perceptual term of its own (loss.rewarp) instead of learning only through the masked pixels. The official
+  # eta=1 refinement re-noises to t=101, far above the loop: left out.
   config.midms.update(dict(ddim_steps=200, loop_start_step=197, interleave_steps=3, rewarp_steps=(1,),
-                           first_step_noise="matched", fbcheck_true_backward=True, rewarp_support="matching"))
+                           first_step_noise="none", fbcheck_true_backward=True, fb_threshold=0.25,
+                           rewarp_support="matching"))
   # LDM pre-training on the timesteps the loop visits (t < 200; one-step x0 from held-out latents at t=21:
   # 28.0 -> 29.0 dB against all 1000 timesteps in the same 1200 steps).
   config.ldm.update(dict(num_steps=1200, batch_size=16, lr=6e-4, ema_decay=0.999, max_timestep=200, preview_t=100,

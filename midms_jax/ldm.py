@@ -108,7 +108,8 @@ def state_shardings(state: LDMState, mesh: Mesh) -> LDMState:
 
 def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: Any = None) -> Callable:
   """``step(state, frozen, batch) -> (state, metrics)``, state donated; ``frozen = {'first_stage': ...}``,
-  ``batch['image']`` the training images. Sharding as ``train_step.make_train_steps``."""
+  ``batch['image']`` the training images, or ``batch['latent']`` their cached latents (``latent_cache``).
+  Sharding as ``train_step.make_train_steps``."""
   ldm_cfg = config.ldm
   limit = timestep_limit(model, ldm_cfg.max_timestep)
   if not 0 <= ldm_cfg.preview_t < limit:
@@ -119,7 +120,10 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
   def step(state: LDMState, frozen, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     encode_key, loss_key = jax.random.split(rng)
-    latents = model.encode({"first_stage": frozen["first_stage"]}, batch["image"], encode_key)
+    if "latent" in batch:  # cached (midms_jax.latent_cache)
+      latents = batch["latent"]
+    else:
+      latents = model.encode({"first_stage": frozen["first_stage"]}, batch["image"], encode_key)
     loss, grads = jax.value_and_grad(lambda p: eps_loss(model, p, latents, loss_key, ldm_cfg.max_timestep))(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -139,25 +143,31 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
 
 
 def make_preview(model: MIDMs, t: int) -> Callable:
-  """``preview(state, frozen, images) -> {'noisy', 'denoised'}`` images: each latent noised to step ``t``
-  (fixed noise) and the EMA U-Net's one-step estimate of the clean image, decoded (for the image log)."""
+  """``preview(state, frozen, batch) -> {'image', 'noisy', 'denoised'}``: the batch's images (decoded from
+  ``batch['latent']`` when cached), each latent noised to step ``t`` (fixed noise) and the EMA U-Net's
+  one-step estimate of the clean image, decoded (for the image log)."""
 
-  def preview(state: LDMState, frozen, images):
+  def preview(state: LDMState, frozen, batch):
     variables = {"first_stage": frozen["first_stage"]}
-    latents = model.encode(variables, images, jax.random.PRNGKey(0))
+    if "latent" in batch:
+      latents = batch["latent"]
+      images = model.decode(variables, latents)
+    else:
+      images = batch["image"]
+      latents = model.encode(variables, images, jax.random.PRNGKey(0))
     steps = jnp.full((images.shape[0],), t, jnp.int32)
     x_t = noised(model, latents, steps, jax.random.normal(jax.random.PRNGKey(1), latents.shape, jnp.float32))
     x0 = predicted_x0(model, x_t, steps, _unet(model, state.ema_params, x_t, steps))
-    return dict(noisy=model.decode(variables, x_t), denoised=model.decode(variables, x0))
+    return dict(image=images, noisy=model.decode(variables, x_t), denoised=model.decode(variables, x0))
 
   return preview
 
 
-def image_grid(images: np.ndarray, preview: Mapping[str, np.ndarray], n: int = 4) -> np.ndarray:
+def image_grid(preview: Mapping[str, np.ndarray], n: int = 4) -> np.ndarray:
   """Rows = samples; columns = image | noised | one-step denoised, in [0, 1], shape (1, H n, 3 W, 3)."""
-  n = min(n, len(images))
+  n = min(n, len(preview["image"]))
   to01 = lambda x: np.clip((np.asarray(x[:n]) + 1) / 2, 0, 1)
-  columns = [to01(images), to01(preview["noisy"]), to01(preview["denoised"])]
+  columns = [to01(preview["image"]), to01(preview["noisy"]), to01(preview["denoised"])]
   return images_lib.tile_columns(columns)[None]
 
 

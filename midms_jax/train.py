@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from midms_jax import held_out, ldm, optim, train_step, workdir as workdir_lib
+from midms_jax import held_out, latent_cache, ldm, optim, train_step, workdir as workdir_lib
 from midms_jax.data import images as images_lib, pipeline
 from midms_jax.errors import CheckpointError, InputError, first_line
 from midms_jax.interop import torch_export, torch_import
@@ -106,6 +106,9 @@ def check_config(config) -> None:
       continue  # written by the LDM stage of this run
     if path and not pathlib.Path(path).is_file():
       raise CheckpointError(f"{path}: config.checkpoints.{name} names a file that does not exist")
+  if config.stage != "midms" and "://" in config.ldm.latent_cache:
+    raise InputError(f"config.ldm.latent_cache={config.ldm.latent_cache!r} must be a local directory (the latents "
+                     "are memory-mapped)")
   if config.stage == "ldm":
     return
   if config.loss.vgg not in vgg.LOSS_NETWORKS:
@@ -400,10 +403,15 @@ def train_midms(config, workdir: epath.Path, mesh) -> dict[str, float]:
 def train_ldm(config, workdir: epath.Path, mesh) -> dict[str, float]:
   """The LDM stage (``midms_jax.ldm``); exports ``ldm.safetensors`` (+ ``ldm.ckpt``) when it ends."""
   _start(config, workdir)
-  iterator, _ = _data(config, config.ldm.batch_size)
   model = MIDMs.from_config(config)
   variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), parts=("unet", "first_stage"))
   first_stage = _first_stage(workdir, variables)
+  if config.ldm.latent_cache:
+    encode = jax.jit(lambda images, index: model.encode(
+        {"first_stage": first_stage}, images, jax.random.fold_in(jax.random.PRNGKey(config.train.seed), index)))
+    iterator = iter(latent_cache.make_dataset(config, latent_cache.load_or_build(config, encode, first_stage)))
+  else:
+    iterator, _ = _data(config, config.ldm.batch_size)
   state = ldm.create_state(variables["unet"]["params"], ldm.make_optimizer(config.ldm))
   del variables
   preview = jax.jit(ldm.make_preview(model, config.ldm.preview_t), out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -416,7 +424,7 @@ def train_ldm(config, workdir: epath.Path, mesh) -> dict[str, float]:
                  num_steps=config.ldm.num_steps, intervals=config.ldm,
                  run_step=run_step,
                  draw=lambda state, frozen, host_batch, batch: ldm.image_grid(
-                     host_batch["image"], jax.device_get(preview(state, frozen, batch["image"]))),
+                     jax.device_get(preview(state, frozen, batch))),
                  image_name="image|noised|denoised", shardings=ldm.state_shardings)
   metrics = _run(stage, iterator, mesh)
   export_ldm(config, workdir, stage.state, first_stage)

@@ -88,6 +88,8 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
     def loss_fn(params):
       variables = model_variables(state, frozen, params)
       outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True)
+      if config.loss.rewarp and "rewarped_ref_x0" in outputs:
+        outputs["rewarped_ref"] = model.decode(variables, jnp.concatenate(list(outputs["rewarped_ref_x0"])))
       features = None if vgg is None else (lambda images: vgg.apply(frozen["vgg"], images))
       total, terms = midms_losses(outputs, batch, features, config.loss, warmup=warmup,
                                   with_context=state.step > warmup_iter)

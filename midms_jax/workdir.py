@@ -54,7 +54,8 @@ def _tuples(value: Any) -> Any:
 _FIELDS_ADDED_LATER = ((("stage",), "midms"), (("evaluate", "results_pairs"), 0), (("dtype",), "float32"),
                        (("remat",), "none"), (("midms", "warp_chunk"), 0),
                        (("midms", "first_step_noise"), "official"), (("ldm", "max_timestep"), 0),
-                       (("midms", "rewarp_support"), "encoder"))
+                       (("midms", "rewarp_support"), "encoder"), (("loss", "rewarp"), 0.0),
+                       (("ldm", "latent_cache"), ""))
 
 
 def _with_later_fields(config: ConfigDict) -> ConfigDict:

@@ -152,7 +152,7 @@ class Augmentation:
                          f"(H, W, label_nc={self.label_nc}) with H, W >= crop_size={self.crop_size}")
 
 
-def _derived_seed(seed: int, purpose: int) -> int:
+def derived_seed(seed: int, purpose: int) -> int:
   """An independent 32-bit seed per purpose (grain's shuffle uses seed + epoch: avoid neighbours)."""
   return int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0])
 
@@ -182,10 +182,10 @@ def make_dataset(data_cfg: Mapping[str, Any], split: str, *, seed: int, batch_si
     raise ValueError(f"make_dataset: the {split} split of {data_cfg['name']!r} is empty")
   ds = grain.MapDataset.source(source)
   if train:
-    ds = ds.shuffle(seed=_derived_seed(seed, 0)).repeat(num_epochs)
+    ds = ds.shuffle(seed=derived_seed(seed, 0)).repeat(num_epochs)
   elif num_epochs not in (None, 1):
     ds = ds.repeat(num_epochs)
-  ds = ds.random_map(Augmentation.from_config(data_cfg, train), seed=_derived_seed(seed, 1))
+  ds = ds.random_map(Augmentation.from_config(data_cfg, train), seed=derived_seed(seed, 1))
   ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=train)
   stream = dict(data=data_cfg["name"], split=split, seed=seed, global_batch_size=batch_size * shard_count,
                 train=train)
@@ -196,13 +196,13 @@ class Batches(grain.MapDataset):
   """A batch ``MapDataset`` (random access, grain transformations) iterated by a ``BatchIterator``."""
 
   def __init__(self, parent: grain.MapDataset, stream: Mapping[str, Any], *, worker_count: int = 0,
-               prefetch: int = 2, read_threads: int = 1):
+               prefetch: int = 2, read_threads: int = 1, keys: tuple[str, ...] = BATCH_KEYS):
     super().__init__(parent)
     if worker_count < 0 or prefetch < 1 or read_threads < 1:
       raise ValueError(f"make_dataset: need worker_count >= 0, prefetch >= 1, read_threads >= 1, got "
                        f"{worker_count}, {prefetch}, {read_threads}")
     self._stream, self._options = dict(stream), dict(worker_count=worker_count, prefetch=prefetch,
-                                                     read_threads=read_threads)
+                                                     read_threads=read_threads, keys=keys)
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -228,13 +228,13 @@ class BatchIterator(Iterator[Record]):
   """
 
   def __init__(self, batches: grain.MapDataset, stream: Mapping[str, Any], *, worker_count: int,
-               prefetch: int, read_threads: int):
+               prefetch: int, read_threads: int, keys: tuple[str, ...] = BATCH_KEYS):
     if worker_count and not flags.FLAGS.is_parsed():
       raise RuntimeError("worker_count > 0: grain's worker processes read absl flags, which are not parsed; run "
                          "the program under absl.app.run or call absl.flags.FLAGS.mark_as_parsed() first")
     self._batches, self._stream = batches, dict(stream)
     self._worker_count, self._prefetch, self._read_threads = worker_count, prefetch, read_threads
-    self._next_batch, self._iterator = 0, None
+    self._next_batch, self._iterator, self._keys = 0, None, tuple(keys)
 
   def _start(self) -> Iterator[Record]:
     ds = self._batches[self._next_batch:].to_iter_dataset(
@@ -249,7 +249,7 @@ class BatchIterator(Iterator[Record]):
       self._iterator = self._start()
     batch = next(self._iterator)
     self._next_batch += 1
-    return {key: np.asarray(batch[key]) for key in BATCH_KEYS}  # plain arrays (workers send shared memory)
+    return {key: np.asarray(batch[key]) for key in self._keys}  # plain arrays (workers send shared memory)
 
   def get_state(self) -> dict[str, Any]:
     return dict(self._stream, next_batch=self._next_batch)

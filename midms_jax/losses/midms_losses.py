@@ -9,6 +9,7 @@ from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from midms_jax.losses.contextual import contextual_loss
 from midms_jax.models.layers import torch_nearest_resize
@@ -76,7 +77,8 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   ``vgg(images)`` returns ReLU features r12..r52 (None: no VGG-based terms). ``warmup`` (static): the official warm-up
   phase, where the first-warp cycle loss is counted a second time as ``loss_fb_iterative``.
   ``with_context`` (bool or traced bool): official ``n_iter > warmup_iter``, so one compiled main
-  step serves the first post-warm-up iteration (no context loss) too.
+  step serves the first post-warm-up iteration (no context loss) too. ``outputs["rewarped_ref"]`` (the
+  decoded re-warps, present only when ``loss_cfg.rewarp`` asks for them) adds ``loss_rewarp``.
   """
   terms = dict(
       loss_domain=domain_loss(outputs["trg_matching_feats"], outputs["src_matching_feats"],
@@ -88,18 +90,27 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     zero = jnp.zeros((), jnp.float32)
     terms.update(loss_feat=zero, loss_perc=zero, cx_terms=jnp.zeros((4,), jnp.float32), loss_context=zero)
   else:
-    features = vgg(jnp.concatenate([outputs["warped_ref"], outputs["warped_src"], batch["image"], batch["ref"]]))
-    split = {name: jnp.split(f, 4) for name, f in features.items()}
+    rewarped = outputs.get("rewarped_ref")  # decoded re-warps (R * B images), only with loss_cfg.rewarp
+    images = [outputs["warped_ref"], outputs["warped_src"], batch["image"], batch["ref"]]
+    features = vgg(jnp.concatenate(images + ([] if rewarped is None else [rewarped])))
+    ends = np.cumsum([len(x) for x in images])
+    split = {name: jnp.split(f, ends) for name, f in features.items()}
     warped_ref, warped_src, gt, exemplar = ({name: parts[i] for name, parts in split.items()} for i in range(4))
     terms["loss_feat"] = feature_loss(warped_src, gt, loss_cfg.feat_layer_weights)
     terms["loss_perc"] = l1(warped_ref[loss_cfg.perc_layer], jax.lax.stop_gradient(gt[loss_cfg.perc_layer]))
     cx = context_terms(warped_ref, exemplar, loss_cfg.context_h, loss_cfg.context_threshold)
     terms["cx_terms"] = cx
     terms["loss_context"] = jnp.dot(jnp.asarray(loss_cfg.context_weights, jnp.float32), cx)
+    if rewarped is not None:  # every re-warp against the same ground truth
+      layer = loss_cfg.perc_layer
+      gt_tiled = jnp.tile(gt[layer], (len(rewarped) // len(gt[layer]),) + (1,) * (gt[layer].ndim - 1))
+      terms["loss_rewarp"] = l1(split[layer][len(images)], jax.lax.stop_gradient(gt_tiled))
   total = (loss_cfg.domain * terms["loss_domain"] + loss_cfg.fb * terms["loss_fb"]
            + loss_cfg.perc * terms["loss_perc"] + loss_cfg.feat * terms["loss_feat"]
            + loss_cfg.original * terms["original_loss"] + loss_cfg.fb_iterative * terms["loss_fb_iterative"])
   total = total + loss_cfg.context * jnp.asarray(with_context, jnp.float32) * terms["loss_context"]
+  if "loss_rewarp" in terms:
+    total = total + loss_cfg.rewarp * terms["loss_rewarp"]
   if warmup and loss_cfg.segmentation:
     # Class ids back from the one-hot conditions (exact: the LSUN source's maps hold one 1 per pixel).
     ids = lambda one_hot: jnp.argmax(one_hot, axis=-1)

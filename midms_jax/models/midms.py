@@ -58,6 +58,7 @@ class MatchingSettings:
   warp_chunk: int = 0             # query pixels per block of the soft warps; 0: through the dense volume
   rewarp_support: str = "encoder"  # re-warp against real_enc's raw features ("encoder", official) or the
                                    # phi-head features of the initial matching ("matching")
+  loop_start_noise: bool = True    # the loop's first step draws Gaussian noise (False: first_step_noise "none")
 
 
 class Noise(NamedTuple):
@@ -99,16 +100,17 @@ class StepCoefficients(NamedTuple):
   rewarp: jax.Array             # bool: re-warp before this step's U-Net call
 
 
-FIRST_STEP_NOISE = ("official", "matched")
+FIRST_STEP_NOISE = ("official", "matched", "none")
 REWARP_SUPPORTS = ("encoder", "matching")
 
 
 def _coefficients(schedule: DiffusionSchedule, ddim: DDIMSchedule, ks, rewarp_flags,
                   first_step_noise: str = "official") -> StepCoefficients:
   """``first_step_noise``: "official" noises a chain's clean start to ``time_range[k-1]`` (one DDIM level above
-  the U-Net's timestep, the official off-by-one); "matched" noises it to the U-Net's own timestep."""
+  the U-Net's timestep, the official off-by-one); "matched" and "none" to the U-Net's own timestep ("none"
+  then leaves out the loop's Gaussian draw: ``MIDMs.interleaved_loop``)."""
   steps = [ddim.hijack_step(int(k)) for k in ks]
-  if first_step_noise == "matched":
+  if first_step_noise != "official":
     steps = [s._replace(noise_t=s.t) for s in steps]
   f32 = lambda values: jnp.asarray(np.asarray(values, np.float32))
   return StepCoefficients(
@@ -176,7 +178,7 @@ class MIDMs:
         temperature=m.temperature, fb_threshold=m.fb_threshold, fbcheck_true_backward=m.fbcheck_true_backward,
         confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=tuple(m.rewarp_steps),
         apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent, warp_chunk=m.warp_chunk,
-        rewarp_support=m.rewarp_support)
+        rewarp_support=m.rewarp_support, loop_start_noise=m.first_step_noise != "none")
     if config.remat not in REMAT_POLICIES:
       raise ValueError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
     dtype = build.compute_dtype(config.dtype)
@@ -361,10 +363,12 @@ class MIDMs:
     first = _at(self.loop, 0)
     ref_x0 = matched["warped_ref_feat"]
     first_a = jnp.broadcast_to(first.noise_sqrt_ac, ref_x0.shape[:1] + (1, 1, 1))
-    init = dict(ref_x0=ref_x0, ref_a=first_a, ref_d=first.noise_sqrt_1m_ac * noise.loop_ref,
+    # The first step's noise part dir_xt: q_sample's draw, or none (the chain starts at sqrt(a_t) * x0).
+    first_d = lambda draw: first.noise_sqrt_1m_ac * draw if s.loop_start_noise else jnp.zeros_like(draw)
+    init = dict(ref_x0=ref_x0, ref_a=first_a, ref_d=first_d(noise.loop_ref),
                 seg=matched["warped_ref_seg"], loss_fb=jnp.zeros((), jnp.float32), spectral=spectral)
     if with_src:
-      init.update(src_x0=matched["warped_src_feat"], src_a=first_a, src_d=first.noise_sqrt_1m_ac * noise.loop_src)
+      init.update(src_x0=matched["warped_src_feat"], src_a=first_a, src_d=first_d(noise.loop_src))
 
     support = "support_feats" if s.rewarp_support == "matching" else "matching_feats"
 
@@ -493,7 +497,8 @@ class MIDMs:
     ``label_ref`` (exemplar's condition), NHWC. ``warmup`` (static) skips the diffusion loop as the
     official code does before ``warmup_iter``. ``update_stats`` runs the spectral-norm power iteration
     on every call (PyTorch train mode). Returns ``(outputs, new spectral state)``; the outputs hold the
-    correlation volumes ``corr_ref`` / ``corr_src`` only in dense mode (``midms.warp_chunk = 0``).
+    correlation volumes ``corr_ref`` / ``corr_src`` only in dense mode (``midms.warp_chunk = 0``), and after
+    warm-up ``rewarped_ref_x0`` (R, B, h, w, c): each re-warp of the exemplar path before masking.
     """
     encode_key, noise_key, index_key = jax.random.split(rng, 3)
     gt_key, ex_key = jax.random.split(encode_key)
@@ -523,6 +528,8 @@ class MIDMs:
                                                                  original_index)
       out["loss_fb"] = loop_out["loss_fb"]
       out["iter_warped_ref_seg"] = loop_out["iter_warped_ref_seg"]
+      if self.settings.rewarp_steps:
+        out["rewarped_ref_x0"] = records["pred_ref_x0_new"][np.asarray(self.settings.rewarp_steps)]
       if capture:
         records["original"] = original
     # One decoder call for both paths: half the decoder's compiled code (forward and backward).

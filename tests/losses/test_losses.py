@@ -124,3 +124,36 @@ def test_segmentation_term_in_warmup_from_one_hot_conditions(tiny_midms):
   np.testing.assert_allclose(float(total), 100.0 * expected, rtol=1e-5)
   _, terms = midms_losses(outputs, batch, None, loss_cfg, warmup=False, with_context=True)
   assert "warped_segmentation_loss" not in terms
+
+
+def test_rewarp_term_scores_each_unmasked_rewarp_against_the_ground_truth(setup, io):
+  """``loss.rewarp``: the perceptual term of every re-warp (official re-warp steps 1 and 2, before masking),
+  averaged, added to the official total with its weight; the official terms do not change."""
+  config, model, variables, vgg_vars = setup
+  x = forward_inputs(io)
+  batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
+  net = vgg.VGG19(config.loss.vgg_widths)
+  features = lambda images: net.apply(vgg_vars, images)
+  loss_cfg = config.loss.copy_and_resolve_references()
+  loss_cfg.rewarp = 2.0
+
+  def loss_fn(v, b, n):
+    outputs, _ = model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False, update_stats=False, noise=n,
+                                     original_index=jnp.asarray(io["train/rand_idx"]), capture=True)
+    official = midms_losses(outputs, b, features, config.loss, warmup=False, with_context=True)
+    outputs["rewarped_ref"] = model.decode(v, jnp.concatenate(list(outputs["rewarped_ref_x0"])))
+    return outputs, official, midms_losses(outputs, b, features, loss_cfg, warmup=False, with_context=True)
+
+  outputs, (total0, terms0), (total, terms) = jax.jit(loss_fn)(variables, batch, forward_noise(io, "train", model))
+  news = np.asarray(outputs["steps"]["pred_ref_x0_new"])
+  np.testing.assert_array_equal(np.asarray(outputs["rewarped_ref_x0"]), news[[1, 2]])
+  layer = config.loss.perc_layer
+  gt = features(jnp.asarray(batch["image"]))[layer]
+  by_hand = np.mean([float(jnp.mean(jnp.abs(features(model.decode(variables, jnp.asarray(news[i])))[layer] - gt)))
+                     for i in (1, 2)])
+  np.testing.assert_allclose(float(terms["loss_rewarp"]), by_hand, rtol=1e-4)
+  np.testing.assert_allclose(float(total), float(total0) + 2.0 * by_hand, rtol=1e-5)
+  assert "loss_rewarp" not in terms0
+  for name, value in terms0.items():
+    if name != "loss_total":
+      np.testing.assert_allclose(np.asarray(terms[name]), np.asarray(value), rtol=1e-5, err_msg=name)

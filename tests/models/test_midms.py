@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from configs import celebahq
 from midms_jax import matching
-from midms_jax.models.midms import MIDMs
+from midms_jax.models.midms import MIDMs, StepCoefficients
 from tests.conftest import assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
 pytest.importorskip("torch")
@@ -218,6 +218,33 @@ def test_matched_first_step_noises_to_the_unet_timestep(io, setup):
   ac = float(np.asarray(official.schedule.alphas_cumprod)[249])
   want = np.sqrt(ac) * np.asarray(out["initial_warp"]) + np.sqrt(1 - ac) * np.asarray(noise.loop_ref)
   np.testing.assert_allclose(np.asarray(out["steps"]["ref/x_noisy"][0]), want, atol=1e-5)
+
+
+def test_noise_free_loop_start(io, setup):
+  """"none": the loop starts at sqrt(ā_249) * initial warp with no draw (so the loop's noise does not matter),
+  the schedule is "matched"'s, and the original-loss sample still noises the GT latent with its own draw."""
+  model, variables = setup
+  config = celebahq.get_config("tiny")
+  config.midms.first_step_noise = "none"
+  free = MIDMs.from_config(config)
+  config.midms.first_step_noise = "matched"
+  matched = MIDMs.from_config(config)
+  for field in StepCoefficients._fields:
+    np.testing.assert_array_equal(np.asarray(getattr(free.loop, field)), np.asarray(getattr(matched.loop, field)))
+  x = forward_inputs(io)
+  noise = forward_noise(io, "infer", model)
+  run = jax.jit(lambda v, n: free.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"],
+                                            jax.random.PRNGKey(0), refine=False, noise=n, capture=True))
+  out = run(variables, noise)
+  ac = float(np.asarray(free.schedule.alphas_cumprod)[249])
+  np.testing.assert_allclose(np.asarray(out["steps"]["ref/x_noisy"][0]), np.sqrt(ac) * np.asarray(out["initial_warp"]),
+                             atol=1e-6)
+  other = run(variables, noise._replace(loop_ref=noise.loop_ref + 1.0))
+  np.testing.assert_array_equal(np.asarray(out["image"]), np.asarray(other["image"]))
+  gt = free.encode(variables, x["src_img"])
+  _, sample = free.original_loss_sample(variables, gt, noise.original, jnp.asarray(0))
+  np.testing.assert_allclose(np.asarray(sample["x_noisy"]),
+                             np.sqrt(ac) * np.asarray(gt) + np.sqrt(1 - ac) * np.asarray(noise.original), atol=1e-5)
 
 
 def test_options_change_the_result_only_where_they_should(io, setup):
