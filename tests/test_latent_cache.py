@@ -79,6 +79,10 @@ def test_cached_stream_reshuffles_every_epoch_and_resumes_exactly():
                                        shard_count=1, train=True).__iter__().get_state()
   with pytest.raises(ValueError, match="another stream"):  # a checkpoint of the image stream does not fit
     resumed.set_state(images_state)
+  images = iter(pipeline.make_dataset(config.data, "train", seed=config.train.seed, batch_size=4, shard_index=0,
+                                      shard_count=1, train=True))
+  with pytest.raises(ValueError, match="cached_latents"):  # nor the other way round
+    images.set_state(resumed.get_state())
 
 
 def test_ldm_stage_trains_from_the_cache(tmp_path, monkeypatch):

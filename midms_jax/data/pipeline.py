@@ -256,7 +256,8 @@ class BatchIterator(Iterator[Record]):
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues at ``state['next_batch']``; ValueError if the state is of another stream."""
-    mismatched = {k: (state.get(k), v) for k, v in self._stream.items() if state.get(k) != v}
+    keys = set(self._stream) | (set(state) - {"next_batch"})  # a key only the saved stream has differs too
+    mismatched = {k: (state.get(k), self._stream.get(k)) for k in sorted(keys) if state.get(k) != self._stream.get(k)}
     if mismatched:
       raise ValueError("data iterator state is of another stream (saved, current): "
                        + ", ".join(f"{k}={a!r}, {b!r}" for k, (a, b) in mismatched.items()))
