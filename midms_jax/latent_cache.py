@@ -21,8 +21,7 @@ from absl import logging
 from tqdm import tqdm
 
 from midms_jax.data import pipeline
-
-LATENT_KEY = "latent"
+from midms_jax.ldm import LATENT_KEY
 _NOT_IN_LATENTS = ("worker_count",)  # config.data fields that do not change what is encoded
 
 

@@ -26,6 +26,8 @@ from midms_jax import train_step as midms_train_step
 from midms_jax.data import images as images_lib
 from midms_jax.models.midms import MIDMs
 
+LATENT_KEY = "latent"  # a batch's cached first-stage latents (midms_jax.latent_cache), in place of "image"
+
 
 @flax.struct.dataclass
 class LDMState:
@@ -106,6 +108,13 @@ def state_shardings(state: LDMState, mesh: Mesh) -> LDMState:
                   ema_params=split(state.ema_params), opt_state=split(state.opt_state))
 
 
+def batch_latents(model: MIDMs, frozen, batch, rng: jax.Array) -> jax.Array:
+  """The batch's first-stage latents: cached (``batch[LATENT_KEY]``, ``midms_jax.latent_cache``) or encoded."""
+  if LATENT_KEY in batch:
+    return batch[LATENT_KEY]
+  return model.encode({"first_stage": frozen["first_stage"]}, batch["image"], rng)
+
+
 def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: Any = None) -> Callable:
   """``step(state, frozen, batch) -> (state, metrics)``, state donated; ``frozen = {'first_stage': ...}``,
   ``batch['image']`` the training images, or ``batch['latent']`` their cached latents (``latent_cache``).
@@ -120,10 +129,7 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
   def step(state: LDMState, frozen, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     encode_key, loss_key = jax.random.split(rng)
-    if "latent" in batch:  # cached (midms_jax.latent_cache)
-      latents = batch["latent"]
-    else:
-      latents = model.encode({"first_stage": frozen["first_stage"]}, batch["image"], encode_key)
+    latents = batch_latents(model, frozen, batch, encode_key)
     loss, grads = jax.value_and_grad(lambda p: eps_loss(model, p, latents, loss_key, ldm_cfg.max_timestep))(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -149,12 +155,8 @@ def make_preview(model: MIDMs, t: int) -> Callable:
 
   def preview(state: LDMState, frozen, batch):
     variables = {"first_stage": frozen["first_stage"]}
-    if "latent" in batch:
-      latents = batch["latent"]
-      images = model.decode(variables, latents)
-    else:
-      images = batch["image"]
-      latents = model.encode(variables, images, jax.random.PRNGKey(0))
+    latents = batch_latents(model, frozen, batch, jax.random.PRNGKey(0))
+    images = batch["image"] if "image" in batch else model.decode(variables, latents)
     steps = jnp.full((images.shape[0],), t, jnp.int32)
     x_t = noised(model, latents, steps, jax.random.normal(jax.random.PRNGKey(1), latents.shape, jnp.float32))
     x0 = predicted_x0(model, x_t, steps, _unet(model, state.ema_params, x_t, steps))
