@@ -84,6 +84,9 @@ def midms() -> ml_collections.ConfigDict:
                                    # "matching": vs the phi-head features the initial matching used
       warp_chunk=0,                # query pixels per block of the soft warps (0: the whole correlation volume
                                    # at once; > 0: memory linear in latent pixels, same results within 1e-5)
+      unroll_loop=False,           # False: the loop is one lax.scan (compile time independent of its length);
+                                   # True: one copy per step, re-warps placed statically (no lax.cond): faster
+                                   # and smaller steps, compile time grows with interleave_steps
   ))
 
 

@@ -42,53 +42,82 @@ def _conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...], padding: tup
 
 
 def _conv_fwd(lhs, rhs, strides, padding):
-  return _conv(lhs, rhs, strides, padding), (lhs, rhs)
+  """Keeps only what the needed gradients read: the input for the kernel gradient, the kernel for the input
+  gradient. An argument outside differentiation (a frozen network's kernel, a detached input) has no
+  gradient to compute, so a frozen network's convolutions neither save their inputs nor build kernel
+  gradients (``symbolic_zeros``)."""
+  out = _conv(lhs.value, rhs.value, strides, padding)
+  return out, _Residuals(lhs.value if rhs.perturbed else None, rhs.value if lhs.perturbed else None,
+                         lhs.value.shape, rhs.value.shape)
 
 
-def _default_backward(strides, padding, residuals, grad):
+@jax.tree_util.register_pytree_node_class
+class _Residuals:
+  """The input (None: no kernel gradient wanted) and kernel (None: no input gradient wanted), with both shapes."""
+
+  def __init__(self, lhs, rhs, lhs_shape, rhs_shape):
+    self.lhs, self.rhs, self.lhs_shape, self.rhs_shape = lhs, rhs, lhs_shape, rhs_shape
+
+  def tree_flatten(self):
+    return (self.lhs, self.rhs), (self.lhs_shape, self.rhs_shape)
+
+  @classmethod
+  def tree_unflatten(cls, shapes, children):
+    return cls(*children, *shapes)
+
+
+def _default_backward(strides, padding, residuals: _Residuals, grad):
   """JAX's own transposes of the convolution in each argument (no forward recomputation)."""
-  lhs, rhs = residuals
+  lhs, rhs = residuals.lhs, residuals.rhs
   conv = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_channels_last_numbers(a.ndim))
-  (grad_lhs,) = jax.linear_transpose(lambda a: conv(a, rhs), lhs)(grad)
-  (grad_rhs,) = jax.linear_transpose(lambda b: conv(lhs, b), rhs)(grad)
+  grad_lhs = grad_rhs = None
+  if rhs is not None:
+    (grad_lhs,) = jax.linear_transpose(lambda a: conv(a, rhs), jax.ShapeDtypeStruct(residuals.lhs_shape, rhs.dtype))(grad)
+  if lhs is not None:
+    (grad_rhs,) = jax.linear_transpose(lambda b: conv(lhs, b), jax.ShapeDtypeStruct(residuals.rhs_shape, lhs.dtype))(grad)
   return grad_lhs, grad_rhs
 
 
-def _canonical_backward(strides, padding, residuals, grad):
-  """Both gradients as channels-last convolutions (batch first, features last, kernel ``..., in, out``).
+def _canonical_backward(strides, padding, residuals: _Residuals, grad):
+  """The wanted gradients as channels-last convolutions (batch first, features last, kernel ``..., in, out``).
 
   Input: the output gradient dilated by the stride, padded by ``kernel - 1 - pad`` (plus what the
   forward's floor division dropped), convolved with the flipped kernel with in/out swapped. Kernel:
   a convolution that treats input channels as the batch and the batch as features, with the output
   gradient as the kernel dilated by the stride, over the padded input.
   """
-  lhs, rhs = residuals
-  n = lhs.ndim - 2
-  kernel = rhs.shape[:n]
-  dims = _channels_last_numbers(lhs.ndim)
-  input_pads = []
-  for axis, (size, k, s, (lo, hi)) in enumerate(zip(lhs.shape[1:-1], kernel, strides, padding)):
-    remainder = size + lo + hi - k - (grad.shape[1 + axis] - 1) * s
-    input_pads.append((k - 1 - lo, k - 1 - hi + remainder))
-  flipped = jnp.swapaxes(jnp.flip(rhs, axis=tuple(range(n))), -1, -2)
-  grad_lhs = lax.conv_general_dilated(grad, flipped.astype(grad.dtype), (1,) * n, input_pads, lhs_dilation=strides,
-                                      dimension_numbers=dims)
-  padded = jnp.pad(lhs, ((0, 0),) + tuple(padding) + ((0, 0),))
-  as_batch = jnp.moveaxis(padded, (0, lhs.ndim - 1), (lhs.ndim - 1, 0))          # (in, spatial..., batch)
-  as_kernel = jnp.moveaxis(grad, 0, n)                                            # (spatial..., batch, out)
-  grad_rhs = lax.conv_general_dilated(as_batch, as_kernel.astype(as_batch.dtype), (1,) * n, [(0, 0)] * n,
-                                      rhs_dilation=strides, dimension_numbers=dims)  # (in, window..., out)
-  grad_rhs = grad_rhs[(slice(None),) + tuple(slice(0, k) for k in kernel)]
-  grad_rhs = jnp.moveaxis(grad_rhs, 0, n)
-  return grad_lhs.astype(lhs.dtype), grad_rhs.astype(rhs.dtype)
+  lhs, rhs = residuals.lhs, residuals.rhs
+  n = len(strides)
+  kernel = residuals.rhs_shape[:n]
+  dims = _channels_last_numbers(n + 2)
+  grad_lhs = grad_rhs = None
+  if rhs is not None:
+    input_pads = []
+    for axis, (size, k, s, (lo, hi)) in enumerate(zip(residuals.lhs_shape[1:-1], kernel, strides, padding)):
+      remainder = size + lo + hi - k - (grad.shape[1 + axis] - 1) * s
+      input_pads.append((k - 1 - lo, k - 1 - hi + remainder))
+    flipped = jnp.swapaxes(jnp.flip(rhs, axis=tuple(range(n))), -1, -2)
+    grad_lhs = lax.conv_general_dilated(grad, flipped.astype(grad.dtype), (1,) * n, input_pads,
+                                        lhs_dilation=strides, dimension_numbers=dims).astype(rhs.dtype)
+  if lhs is not None:
+    padded = jnp.pad(lhs, ((0, 0),) + tuple(padding) + ((0, 0),))
+    as_batch = jnp.moveaxis(padded, (0, n + 1), (n + 1, 0))                         # (in, spatial..., batch)
+    as_kernel = jnp.moveaxis(grad, 0, n)                                            # (spatial..., batch, out)
+    grad_rhs = lax.conv_general_dilated(as_batch, as_kernel.astype(as_batch.dtype), (1,) * n, [(0, 0)] * n,
+                                        rhs_dilation=strides, dimension_numbers=dims)  # (in, window..., out)
+    grad_rhs = grad_rhs[(slice(None),) + tuple(slice(0, k) for k in kernel)]
+    grad_rhs = jnp.moveaxis(grad_rhs, 0, n).astype(lhs.dtype)
+  return grad_lhs, grad_rhs
 
 
-def _conv_bwd(strides, padding, residuals, grad):
+def _conv_bwd(strides, padding, residuals: _Residuals, grad):
+  if isinstance(grad, jax.custom_derivatives.SymbolicZero):  # the output is not differentiated
+    return None, None
   static = lambda backward: functools.partial(backward, strides, padding)
   return lax.platform_dependent(residuals, grad, cpu=static(_canonical_backward), default=static(_default_backward))
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding,

@@ -59,6 +59,7 @@ class MatchingSettings:
   rewarp_support: str = "encoder"  # re-warp against real_enc's raw features ("encoder", official) or the
                                    # phi-head features of the initial matching ("matching")
   loop_start_noise: bool = True    # the loop's first step draws Gaussian noise (False: first_step_noise "none")
+  unroll_loop: bool = False        # one traced copy per loop step, re-warps placed statically (no lax.cond)
 
 
 class Noise(NamedTuple):
@@ -178,7 +179,7 @@ class MIDMs:
         temperature=m.temperature, fb_threshold=m.fb_threshold, fbcheck_true_backward=m.fbcheck_true_backward,
         confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=tuple(m.rewarp_steps),
         apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent, warp_chunk=m.warp_chunk,
-        rewarp_support=m.rewarp_support, loop_start_noise=m.first_step_noise != "none")
+        rewarp_support=m.rewarp_support, loop_start_noise=m.first_step_noise != "none", unroll_loop=m.unroll_loop)
     if config.remat not in REMAT_POLICIES:
       raise ValueError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
     dtype = build.compute_dtype(config.dtype)
@@ -404,8 +405,12 @@ class MIDMs:
     def skip(carry):
       return carry, jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), record_shapes)
 
-    def step(carry, coef: StepCoefficients):
-      carry, record = jax.lax.cond(coef.rewarp, rewarp, skip, carry)
+    def step(carry, coef: StepCoefficients, rewarp_here: bool | None = None):
+      """One loop step; ``rewarp_here`` None decides the re-warp at run time (``lax.cond``), a bool statically."""
+      if rewarp_here is None:
+        carry, record = jax.lax.cond(coef.rewarp, rewarp, skip, carry)
+      else:
+        carry, record = rewarp(carry) if rewarp_here else skip(carry)
       paths = ("ref", "src") if with_src else ("ref",)
       x0_in = [carry[f"{p}_x0"] for p in paths]
       x = jnp.concatenate([carry[f"{p}_a"] * x0 + carry[f"{p}_d"] for p, x0 in zip(paths, x0_in)])
@@ -423,8 +428,15 @@ class MIDMs:
       return carry, record
 
     if self.remat_loop_steps:
-      step = jax.checkpoint(step)
-    carry, records = jax.lax.scan(step, init, self.loop)
+      step = jax.checkpoint(step, static_argnums=(2,))
+    if s.unroll_loop:  # no while loop: no stacked residuals, and no cond that stores both branches' residuals
+      carry, per_step = init, []
+      for i in range(self.loop.t.shape[0]):
+        carry, record = step(carry, _at(self.loop, i), i in s.rewarp_steps)
+        per_step.append(record)
+      records = jax.tree_util.tree_map(lambda *r: jnp.stack(r), *per_step)
+    else:
+      carry, records = jax.lax.scan(lambda c, coef: step(c, coef, None), init, self.loop)
     out = dict(pred_ref_x0=carry["ref_x0"], iter_warped_ref_seg=carry["seg"], loss_fb=carry["loss_fb"])
     if with_src:
       out["pred_src_x0"] = carry["src_x0"]

@@ -63,9 +63,34 @@ def test_both_backward_branches_equal_lax(shape, kernel, features, stride, paddi
   grad = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
   want = vjp(grad)
   for backward in (conv._canonical_backward, conv._default_backward):  # pylint: disable=protected-access
-    got = backward((stride,) * n, pads, (x, w), grad)
-    for g, e in zip(got, want):
-      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+    for keep_input, keep_kernel in ((True, True), (True, False), (False, True)):
+      residuals = conv._Residuals(x if keep_input else None, w if keep_kernel else None, x.shape, w.shape)  # pylint: disable=protected-access
+      got_input, got_kernel = backward((stride,) * n, pads, residuals, grad)
+      for g, e, kept in ((got_input, want[0], keep_kernel), (got_kernel, want[1], keep_input)):
+        if kept:
+          np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+        else:
+          assert g is None
+
+
+def _conv_count(fn, *args):
+  text = jax.jit(fn).lower(*args).as_text()
+  return text.count("stablehlo.convolution")
+
+
+def test_no_gradient_is_built_for_a_frozen_kernel_or_a_detached_input():
+  """A frozen network's kernel (closed over, not differentiated) gets no kernel gradient, a detached input
+  no input gradient: one forward and one backward convolution each, not two backward ones."""
+  x, w = _inputs((2, 8, 8, 4), 3, 6)
+  forward = lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=_numbers(4))
+  loss = lambda a, b: jnp.sum(jnp.sin(forward(a, b)))
+  assert _conv_count(jax.grad(loss, (0, 1)), x, w) == 3
+  assert _conv_count(jax.grad(loss, 0), x, w) == 2
+  assert _conv_count(jax.grad(loss, 1), x, w) == 2
+  assert _conv_count(jax.grad(lambda a, b: loss(jax.lax.stop_gradient(a), b), (0, 1)), x, w) == 2
+  want_input = jax.grad(lambda a: jnp.sum(jnp.sin(lax.conv_general_dilated(a, w, (1, 1), "SAME",
+                                                                           dimension_numbers=_numbers(4)))))(x)
+  np.testing.assert_allclose(jax.grad(loss, 0)(x, w), want_input, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_inside_scan_compiles_to_canonical_convolutions_on_cpu():

@@ -1,5 +1,7 @@
 """The MIDMs forward pass vs the official ``MIDMs.forward`` (midms_forward_io.npz), with its noise injected."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +66,15 @@ def _check_rewarps(io, mode, steps, names):
     assert not np.any(np.asarray(steps["fb_mask"][k]))
 
 
-def test_training_forward_matches_official(io, setup):
+def _unrolled(model: MIDMs) -> MIDMs:
+  """The same model with ``midms.unroll_loop``: one traced copy per loop step, no ``lax.cond``."""
+  return dataclasses.replace(model, settings=dataclasses.replace(model.settings, unroll_loop=True))
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_training_forward_matches_official(io, setup, unroll):
   model, variables = setup
+  model = _unrolled(model) if unroll else model
   x = forward_inputs(io)
   batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
   forward = jax.jit(lambda v, b, n, idx: model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False,
@@ -91,8 +100,10 @@ def test_training_forward_matches_official(io, setup):
     np.testing.assert_array_equal(np.asarray(indices).reshape(-1), io[f"train/decode{n}/indices"])
 
 
-def test_inference_matches_official(io, setup):
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_inference_matches_official(io, setup, unroll):
   model, variables = setup
+  model = _unrolled(model) if unroll else model
   x = forward_inputs(io)
   translate = jax.jit(lambda v, c, e, ec, n: model.translate(v, c, e, ec, jax.random.PRNGKey(0), noise=n,
                                                              capture=True))
@@ -144,6 +155,28 @@ def test_interleaved_loop_is_a_real_scan(setup):
   convs4, convs16 = text4.count("stablehlo.convolution"), text16.count("stablehlo.convolution")
   assert convs4 == convs16 and convs4 > 0
   assert text4.count("stablehlo.while") == text16.count("stablehlo.while") >= 2
+
+
+def test_unrolled_loop_has_no_loop_or_conditional(setup):
+  """``midms.unroll_loop``: the training forward lowers without the loop's while loop or its conditional (the
+  re-warps are placed at their steps statically), one U-Net copy per loop step."""
+  model, variables = setup
+  config = celebahq.get_config("tiny")
+  config.midms.unroll_loop = True
+  unrolled = MIDMs.from_config(config)
+  assert unrolled.settings.unroll_loop and not model.settings.unroll_loop
+  x = jnp.zeros((1, 32, 32, 15))
+  image = jnp.zeros((1, 32, 32, 3))
+  batch = dict(image=image, ref=image, label=x, label_ref=x)
+  text = lambda m: jax.jit(lambda v: m.train_forward(v, batch, jax.random.PRNGKey(0), warmup=False)[0]["warped_ref"]
+                           ).lower(variables).as_text()
+  rolled_text, unrolled_text = text(model), text(unrolled)
+  # (the random draws' threefry rounds are while loops of their own, in both)
+  assert rolled_text.count("stablehlo.while") == unrolled_text.count("stablehlo.while") + 1
+  assert "stablehlo.case" in rolled_text and "stablehlo.case" not in unrolled_text
+  unet_text = jax.jit(lambda v: model._unet(v, jnp.zeros((2, 8, 8, 3)), 0)).lower(variables).as_text()  # pylint: disable=protected-access
+  convs = lambda t: t.count("stablehlo.convolution")
+  assert convs(unrolled_text) - convs(rolled_text) >= 3 * convs(unet_text) > 0  # 4 U-Net copies in place of 1
 
 
 def test_bad_loop_configs_are_refused():
