@@ -51,6 +51,28 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
   return dict(image=image(), ref=image(), label=label(), label_ref=label())
 
 
+def step_inputs(config, mesh, global_batch: int, abstract: bool):
+  """(state, frozen variables, batch) of random values on the devices; with ``abstract`` only their shapes,
+  which is all lowering, compiling and FLOP counting need (random initialisation of the full config takes
+  minutes on XLA:CPU and on a GPU)."""
+  def init():
+    variables = build.init_variables(config.model, jax.random.PRNGKey(0))
+    vgg_variables = {}
+    if config.loss.vgg == "vgg19":
+      vgg_variables = vgg.VGG19(tuple(config.loss.vgg_widths)).init(
+          jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32), ("r54",))
+    state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
+    return state, train_step.frozen_variables(variables, vgg_variables)
+
+  batch = random_batch(config, global_batch)
+  if abstract:
+    state, frozen = jax.eval_shape(init)
+    return state, frozen, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  state, frozen = init()
+  return (train_step.replicate(state, mesh), train_step.replicate(frozen, mesh),
+          train_step.global_batch(mesh, batch))
+
+
 def _memory(compiled) -> dict[str, int] | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
@@ -94,17 +116,8 @@ def main(argv):
   global_batch = _PER_DEVICE.value * mesh.size
   config.train.batch_size = global_batch
   model = MIDMs.from_config(config)
-  variables = build.init_variables(config.model, jax.random.PRNGKey(0))
-  vgg_variables = {}
-  if config.loss.vgg == "vgg19":
-    vgg_variables = vgg.VGG19(tuple(config.loss.vgg_widths)).init(
-        jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32), ("r54",))
-  frozen = train_step.replicate(train_step.frozen_variables(variables, vgg_variables), mesh)
-  state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
-  state = train_step.replicate(state, mesh)
-  del variables
-  batch = train_step.global_batch(mesh, random_batch(config, global_batch))
-  _progress("state and batch on the devices")
+  state, frozen, batch = step_inputs(config, mesh, global_batch, abstract=_COMPILE_ONLY.value)
+  _progress("state and batch shapes (--compile_only)" if _COMPILE_ONLY.value else "state and batch on the devices")
   steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh)
   phases = ("warmup", "main") if _PHASE.value == "both" else (_PHASE.value,)
   device = jax.devices()[0].device_kind

@@ -203,6 +203,7 @@ def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
   config.stage = "midms"     # what trains: "midms" (fine-tune a pretrained LDM), "ldm" (pre-train it) or "ldm+midms"
   config.dtype = "float32"   # activations: "float32" or "bfloat16" (parameters, norms, matching, DDIM stay float32)
   config.remat = "none"      # recompute in the backward pass: "none", "unet_blocks" or "full" (see README)
+  config.attention_chunk = 0  # U-Net attention in blocks of this many queries (0: all at once; memory linear in tokens)
   config.model = ml_collections.ConfigDict(dict(unet=unet, first_stage=first_stage, correspondence=corr))
   config.diffusion = diffusion()
   config.midms = midms()

@@ -55,7 +55,8 @@ _FIELDS_ADDED_LATER = ((("stage",), "midms"), (("evaluate", "results_pairs"), 0)
                        (("remat",), "none"), (("midms", "warp_chunk"), 0),
                        (("midms", "first_step_noise"), "official"), (("ldm", "max_timestep"), 0),
                        (("midms", "rewarp_support"), "encoder"), (("loss", "rewarp"), 0.0),
-                       (("ldm", "latent_cache"), ""), (("midms", "unroll_loop"), False))
+                       (("ldm", "latent_cache"), ""), (("midms", "unroll_loop"), False),
+                       (("attention_chunk",), 0))
 
 
 def _with_later_fields(config: ConfigDict) -> ConfigDict:

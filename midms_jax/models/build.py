@@ -30,9 +30,11 @@ def compute_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def build_unet(cfg: Mapping[str, Any], dtype=jnp.float32, remat_blocks: bool = False) -> UNetModel:
-  """``remat_blocks``: recompute each input/middle/output block in the backward pass (``config.remat``)."""
-  return UNetModel(**_fields(cfg), dtype=dtype, remat_blocks=remat_blocks)
+def build_unet(cfg: Mapping[str, Any], dtype=jnp.float32, remat_blocks: bool = False,
+               attention_chunk: int = 0) -> UNetModel:
+  """``remat_blocks``: recompute each input/middle/output block in the backward pass (``config.remat``);
+  ``attention_chunk``: queries per attention block (``config.attention_chunk``; 0: all at once)."""
+  return UNetModel(**_fields(cfg), dtype=dtype, remat_blocks=remat_blocks, attention_chunk=attention_chunk)
 
 
 def build_first_stage(cfg: Mapping[str, Any], dtype=jnp.float32,

@@ -182,8 +182,11 @@ class MIDMs:
         rewarp_support=m.rewarp_support, loop_start_noise=m.first_step_noise != "none", unroll_loop=m.unroll_loop)
     if config.remat not in REMAT_POLICIES:
       raise ValueError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
+    if config.attention_chunk < 0:
+      raise ValueError(f"config.attention_chunk must be >= 0 (0: all queries at once), got {config.attention_chunk}")
     dtype = build.compute_dtype(config.dtype)
-    return cls(unet=build.build_unet(config.model.unet, dtype, remat_blocks=config.remat != "none"),
+    return cls(unet=build.build_unet(config.model.unet, dtype, remat_blocks=config.remat != "none",
+                                     attention_chunk=config.attention_chunk),
                first_stage=build.build_first_stage(config.model.first_stage, dtype,
                                                    remat_blocks=config.remat == "full"),
                correspondence=build.build_correspondence(config.model.correspondence, dtype), settings=settings,

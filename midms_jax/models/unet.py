@@ -139,17 +139,43 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0) -> jax.Array:
+  """``softmax(q . k) v`` per head for ``(batch, tokens, heads, channels)`` arrays (scaling already applied),
+  softmax in float32.
+
+  ``chunk`` > 0 (and fewer than the queries): blocks of ``chunk`` queries one after the other
+  (``lax.map``; a last partial block is padded with zero queries whose rows are dropped), each
+  recomputed in the backward pass (``jax.checkpoint``), so forward and backward hold a ``chunk x keys``
+  score block per head instead of ``queries x keys``: the same numbers, memory linear in the tokens.
+  """
+  def attend(queries: jax.Array) -> jax.Array:
+    scores = jnp.einsum("bthc,bshc->bhts", queries, k)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
+    return jnp.einsum("bhts,bshc->bthc", weights, v)
+
+  batch, tokens, heads, channels = q.shape
+  if chunk <= 0 or chunk >= tokens:
+    return attend(q)
+  n_blocks = -(-tokens // chunk)
+  padded = jnp.pad(q, ((0, 0), (0, n_blocks * chunk - tokens), (0, 0), (0, 0)))
+  blocks = jnp.moveaxis(padded.reshape(batch, n_blocks, chunk, heads, channels), 1, 0)
+  out = jax.lax.map(jax.checkpoint(attend), blocks)
+  return jnp.moveaxis(out, 0, 1).reshape(batch, n_blocks * chunk, heads, channels)[:, :tokens]
+
+
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over all H*W positions, with a residual connection.
 
   ``qkv`` (1x1) yields 3C channels. Legacy order (``QKVAttentionLegacy``): channel
   ``head*3*ch + s*ch + c`` (s = 0 q, 1 k, 2 v); new order (``QKVAttention``): ``s*C + head*ch + c``.
   Scores ``(q ch^-1/4) . (k ch^-1/4)``, softmax in float32 over keys, heads concatenated
-  (``head*ch + c``), then ``proj_out`` (zero-initialised).
+  (``head*ch + c``), then ``proj_out`` (zero-initialised). ``chunk``: queries per block
+  (``multi_head_attention``; 0: all at once).
   """
   num_heads: int
   use_new_attention_order: bool = False
   dtype: jnp.dtype = jnp.float32
+  chunk: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -168,9 +194,7 @@ class AttentionBlock(nn.Module):
       qkv = qkv.reshape(batch, height * width, self.num_heads, 3, head_ch)
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     scale = jnp.asarray(1 / math.sqrt(math.sqrt(head_ch)), q.dtype)
-    scores = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
-    attended = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(batch, height * width, channels)
+    attended = multi_head_attention(q * scale, k * scale, v, self.chunk).reshape(batch, height * width, channels)
     out = conv1d(channels, kernel_init=nn.initializers.zeros, name="proj_out")(attended)
     return x + out.reshape(x.shape)
 
@@ -198,7 +222,8 @@ class UNetModel(nn.Module):
   ``C // num_head_channels`` heads, or ``num_heads`` heads when ``num_head_channels == -1`` (the
   official precedence). ``dtype`` is the computation dtype; parameters stay float32 and GroupNorm
   and the attention softmax run in float32. The output is float32. ``remat_blocks`` recomputes each
-  input/middle/output block in the backward pass instead of storing its activations.
+  input/middle/output block in the backward pass instead of storing its activations;
+  ``attention_chunk`` > 0 computes attention in blocks of that many queries (``multi_head_attention``).
   """
   image_size: int = 64
   in_channels: int = 3
@@ -216,6 +241,7 @@ class UNetModel(nn.Module):
   use_new_attention_order: bool = False
   dtype: jnp.dtype = jnp.float32
   remat_blocks: bool = False
+  attention_chunk: int = 0
 
   def _heads(self, channels: int) -> int:
     if self.num_head_channels == -1:
@@ -231,7 +257,8 @@ class UNetModel(nn.Module):
 
   def _attn(self, channels: int):
     return functools.partial(AttentionBlock, num_heads=self._heads(channels),
-                             use_new_attention_order=self.use_new_attention_order, dtype=self.dtype)
+                             use_new_attention_order=self.use_new_attention_order, dtype=self.dtype,
+                             chunk=self.attention_chunk)
 
   def _down(self, channels: int):
     if self.resblock_updown:

@@ -200,6 +200,10 @@ def test_bad_loop_configs_are_refused():
   config.midms.rewarp_support = "phi"
   with pytest.raises(ValueError, match="midms.rewarp_support must be one of"):
     MIDMs.from_config(config)
+  config = celebahq.get_config("tiny")
+  config.attention_chunk = -256
+  with pytest.raises(ValueError, match="config.attention_chunk must be >= 0"):
+    MIDMs.from_config(config)
 
 
 def test_rewarp_support_matching_correlates_with_the_initial_matching_features(io, setup):

@@ -99,6 +99,24 @@ def test_small_forward_matches_official(midms_state_dict, small_unet, run_small,
   assert_close(eps2, unet_io["eps2"], TOLERANCES["eps2"], "eps2")
 
 
+def test_chunked_attention_matches_official(midms_state_dict, unet_io):
+  """attention_chunk: the small U-Net's attention runs at 4x4 = 16 tokens; blocks of 3 queries (the last one
+  partial) give the official eps, and the same eps and parameter gradients as all queries at once."""
+  whole, chunked = UNetModel(**SMALL), UNetModel(**SMALL, attention_chunk=3)
+  variables = _load(midms_state_dict, whole)
+  x = nchw_to_nhwc(unet_io["x"])
+  eps = jax.jit(chunked.apply)(variables, x, unet_io["t"])
+  assert_close(nhwc_to_nchw(eps), unet_io["eps"], TOLERANCES["eps"], "eps (chunked attention)")
+  grad = lambda model: jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(model.apply(v, x, unet_io["t"])))))(variables)
+  flat_whole, flat_chunked = (jax.tree_util.tree_leaves_with_path(grad(m)) for m in (whole, chunked))
+  # One scale for all: some gradients are rounding noise around 0 (a key bias shifts every score of a query alike).
+  scale = max(float(jnp.max(jnp.abs(g))) for _, g in flat_whole)
+  for (path, g_whole), (_, g_chunked) in zip(flat_whole, flat_chunked):
+    np.testing.assert_allclose(g_chunked, g_whole, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
+  text = jax.jit(chunked.apply).lower(variables, x, unet_io["t"]).as_text()
+  assert "stablehlo.while" in text  # the blocks run one after the other
+
+
 def test_bfloat16_computation(midms_state_dict, unet_io):
   """dtype=bfloat16 computes in bf16 from float32 params and returns float32 eps close to the official one."""
   model = UNetModel(**SMALL, dtype=jnp.bfloat16)
