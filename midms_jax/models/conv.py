@@ -72,9 +72,11 @@ def _default_backward(strides, padding, residuals: _Residuals, grad):
   conv = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_channels_last_numbers(a.ndim))
   grad_lhs = grad_rhs = None
   if rhs is not None:
-    (grad_lhs,) = jax.linear_transpose(lambda a: conv(a, rhs), jax.ShapeDtypeStruct(residuals.lhs_shape, rhs.dtype))(grad)
+    lhs_spec = jax.ShapeDtypeStruct(residuals.lhs_shape, rhs.dtype)
+    (grad_lhs,) = jax.linear_transpose(lambda a: conv(a, rhs), lhs_spec)(grad)
   if lhs is not None:
-    (grad_rhs,) = jax.linear_transpose(lambda b: conv(lhs, b), jax.ShapeDtypeStruct(residuals.rhs_shape, lhs.dtype))(grad)
+    rhs_spec = jax.ShapeDtypeStruct(residuals.rhs_shape, lhs.dtype)
+    (grad_rhs,) = jax.linear_transpose(lambda b: conv(lhs, b), rhs_spec)(grad)
   return grad_lhs, grad_rhs
 
 

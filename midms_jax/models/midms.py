@@ -10,7 +10,8 @@ holds each path's x0 prediction and the official ``ddim_param`` pair ``(sqrt(a_p
 first step's ``q_sample`` noising has the same ``a * x0 + d`` form, so every step re-noises its x0
 with ``carry_a * x0 + carry_d`` (quirk 1 of the reference: the first step is noised one DDIM level
 higher than the U-Net is told). Re-warping happens under ``lax.cond`` at the configured loop
-indices (official: 1 and 2), before that step's U-Net call, and is confidence-masked on the
+indices (official: 1 and 2), before that step's U-Net call (with ``midms.unroll_loop`` the steps are
+traced one by one instead, the re-warps placed statically), and is confidence-masked on the
 exemplar (ref) path only. Inference skips the src (pseudo-GT) path and the original-loss sample,
 which the official code computes and discards, then runs the eta=1 refinement as a second scan.
 

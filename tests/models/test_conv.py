@@ -64,7 +64,8 @@ def test_both_backward_branches_equal_lax(shape, kernel, features, stride, paddi
   want = vjp(grad)
   for backward in (conv._canonical_backward, conv._default_backward):  # pylint: disable=protected-access
     for keep_input, keep_kernel in ((True, True), (True, False), (False, True)):
-      residuals = conv._Residuals(x if keep_input else None, w if keep_kernel else None, x.shape, w.shape)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      residuals = conv._Residuals(x if keep_input else None, w if keep_kernel else None, x.shape, w.shape)
       got_input, got_kernel = backward((stride,) * n, pads, residuals, grad)
       for g, e, kept in ((got_input, want[0], keep_kernel), (got_kernel, want[1], keep_input)):
         if kept:

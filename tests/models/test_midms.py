@@ -174,7 +174,8 @@ def test_unrolled_loop_has_no_loop_or_conditional(setup):
   # (the random draws' threefry rounds are while loops of their own, in both)
   assert rolled_text.count("stablehlo.while") == unrolled_text.count("stablehlo.while") + 1
   assert "stablehlo.case" in rolled_text and "stablehlo.case" not in unrolled_text
-  unet_text = jax.jit(lambda v: model._unet(v, jnp.zeros((2, 8, 8, 3)), 0)).lower(variables).as_text()  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  unet_text = jax.jit(lambda v: model._unet(v, jnp.zeros((2, 8, 8, 3)), 0)).lower(variables).as_text()
   convs = lambda t: t.count("stablehlo.convolution")
   assert convs(unrolled_text) - convs(rolled_text) >= 3 * convs(unet_text) > 0  # 4 U-Net copies in place of 1
 
