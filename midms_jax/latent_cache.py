@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from midms_jax.data import pipeline
 from midms_jax.ldm import LATENT_KEY
+
 _NOT_IN_LATENTS = ("worker_count",)  # config.data fields that do not change what is encoded
 
 

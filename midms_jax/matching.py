@@ -18,6 +18,8 @@ the number of pixels (the memory-efficient-attention scheme, with MIDMs' clamp a
 import jax
 import jax.numpy as jnp
 
+from midms_jax import blockwise
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -148,21 +150,16 @@ def warp_by_features(query: jax.Array, support: jax.Array, values: jax.Array, te
     raise ValueError(f"warp_by_features: chunk must be a positive number of query pixels, got {chunk}")
   b, hq, wq, c = query.shape
   n_query, n_support = hq * wq, support.shape[1] * support.shape[2]
-  chunk = min(chunk, n_query)
-  n_blocks = -(-n_query // chunk)
   q = _unit_vectors(query, eps).reshape(b, n_query, c)
-  q = jnp.pad(q, ((0, 0), (0, n_blocks * chunk - n_query), (0, 0)))
-  q = jnp.moveaxis(q.reshape(b, n_blocks, chunk, c), 1, 0)
   s = _unit_vectors(support, eps).reshape(b, n_support, c)
   v = values.astype(jnp.float32).reshape(b, n_support, values.shape[-1])
 
-  @jax.checkpoint
   def block(q_block: jax.Array) -> jax.Array:
     corr = jnp.maximum(jnp.einsum("bqc,bnc->bqn", q_block, s, precision=_HIGHEST), 0.0)
     weights = jax.nn.softmax(corr / temperature, axis=-1)
     return jnp.einsum("bqn,bnv->bqv", weights, v, precision=_HIGHEST)
 
-  warped = jnp.moveaxis(jax.lax.map(block, q), 0, 1).reshape(b, n_blocks * chunk, -1)[:, :n_query]
+  warped = blockwise.map_row_blocks(block, q, min(chunk, n_query))
   return warped.reshape(b, hq, wq, -1).astype(values.dtype)
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from midms_jax import blockwise
 from midms_jax.models.conv import conv_general_dilated
 from midms_jax.models.layers import GroupNorm32, upsample_nearest_2x
 
@@ -143,24 +144,18 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 
   """``softmax(q . k) v`` per head for ``(batch, tokens, heads, channels)`` arrays (scaling already applied),
   softmax in float32.
 
-  ``chunk`` > 0 (and fewer than the queries): blocks of ``chunk`` queries one after the other
-  (``lax.map``; a last partial block is padded with zero queries whose rows are dropped), each
-  recomputed in the backward pass (``jax.checkpoint``), so forward and backward hold a ``chunk x keys``
-  score block per head instead of ``queries x keys``: the same numbers, memory linear in the tokens.
+  ``chunk`` > 0 (and fewer than the queries): blocks of ``chunk`` queries (``blockwise.map_row_blocks``),
+  so forward and backward hold a ``chunk x keys`` score block per head instead of ``queries x keys``:
+  the same numbers, memory linear in the tokens.
   """
   def attend(queries: jax.Array) -> jax.Array:
     scores = jnp.einsum("bthc,bshc->bhts", queries, k)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
     return jnp.einsum("bhts,bshc->bthc", weights, v)
 
-  batch, tokens, heads, channels = q.shape
-  if chunk <= 0 or chunk >= tokens:
+  if chunk <= 0 or chunk >= q.shape[1]:
     return attend(q)
-  n_blocks = -(-tokens // chunk)
-  padded = jnp.pad(q, ((0, 0), (0, n_blocks * chunk - tokens), (0, 0), (0, 0)))
-  blocks = jnp.moveaxis(padded.reshape(batch, n_blocks, chunk, heads, channels), 1, 0)
-  out = jax.lax.map(jax.checkpoint(attend), blocks)
-  return jnp.moveaxis(out, 0, 1).reshape(batch, n_blocks * chunk, heads, channels)[:, :tokens]
+  return blockwise.map_row_blocks(attend, q, chunk)
 
 
 class AttentionBlock(nn.Module):
