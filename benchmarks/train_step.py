@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --config=configs/celebahq.py --config.dtype=bfloat16 --config.remat=unet_blocks
     python benchmarks/train_step.py --config=configs/synthetic.py --per_device_batch=2 --phase=both
 
-Random weights and a random batch (speed does not depend on them), the VGG19 loss network randomly
-initialised when the config uses it. The step is the one ``train.py`` runs: ``jax.jit`` over a ``data``
+Random weights and a random batch (``random_inputs``; speed does not depend on them), the VGG19 loss
+network's too when the config uses it. The step is the one ``train.py`` runs: ``jax.jit`` over a ``data``
 mesh of every device, state donated. ``--phase``: ``warmup`` (matching only, U-Net frozen), ``main``
 (interleaved, U-Net trained) or ``both``. Prints one JSON line per phase; times are medians.
 ``flops`` counts matrix-multiply and convolution FLOPs on the step's jaxpr (``midms_jax.flops``: loop
@@ -20,13 +20,11 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import random_inputs
 from midms_jax import flops, optim, train_step
-from midms_jax.losses import vgg
-from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model and training config")
@@ -42,35 +40,21 @@ _PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high"
 _START = time.perf_counter()
 
 
-def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch of the shapes the pipeline yields: images in [-1, 1], conditions in [0, 1]."""
-  rng = np.random.default_rng(seed)
-  size, channels = config.data.crop_size, config.model.correspondence.label_channels
-  image = lambda: rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)
-  label = lambda: rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32)
-  return dict(image=image(), ref=image(), label=label(), label_ref=label())
-
-
 def step_inputs(config, mesh, global_batch: int, abstract: bool):
-  """(state, frozen variables, batch) of random values on the devices; with ``abstract`` only their shapes,
-  which is all lowering, compiling and FLOP counting need (random initialisation of the full config takes
-  minutes on XLA:CPU and on a GPU)."""
-  def init():
-    variables = build.init_variables(config.model, jax.random.PRNGKey(0))
-    vgg_variables = {}
-    if config.loss.vgg == "vgg19":
-      vgg_variables = vgg.VGG19(tuple(config.loss.vgg_widths)).init(
-          jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32), ("r54",))
-    state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
-    return state, train_step.frozen_variables(variables, vgg_variables)
-
-  batch = random_batch(config, global_batch)
+  """(state, frozen variables, batch) of random values on the devices (``random_inputs``: drawn on the host from
+  the shapes, since Flax's init compiles the whole forward pass); with ``abstract`` only their shapes, which is
+  all lowering, compiling and FLOP counting need."""
+  tx = optim.make_optimizer(config.train, freeze_unet=True)
+  batch = random_inputs.random_batch(config, global_batch)
   if abstract:
-    state, frozen = jax.eval_shape(init)
-    return state, frozen, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  state, frozen = init()
-  return (train_step.replicate(state, mesh), train_step.replicate(frozen, mesh),
-          train_step.global_batch(mesh, batch))
+    variables, vgg_variables = random_inputs.abstract_variables(config)
+    state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
+    return state, train_step.frozen_variables(variables, vgg_variables), {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  variables, vgg_variables = random_inputs.random_variables(config)
+  state = jax.jit(lambda v: train_step.create_train_state(v, tx))(variables)
+  frozen = train_step.frozen_variables(variables, vgg_variables)
+  return train_step.replicate(state, mesh), train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch)
 
 
 def _memory(compiled) -> dict[str, int] | None:

@@ -3,7 +3,7 @@
     python benchmarks/translate.py --config=configs/celebahq.py --batch_size=4 --iters=5
     python benchmarks/translate.py --config=configs/celebahq.py:tiny --batch_size=2 --no_refine
 
-Random weights (speed does not depend on them). Runs the whole jitted translation: encode, initial
+Random weights (``random_inputs``: speed does not depend on them). Runs the whole jitted translation: encode, initial
 matching, the 4-step interleaved loop (ref path only), the 20-step refinement unless --no_refine,
 decode. The official code also runs the src path and the original-loss sample and decodes 6 more
 images at inference (5 of its 29 U-Net calls and 6 of 7 decodes do not reach the output): compare
@@ -19,6 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import random_inputs
 from midms_jax import flops
 from midms_jax.models import build
 from midms_jax.models.midms import MIDMs
@@ -36,7 +37,7 @@ def main(argv):
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
   model = MIDMs.from_config(config)
-  variables = build.init_variables(config.model, jax.random.PRNGKey(0))
+  variables, _ = jax.device_put(random_inputs.random_variables(config))
   res, channels = config.model.first_stage.resolution, config.model.correspondence.label_channels
   batch = _BATCH.value
   condition = jax.random.uniform(jax.random.PRNGKey(1), (batch, res, res, channels))
