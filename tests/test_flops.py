@@ -46,12 +46,19 @@ def test_cond_is_weighted_between_its_branches():
   assert flops.count_flops(fn, pred, square, cond_fraction=0.0) == 0
 
 
-def test_platform_dependent_conditional_counts_one_branch_whatever_cond_fraction():
-  """``models.conv``'s backward picks its branch per platform: its gradient counts as lax's does."""
+def test_platform_dependent_conditional_counts_its_costliest_branch_whatever_cond_fraction():
+  """A ``lax.platform_dependent`` branch is fixed when compiling: it counts whole, not by ``cond_fraction``."""
+  square = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+  fn = lambda c: jax.lax.platform_dependent(c, cpu=lambda c: c @ c, default=lambda c: c @ c @ c)
+  for fraction in (0.0, 0.5, 1.0):
+    assert flops.count_flops(fn, square, cond_fraction=fraction) == 2 * 2 * 16 ** 3
+
+
+def test_convolution_gradient_counts_as_lax_does():
+  """``models.conv``'s CPU backward pass (canonical-layout convolutions) does the work lax's gradient does."""
   x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
   w = jax.ShapeDtypeStruct((3, 3, 4, 6), jnp.float32)
   numbers = ("NHWC", "HWIO", "NHWC")
   grads = lambda fn: jax.grad(lambda x, w: jnp.sum(fn(x, w, (2, 2), "SAME", dimension_numbers=numbers)), (0, 1))
-  want = flops.count_flops(grads(jax.lax.conv_general_dilated), x, w)
-  for fraction in (0.0, 0.5, 1.0):
-    assert flops.count_flops(grads(models_conv.conv_general_dilated), x, w, cond_fraction=fraction) == want
+  assert flops.count_flops(grads(models_conv.conv_general_dilated), x, w) == flops.count_flops(
+      grads(jax.lax.conv_general_dilated), x, w)

@@ -9,8 +9,10 @@ MIDMs differentiates through every network inside its interleaved loop, where th
 training step of the small config take 29 s instead of ~2 s.
 
 ``conv_general_dilated`` here computes the same convolution; on CPU its backward pass builds both
-gradients as canonical convolutions with explicit transposes (``lax.platform_dependent``), elsewhere
-it is JAX's own backward pass. Pass it to ``flax.linen.Conv(conv_general_dilated=...)`` or call it
+gradients as canonical convolutions with explicit transposes, elsewhere it is JAX's own backward pass.
+The form is chosen when tracing, by ``jax.default_backend()`` (everything here runs on the default
+backend; both forms give the same gradients, so lowering for another platform is only slower there):
+tracing both behind ``lax.platform_dependent`` took a fifth of a training step's lowering time. Pass it to ``flax.linen.Conv(conv_general_dilated=...)`` or call it
 as ``lax.conv_general_dilated``. Cases it does not rewrite (grouped, dilated, other layouts) go to
 ``lax.conv_general_dilated`` untouched.
 """
@@ -115,8 +117,8 @@ def _canonical_backward(strides, padding, residuals: _Residuals, grad):
 def _conv_bwd(strides, padding, residuals: _Residuals, grad):
   if isinstance(grad, jax.custom_derivatives.SymbolicZero):  # the output is not differentiated
     return None, None
-  static = lambda backward: functools.partial(backward, strides, padding)
-  return lax.platform_dependent(residuals, grad, cpu=static(_canonical_backward), default=static(_default_backward))
+  backward = _canonical_backward if jax.default_backend() == "cpu" else _default_backward
+  return backward(strides, padding, residuals, grad)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
