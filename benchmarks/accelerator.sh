@@ -17,7 +17,6 @@ log="${2:-/dev/null}"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/midms_jax_cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 parts=(python3 benchmarks/components.py --matmul_precision=default --iters=5)
 train=(python3 benchmarks/train_step.py --config=configs/celebahq.py --phase=main --iters=5
        --matmul_precision=default --nocount_flops --config.dtype=bfloat16)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import random_inputs
+import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
 from midms_jax import flops
 from midms_jax.losses import vgg as vgg_lib
 from midms_jax.losses.midms_losses import midms_losses

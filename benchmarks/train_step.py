@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import random_inputs
+import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
 from midms_jax import flops, optim, train_step
 from midms_jax.models.midms import MIDMs
 
