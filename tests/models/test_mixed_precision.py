@@ -57,16 +57,18 @@ def test_bfloat16_stages_stay_close_to_float32(tiny_midms, forward_io):
 
 
 def _assert_same_values_and_grads(actual, expected, label: str) -> None:
+  """Same loss, and each gradient leaf equal up to float32 reordering: errors scale with the leaf's largest entry
+  (measured up to 9e-5 of it with the official checkpoint; a recomputation bug gives errors of order 1)."""
   (value, grads), (value0, grads0) = actual, expected
   np.testing.assert_allclose(value, value0, rtol=1e-6, err_msg=label)
   for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads0)):
-    np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7, err_msg=f"{label} {jax.tree_util.keystr(path)}")
+    atol = 1e-7 + 2e-4 * float(np.max(np.abs(g0)))
+    np.testing.assert_allclose(g, g0, rtol=1e-4, atol=atol, err_msg=f"{label} {jax.tree_util.keystr(path)}")
 
 
-def test_full_remat_leaves_the_training_loss_and_gradients_unchanged():
+def test_full_remat_leaves_the_training_loss_and_gradients_unchanged(tiny_midms):
   """Rematerialisation recomputes, it does not approximate ('full': loop steps, U-Net and decoder blocks)."""
-  config = celebahq.get_config("tiny")
-  variables = build.init_variables(config.model, jax.random.PRNGKey(0))
+  config, _, variables = tiny_midms
   rng = np.random.default_rng(0)
   size = config.data.crop_size
   label = lambda: rng.uniform(0, 1, (1, size, size, config.model.correspondence.label_channels)).astype(np.float32)
