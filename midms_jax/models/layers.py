@@ -15,17 +15,27 @@ def pad_hw(x: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
 
 
+def _nearest_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """One axis of ``torch_nearest_resize``: output i reads input floor(i * n / size). Integer ratios (the
+  only ones the models use) are a strided slice or a repeat; a gather, whose gradient is a scatter-add
+  (serial on XLA:CPU, atomic on GPUs), only for the others."""
+  n = x.shape[axis]
+  if n == size:
+    return x
+  if n % size == 0:
+    return jax.lax.slice_in_dim(x, 0, n, n // size, axis=axis)
+  if size % n == 0:
+    return jnp.repeat(x, size // n, axis=axis)
+  return jnp.take(x, (jnp.arange(size) * n) // size, axis=axis)
+
+
 def torch_nearest_resize(x: jax.Array, height: int, width: int) -> jax.Array:
   """PyTorch's legacy ``interpolate(mode='nearest')``: output index i reads input floor(i*in/out).
 
   ``jax.image.resize`` uses half-pixel centres instead, which picks different pixels when
   down-sampling (e.g. 256 -> 64 reads row 4i here, 4i+1 or 4i+2 there).
   """
-  x = jnp.asarray(x)
-  in_h, in_w = x.shape[1], x.shape[2]
-  rows = (jnp.arange(height) * in_h) // height
-  cols = (jnp.arange(width) * in_w) // width
-  return x[:, rows][:, :, cols]
+  return _nearest_axis(_nearest_axis(jnp.asarray(x), 1, height), 2, width)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:

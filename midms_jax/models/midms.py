@@ -545,7 +545,7 @@ class MIDMs:
       out["loss_fb"] = loop_out["loss_fb"]
       out["iter_warped_ref_seg"] = loop_out["iter_warped_ref_seg"]
       if self.settings.rewarp_steps:
-        out["rewarped_ref_x0"] = records["pred_ref_x0_new"][np.asarray(self.settings.rewarp_steps)]
+        out["rewarped_ref_x0"] = jnp.stack([records["pred_ref_x0_new"][i] for i in self.settings.rewarp_steps])
       if capture:
         records["original"] = original
     # One decoder call for both paths: half the decoder's compiled code (forward and backward).
