@@ -3,8 +3,8 @@
     python benchmarks/components.py --config=configs/celebahq.py --per_device_batch=4 --config.dtype=bfloat16
     python benchmarks/components.py --config=configs/celebahq.py:cpu_small --per_device_batch=2
 
-Each part is jitted alone, at the shapes it has inside the step, forward and backward where the step
-differentiates it (with respect to what the step does), on one device:
+Each part is jitted alone, at the shapes it has inside the step, on one device; forward and backward
+(with respect to the same arguments as in the step) where the step differentiates it:
 
 - ``encode``: the first stage's encoder over ground truths and exemplars (forward only: detached);
 - ``initial_matching``: correspondence encoders, the first soft warps and their cycle loss;
@@ -54,7 +54,7 @@ def _sum_of_squares(tree) -> jax.Array:
 
 
 def _differentiated(fn: Callable, argnums) -> Callable:
-  """``fn``'s forward and the gradient of its outputs' sum of squares with respect to ``argnums``."""
+  """The gradient of ``fn``'s outputs' sum of squares with respect to ``argnums``: ``fn``'s forward and backward."""
   return jax.grad(lambda *args: _sum_of_squares(fn(*args)), argnums=argnums)
 
 

@@ -12,9 +12,9 @@ training step of the small config take 29 s instead of ~2 s.
 gradients as canonical convolutions with explicit transposes, elsewhere it is JAX's own backward pass.
 The form is chosen when tracing, by ``jax.default_backend()`` (everything here runs on the default
 backend; both forms give the same gradients, so lowering for another platform is only slower there):
-tracing both behind ``lax.platform_dependent`` took a fifth of a training step's lowering time. Pass it to ``flax.linen.Conv(conv_general_dilated=...)`` or call it
-as ``lax.conv_general_dilated``. Cases it does not rewrite (grouped, dilated, other layouts) go to
-``lax.conv_general_dilated`` untouched.
+tracing both behind ``lax.platform_dependent`` took a fifth of a training step's lowering time. Pass it
+to ``flax.linen.Conv(conv_general_dilated=...)`` or call it as ``lax.conv_general_dilated``. Cases it
+does not rewrite (grouped, dilated, other layouts) go to ``lax.conv_general_dilated`` untouched.
 """
 
 import functools
