@@ -62,7 +62,8 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
   """{part: (function, arguments)} at the shapes of one main-phase step on ``batch``."""
   rng = jax.random.PRNGKey(0)
   both = jnp.concatenate([batch["image"], batch["ref"]])
-  latents = jax.jit(lambda v, x: model.encode(v, x, rng))(variables, both)
+  encode = jax.jit(lambda v, x: model.encode(v, x, rng))
+  latents = encode(variables, both)
   gt_latent, exemplar_latent = jnp.split(latents, 2)
   spectral = variables["correspondence"]["spectral"]
   noise = model.sample_noise(rng, gt_latent.shape)
@@ -94,7 +95,7 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
     return midms_losses(outs, batch, features, config.loss, warmup=False, with_context=True)[0]
 
   return dict(
-      encode=(jax.jit(lambda v, x: model.encode(v, x, rng)), (variables, both)),
+      encode=(encode, (variables, both)),
       initial_matching=(jax.jit(_differentiated(matching, (0,))),
                         (params, batch["label"], batch["label_ref"], exemplar_latent, gt_latent)),
       unet=(jax.jit(_differentiated(unet, (0, 1))), (params["unet"], jnp.concatenate([gt_latent, exemplar_latent]))),
