@@ -19,7 +19,8 @@ Prints a JSON line per part (median time, FLOPs as ``benchmarks/train_step.py`` 
 on accelerators, compile time) and a table. A part far below the others' FLOP rate is where to look
 when the whole step is slow on a new platform; the sum, weighted by how often the step runs each part,
 should come close to ``benchmarks/train_step.py``'s step time. Random weights from ``random_inputs`` (no
-Flax init compile).
+Flax init compile), and random inputs of the right shapes where one part feeds another, so each part
+compiles only itself; progress on stderr says which part is counting, compiling or timing.
 """
 
 import json
@@ -33,6 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
+from progress import progress  # benchmarks/progress.py
 from midms_jax import flops
 from midms_jax.losses import vgg as vgg_lib
 from midms_jax.losses.midms_losses import midms_losses
@@ -58,12 +60,19 @@ def _differentiated(fn: Callable, argnums) -> Callable:
   return jax.grad(lambda *args: _sum_of_squares(fn(*args)), argnums=argnums)
 
 
+def _random_stand_in(fn: Callable, *args, seed: int) -> object:
+  """Random arrays with the shapes and dtypes of ``fn(*args)``, on the device, without compiling ``fn``: a part's
+  inputs that another part produces (latents, the first warps, the step's outputs) need only their shapes for
+  timing, and compiling the producers would spend minutes of a device session before the first figure."""
+  return jax.tree_util.tree_map(jnp.asarray, random_inputs.random_like(jax.eval_shape(fn, *args), seed))
+
+
 def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[str, tuple[Callable, tuple]]:
-  """{part: (function, arguments)} at the shapes of one main-phase step on ``batch``."""
+  """{part: (function, arguments)} at the shapes of one main-phase step on ``batch``; nothing is compiled here."""
   rng = jax.random.PRNGKey(0)
   both = jnp.concatenate([batch["image"], batch["ref"]])
-  encode = jax.jit(lambda v, x: model.encode(v, x, rng))
-  latents = encode(variables, both)
+  encode = lambda v, x: model.encode(v, x, rng)
+  latents = _random_stand_in(encode, variables, both, seed=1)
   gt_latent, exemplar_latent = jnp.split(latents, 2)
   spectral = variables["correspondence"]["spectral"]
   noise = model.sample_noise(rng, gt_latent.shape)
@@ -75,7 +84,7 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
     out, _ = model.initial_matching(with_params(p), spectral, cond, ex_cond, ex_latent, gt, update_stats=True)
     return out
 
-  matched = jax.jit(matching)(params, batch["label"], batch["label_ref"], exemplar_latent, gt_latent)
+  matched = _random_stand_in(matching, params, batch["label"], batch["label_ref"], exemplar_latent, gt_latent, seed=2)
 
   def loop(p, matched_, ex_latent, gt):
     out, _, _ = model.interleaved_loop(with_params(p), spectral, matched_, ex_latent, noise, gt, update_stats=True)
@@ -88,14 +97,14 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
 
   vgg = vgg_lib.loss_network(config.loss, build.compute_dtype(config.dtype))
   features = None if vgg is None else (lambda images: vgg.apply(vgg_variables, images))
-  outputs = jax.jit(lambda v, b: model.train_forward(v, b, rng, warmup=False)[0])(variables, batch)
+  outputs = _random_stand_in(lambda v, b: model.train_forward(v, b, rng, warmup=False)[0], variables, batch, seed=3)
   differentiable = {k: v for k, v in outputs.items() if jnp.issubdtype(v.dtype, jnp.floating)}
 
   def losses(outs):
     return midms_losses(outs, batch, features, config.loss, warmup=False, with_context=True)[0]
 
   return dict(
-      encode=(encode, (variables, both)),
+      encode=(jax.jit(encode), (variables, both)),
       initial_matching=(jax.jit(_differentiated(matching, (0,))),
                         (params, batch["label"], batch["label_ref"], exemplar_latent, gt_latent)),
       unet=(jax.jit(_differentiated(unet, (0, 1))), (params["unet"], jnp.concatenate([gt_latent, exemplar_latent]))),
@@ -104,10 +113,11 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
       losses=(jax.jit(jax.grad(losses)), (differentiable,)))
 
 
-def time_part(fn: Callable, args: tuple, iters: int) -> dict[str, float]:
+def time_part(name: str, fn: Callable, args: tuple, iters: int) -> dict[str, float]:
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
+  progress(f"{name}: compiled in {compile_s:.1f} s; timing")
   times = []
   for _ in range(iters + 1):
     start = time.perf_counter()
@@ -124,6 +134,7 @@ def main(argv):
   variables, vgg_variables = jax.device_put(random_inputs.random_variables(config))
   batch = {k: jnp.asarray(v) for k, v in random_inputs.random_batch(config, _PER_DEVICE.value).items()}
   parts = make_parts(model, config, variables, vgg_variables, batch)
+  progress(f"parts traced for shapes on {jax.devices()[0]}")
   device = jax.devices()[0].device_kind
   peak = flops.peak_flops(device, config.dtype)
   rewarp_fraction = len(config.midms.rewarp_steps) / config.midms.interleave_steps
@@ -131,8 +142,10 @@ def main(argv):
   for name, (fn, args) in parts.items():
     if _PARTS.value and name not in _PARTS.value:
       continue
+    progress(f"{name}: counting FLOPs")
     part_flops = flops.count_flops(fn, *args, cond_fraction=rewarp_fraction)
-    result = time_part(fn, args, _ITERS.value)
+    progress(f"{name}: {part_flops / 1e9:.1f} GFLOP; compiling")
+    result = time_part(name, fn, args, _ITERS.value)
     tflops_per_s = part_flops / result["ms"] * 1e-9
     row = dict(part=name, config=config.data.name, dtype=config.dtype, device=device, batch=_PER_DEVICE.value,
                gflops=round(part_flops / 1e9, 2), tflops_per_s=round(tflops_per_s, 3),

@@ -16,7 +16,6 @@ without running (e.g. to find the largest batch that fits a device).
 
 import json
 import statistics
-import sys
 import time
 
 import jax
@@ -24,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
+from progress import progress  # benchmarks/progress.py
 from midms_jax import flops, optim, train_step
 from midms_jax.models.midms import MIDMs
 
@@ -35,9 +35,6 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile and report mem
 _COUNT_FLOPS = flags.DEFINE_bool("count_flops", True, "trace the step once more to count its FLOPs (for MFU)")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high", "highest"],
                                "jax_default_matmul_precision")
-
-
-_START = time.perf_counter()
 
 
 def step_inputs(config, mesh, global_batch: int, abstract: bool):
@@ -65,27 +62,23 @@ def _memory(compiled) -> dict[str, int] | None:
   return {f.replace("_size_in_bytes", "_mb"): round(getattr(analysis, f) / 2**20) for f in fields}
 
 
-def _progress(what: str) -> None:
-  """Timestamped progress on stderr: where the minutes of a large compile go (tracing, XLA, autotuning)."""
-  print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
-
-
 def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
   start = time.perf_counter()
   lowered = step.lower(state, frozen, batch)
   lower_s = time.perf_counter() - start
-  _progress(f"lowered in {lower_s:.1f} s; compiling")
+  progress(f"lowered in {lower_s:.1f} s; compiling")
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  _progress(f"compiled in {compile_s - lower_s:.1f} s")
+  progress(f"compiled in {compile_s - lower_s:.1f} s")
   if _COMPILE_ONLY.value:
     return dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), memory=_memory(compiled)), state
   times = []
-  for _ in range(iters + 1):
+  for i in range(iters + 1):
     start = time.perf_counter()
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics["loss_total"])
     times.append(time.perf_counter() - start)
+    progress(f"step {i} took {times[-1]:.3f} s" + (" (first: includes transfers and warm-up)" if i == 0 else ""))
   step_s = statistics.median(times[1:]) if iters else times[0]
   return dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), step_s=round(step_s, 4),
               memory=_memory(compiled)), state
@@ -93,7 +86,7 @@ def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
 
 def main(argv):
   del argv
-  _progress(f"devices: {jax.devices()}")
+  progress(f"devices: {jax.devices()}")
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
   mesh = train_step.data_mesh()
@@ -101,7 +94,7 @@ def main(argv):
   config.train.batch_size = global_batch
   model = MIDMs.from_config(config)
   state, frozen, batch = step_inputs(config, mesh, global_batch, abstract=_COMPILE_ONLY.value)
-  _progress("state and batch shapes (--compile_only)" if _COMPILE_ONLY.value else "state and batch on the devices")
+  progress("state and batch shapes (--compile_only)" if _COMPILE_ONLY.value else "state and batch on the devices")
   steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh)
   phases = ("warmup", "main") if _PHASE.value == "both" else (_PHASE.value,)
   device = jax.devices()[0].device_kind
@@ -112,7 +105,7 @@ def main(argv):
     step_flops = None
     if _COUNT_FLOPS.value:
       step_flops = flops.count_flops(step, state, frozen, batch, cond_fraction=rewarp_fraction)
-      _progress(f"{phase}: counted {step_flops / 1e12:.2f} TFLOP per step")
+      progress(f"{phase}: counted {step_flops / 1e12:.2f} TFLOP per step")
     result, state = time_phase(step, state, frozen, batch, _ITERS.value)
     if "step_s" in result:
       result["images_per_s"] = round(global_batch / result["step_s"], 2)

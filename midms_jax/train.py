@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from midms_jax import held_out, latent_cache, ldm, optim, train_step, workdir as workdir_lib
+from midms_jax import held_out, latent_cache, ldm, optim, train_step, workdir as workdir_lib, xla_flags
 from midms_jax.data import images as images_lib, pipeline
 from midms_jax.errors import CheckpointError, InputError, first_line
 from midms_jax.interop import torch_export, torch_import
@@ -506,6 +506,8 @@ def main(argv, cli: dict[str, flags.FlagHolder]) -> None:
   if cli["config"].value is None or not cli["workdir"].value:
     raise app.UsageError("--config and --workdir are required")
   initialize_distributed(cli["coordinator_address"].value, cli["num_processes"].value, cli["process_id"].value)
+  for warning in xla_flags.slow_flag_warnings(os.environ.get("XLA_FLAGS", ""), jax.default_backend()):
+    logging.warning(warning)
   try:
     train_and_evaluate(cli["config"].value, cli["workdir"].value)
   except (InputError, CheckpointError, TrainingError) as e:

@@ -30,3 +30,11 @@ def test_nothing_is_set_for_an_unchecked_jaxlib(monkeypatch):
   env = {"XLA_FLAGS": "--a=1"}
   xla_flags.set_default_flags(env)
   assert env == {"XLA_FLAGS": "--a=1"}
+
+
+def test_autotuning_off_on_gpus_is_warned_about():
+  (warning,) = xla_flags.slow_flag_warnings("--xla_dump_to=/tmp --xla_gpu_autotune_level=0", "gpu")
+  assert "--xla_gpu_autotune_level=0" in warning and "--xla_gpu_autotune_level=1" in warning
+  assert xla_flags.slow_flag_warnings("--xla_gpu_autotune_level=0", "cpu") == []
+  assert xla_flags.slow_flag_warnings("--xla_gpu_autotune_level=1 --xla_gpu_enable_triton_gemm", "gpu") == []
+  assert xla_flags.slow_flag_warnings("", "gpu") == []
