@@ -27,6 +27,7 @@ from midms_jax import optim
 from midms_jax.losses.midms_losses import midms_losses
 from midms_jax.losses import vgg as vgg_lib
 from midms_jax.models import build
+from midms_jax.models.layers import join_batches, split_batches
 from midms_jax.models.midms import MIDMs
 
 DATA_AXIS = "data"
@@ -74,7 +75,10 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
 
   With a ``mesh``, the batch is sharded over all its devices, frozen variables are replicated and the
   state is placed as ``state_sharding`` (``state_shardings(state, mesh)``; None: replicated); without
-  one, plain ``jax.jit``.
+  one, plain ``jax.jit``. Split parameters are gathered whole for the forward and backward pass (one
+  all-gather; their gradients are reduce-scattered back), so every layer runs data parallel on whole
+  weights: left to itself XLA would split layers along the parameters' split axis and move activations
+  between devices with all-to-alls.
   """
   vgg = vgg_lib.loss_network(config.loss, build.compute_dtype(config.dtype))
   schedules = optim.lr_schedules(config.train, steps_per_epoch)
@@ -86,10 +90,13 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
     def loss_fn(params):
+      if mesh is not None:
+        params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, PartitionSpec()))
       variables = model_variables(state, frozen, params)
       outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True)
       if config.loss.rewarp and "rewarped_ref_x0" in outputs:
-        outputs["rewarped_ref"] = model.decode(variables, jnp.concatenate(list(outputs["rewarped_ref_x0"])))
+        rewarps = list(outputs["rewarped_ref_x0"])
+        outputs["rewarped_ref"] = jnp.stack(split_batches(model.decode(variables, join_batches(rewarps)), len(rewarps)))
       features = None if vgg is None else (lambda images: vgg.apply(frozen["vgg"], images))
       total, terms = midms_losses(outputs, batch, features, config.loss, warmup=warmup,
                                   with_context=state.step > warmup_iter)

@@ -2,6 +2,7 @@
 and a step sharded over 8 devices equals the single-device step."""
 
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -47,18 +48,21 @@ DP_BATCH, DP_LR = 8, 1e-6
 def _one_main_step(n_devices: int, fsdp: int = 1) -> dict:
   """Loss, grad norm and flattened parameters after one interleaved step from the initial state, global batch
   ``DP_BATCH``, on a (data, fsdp) mesh of the first ``n_devices`` devices; ``fsdp_fraction``: the largest
-  parameter's share held by one device."""
+  parameter's share held by one device; ``activation_moves``: the compiled step's collectives that move
+  data between devices along the batch (collective-permute, all-to-all), none in a data-parallel step."""
   config, model, variables, frozen, batch, tx = _setup(batch_size=DP_BATCH, lr=DP_LR)
   mesh = train_step.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
   state = train_step.create_train_state(variables, tx)
   shardings = train_step.state_shardings(state, mesh)
   steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh, state_sharding=shardings)
-  state = jax.device_put(state, shardings)
-  state, metrics = steps.main(state, train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch))
+  args = jax.device_put(state, shardings), train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch)
+  compiled = steps.main.lower(*args).compile()
+  state, metrics = compiled(*args)
   largest = max(jax.tree_util.tree_leaves(state.params), key=lambda x: x.size)
   params = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(state.params)])
+  moves = len(re.findall(r"[ )] (?:collective-permute|all-to-all)(?:-start)?\(", compiled.as_text()))
   return dict(loss=float(metrics["loss_total"]), grad_norm=float(metrics["grad_norm"]), params=params,
-              fsdp_fraction=largest.addressable_shards[0].data.size / largest.size)
+              fsdp_fraction=largest.addressable_shards[0].data.size / largest.size, activation_moves=moves)
 
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
@@ -119,12 +123,14 @@ def _eight_device_step(job: BackgroundJob) -> tuple[subprocess.CompletedProcess,
 @pytest.mark.background(launcher=_eight_device_step)
 def test_eight_devices_match_one_device(background):
   """One interleaved-phase step, global batch 8: 8 simulated CPU devices (a subprocess; 2 data-parallel
-  groups x 4-way fsdp, so both the batch split and the parameter sharding are exercised) vs 1 device."""
+  groups x 4-way fsdp, so both the batch split and the parameter sharding are exercised) vs 1 device, and
+  no activations moved between the devices."""
   one = _one_main_step(1)  # while the job may still run (when this test runs alone)
   out, params_path = background()
   assert out.returncode == 0, out.stderr[-3000:]
   eight = json.loads(out.stdout.strip().splitlines()[-1])
   assert eight["devices"] == 8 and eight["fsdp_fraction"] == 0.25  # each device holds a quarter
+  assert eight["activation_moves"] == 0  # examples stay on their device (layers.join_batches, not concatenate)
   for key in ("loss", "grad_norm"):
     assert abs(one[key] - eight[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], eight[key])
   assert np.max(np.abs(np.load(params_path) - one["params"])) <= 1e-5

@@ -9,10 +9,9 @@ from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from midms_jax.losses.contextual import contextual_loss
-from midms_jax.models.layers import torch_nearest_resize
+from midms_jax.models.layers import join_batches, split_batches, torch_nearest_resize
 
 _FLOAT_EPS = 2.220446049250313e-16
 FEATURE_LAYERS = ("r12", "r22", "r32", "r42", "r52")
@@ -77,7 +76,7 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   ``vgg(images)`` returns ReLU features r12..r52 (None: no VGG-based terms). ``warmup`` (static): the official warm-up
   phase, where the first-warp cycle loss is counted a second time as ``loss_fb_iterative``.
   ``with_context`` (bool or traced bool): official ``n_iter > warmup_iter``, so one compiled main
-  step serves the first post-warm-up iteration (no context loss) too. ``outputs["rewarped_ref"]`` (the
+  step serves the first post-warm-up iteration (no context loss) too. ``outputs["rewarped_ref"]`` (R, B, ...: the
   decoded re-warps, present only when ``loss_cfg.rewarp`` asks for them) adds ``loss_rewarp``.
   """
   terms = dict(
@@ -90,11 +89,10 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     zero = jnp.zeros((), jnp.float32)
     terms.update(loss_feat=zero, loss_perc=zero, cx_terms=jnp.zeros((4,), jnp.float32), loss_context=zero)
   else:
-    rewarped = outputs.get("rewarped_ref")  # decoded re-warps (R * B images), only with loss_cfg.rewarp
+    rewarped = outputs.get("rewarped_ref")  # decoded re-warps (R, B, ...), only with loss_cfg.rewarp
     images = [outputs["warped_ref"], outputs["warped_src"], batch["image"], batch["ref"]]
-    features = vgg(jnp.concatenate(images + ([] if rewarped is None else [rewarped])))
-    ends = np.cumsum([len(x) for x in images])
-    split = {name: jnp.split(f, ends) for name, f in features.items()}
+    images += [] if rewarped is None else list(rewarped)
+    split = {name: split_batches(f, len(images)) for name, f in vgg(join_batches(images)).items()}
     warped_ref, warped_src, gt, exemplar = ({name: parts[i] for name, parts in split.items()} for i in range(4))
     terms["loss_feat"] = feature_loss(warped_src, gt, loss_cfg.feat_layer_weights)
     terms["loss_perc"] = l1(warped_ref[loss_cfg.perc_layer], jax.lax.stop_gradient(gt[loss_cfg.perc_layer]))
@@ -103,8 +101,7 @@ def midms_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     terms["loss_context"] = jnp.dot(jnp.asarray(loss_cfg.context_weights, jnp.float32), cx)
     if rewarped is not None:  # every re-warp against the same ground truth
       layer = loss_cfg.perc_layer
-      gt_tiled = jnp.tile(gt[layer], (len(rewarped) // len(gt[layer]),) + (1,) * (gt[layer].ndim - 1))
-      terms["loss_rewarp"] = l1(split[layer][len(images)], jax.lax.stop_gradient(gt_tiled))
+      terms["loss_rewarp"] = l1(jnp.stack(split[layer][4:]), jax.lax.stop_gradient(gt[layer])[None])
   total = (loss_cfg.domain * terms["loss_domain"] + loss_cfg.fb * terms["loss_fb"]
            + loss_cfg.perc * terms["loss_perc"] + loss_cfg.feat * terms["loss_feat"]
            + loss_cfg.original * terms["original_loss"] + loss_cfg.fb_iterative * terms["loss_fb_iterative"])

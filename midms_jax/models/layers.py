@@ -15,6 +15,22 @@ def pad_hw(x: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
 
 
+def join_batches(arrays) -> jax.Array:
+  """Same-shaped batches ``(B, ...)`` as one ``(k B, ...)`` batch, example by example: rows ``b k`` to
+  ``b k + k - 1`` hold example ``b`` of each array. For networks that treat examples independently this is
+  ``concatenate`` up to the row order, but under data parallelism (the batch axis split over devices) each
+  device's rows of the result are its own rows of the inputs, so joining and ``split_batches`` move nothing
+  between devices; a concatenation puts the second array's examples on other devices, and XLA then shuffles
+  activations between devices around every layer that sees the joined batch."""
+  return jnp.stack(arrays, axis=1).reshape((-1,) + arrays[0].shape[1:])
+
+
+def split_batches(x: jax.Array, k: int) -> list[jax.Array]:
+  """The ``k`` batches that ``join_batches`` joined into ``x``."""
+  x = x.reshape((-1, k) + x.shape[1:])
+  return [x[:, i] for i in range(k)]
+
+
 def _nearest_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   """One axis of ``torch_nearest_resize``: output i reads input floor(i * n / size). Integer ratios (the
   only ones the models use) are a strided slice or a repeat; a gather, whose gradient is a scatter-add

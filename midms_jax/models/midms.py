@@ -37,7 +37,7 @@ from midms_jax.diffusion.schedule import DDIMSchedule, DiffusionSchedule
 from midms_jax.models import build
 from midms_jax.models.autoencoder import DiagonalGaussian
 from midms_jax.models.correspondence import CorrespondenceNetworks
-from midms_jax.models.layers import torch_nearest_resize
+from midms_jax.models.layers import join_batches, split_batches, torch_nearest_resize
 
 Variables = Mapping[str, Any]
 # config.remat: what the backward pass recomputes instead of storing. "unet_blocks": every U-Net block;
@@ -417,12 +417,12 @@ class MIDMs:
         carry, record = rewarp(carry) if rewarp_here else skip(carry)
       paths = ("ref", "src") if with_src else ("ref",)
       x0_in = [carry[f"{p}_x0"] for p in paths]
-      x = jnp.concatenate([carry[f"{p}_a"] * x0 + carry[f"{p}_d"] for p, x0 in zip(paths, x0_in)])
+      x = join_batches([carry[f"{p}_a"] * x0 + carry[f"{p}_d"] for p, x0 in zip(paths, x0_in)])
       eps = self._unet(variables, x, coef.t)
       update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t)
       carry = dict(carry)
       for i, p in enumerate(paths):
-        part = lambda a, i=i: jnp.split(a, len(paths))[i]
+        part = lambda a, i=i: split_batches(a, len(paths))[i]
         carry[f"{p}_x0"] = part(update.pred_x0)
         carry[f"{p}_a"], carry[f"{p}_d"] = part(update.sqrt_a_prev), part(update.dir_xt)
         if capture:
@@ -549,7 +549,8 @@ class MIDMs:
       if capture:
         records["original"] = original
     # One decoder call for both paths: half the decoder's compiled code (forward and backward).
-    out["warped_ref"], out["warped_src"] = jnp.split(self.decode(variables, jnp.concatenate([pred_ref, pred_src])), 2)
+    decoded = self.decode(variables, join_batches([pred_ref, pred_src]))
+    out["warped_ref"], out["warped_src"] = split_batches(decoded, 2)
     out["pred_ref_x0"], out["pred_src_x0"] = pred_ref, pred_src
     if capture:
       out.update(matched=matched, steps=records)

@@ -1,4 +1,5 @@
-"""PyTorch's nearest resize (``layers.torch_nearest_resize``): PyTorch's pixels, and no gather for integer ratios."""
+"""The models' small layers: PyTorch's nearest resize (``layers.torch_nearest_resize``: PyTorch's pixels, no gather
+for integer ratios) and the device-local batch join of data-parallel steps (``join_batches`` / ``split_batches``)."""
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +34,14 @@ def test_integer_ratios_need_no_gather_or_scatter():
     grad = jax.grad(lambda a, size=size: jnp.sum(jnp.sin(layers.torch_nearest_resize(a, *size))))
     text = jax.jit(grad).lower(x).as_text()
     assert "gather" not in text and "scatter" not in text, size
+
+
+def test_join_batches_lays_examples_side_by_side_and_split_batches_undoes_it():
+  a, b, c = (np.arange(12, dtype=np.float32).reshape(3, 2, 2) + 100 * i for i in range(3))
+  joined = layers.join_batches([a, b, c])
+  assert joined.shape == (9, 2, 2)
+  for example in range(3):
+    for j, x in enumerate((a, b, c)):
+      np.testing.assert_array_equal(joined[3 * example + j], x[example])
+  for original, back in zip((a, b, c), layers.split_batches(joined, 3)):
+    np.testing.assert_array_equal(back, original)

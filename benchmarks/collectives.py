@@ -1,0 +1,95 @@
+"""The collectives in the compiled training steps on a mesh of simulated CPU devices: what a pod would move.
+
+    python benchmarks/collectives.py --config=configs/celebahq.py:tiny --devices=8 --fsdp=1
+    python benchmarks/collectives.py --config=configs/celebahq.py:tiny --devices=8 --fsdp=4 --stage=ldm
+
+Compiles the MIDMs stage's warm-up and interleaved steps (or the LDM stage's step) for ``--devices`` CPU
+devices (a (data, fsdp) mesh, global batch ``per_device_batch x devices``) from abstract shapes, nothing run,
+and prints per step a JSON line with the count of each collective in the optimised program. A data-parallel step needs only all-reduces (gradients,
+metrics; on CPU XLA also expresses fsdp's all-gathers and reduce-scatters through them); a collective-permute
+or all-to-all moves activations between devices and is a bug (``layers.join_batches``). ``--list`` prints
+each such collective with its shape.
+"""
+
+import os
+import sys
+
+_DEVICES_FLAG = "--devices="
+_devices = next((a[len(_DEVICES_FLAG):] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
+# Before JAX starts its backends: the simulated devices.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import collections  # pylint: disable=wrong-import-position
+import json  # pylint: disable=wrong-import-position
+import re  # pylint: disable=wrong-import-position
+
+import jax  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+import random_inputs  # benchmarks/random_inputs.py  # pylint: disable=wrong-import-position
+from progress import progress  # benchmarks/progress.py  # pylint: disable=wrong-import-position
+from midms_jax import ldm, optim, train_step  # pylint: disable=wrong-import-position
+from midms_jax.models.midms import MIDMs  # pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py:tiny", "model and training config")
+flags.DEFINE_integer("devices", 8, "simulated CPU devices (read before JAX starts)")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "devices sharing each parameter (config.train.fsdp)")
+_PER_DEVICE = flags.DEFINE_integer("per_device_batch", 2, "examples per device")
+_STAGE = flags.DEFINE_enum("stage", "midms", ["midms", "ldm"], "which training stage's steps")
+_LIST = flags.DEFINE_bool("list", False, "print each collective-permute / all-to-all / all-gather with its shape")
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_OP = re.compile(r"(\S+) = ([^=]+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+def collective_census(hlo_text: str) -> tuple[dict[str, int], list[str]]:
+  """({collective: count}, ["op shape"] of those that move data other than by reductions) of optimised HLO."""
+  found = [(m.group(3), m.group(2)) for m in _OP.finditer(hlo_text)]
+  moving = [f"{op} {shape}" for op, shape in found if op not in ("all-reduce", "reduce-scatter")]
+  return dict(collections.Counter(op for op, _ in found)), moving
+
+
+def midms_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
+  """{phase: (jitted step, abstract arguments)} of the MIDMs stage."""
+  tx = optim.make_optimizer(config.train, freeze_unet=True)
+  variables, vgg_variables = random_inputs.abstract_variables(config)
+  state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
+  frozen = train_step.frozen_variables(variables, vgg_variables)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+           for k, v in random_inputs.random_batch(config, config.train.batch_size).items()}
+  steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh,
+                                      state_sharding=train_step.state_shardings(state, mesh))
+  return {phase: (getattr(steps, phase), (state, frozen, batch)) for phase in ("warmup", "main")}
+
+
+def ldm_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
+  """{"ldm": (jitted step, abstract arguments)} of the LDM stage, encoding its images."""
+  variables, _ = random_inputs.abstract_variables(config)
+  state = jax.eval_shape(lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"])
+  image = random_inputs.random_batch(config, config.train.batch_size)["image"]
+  step = ldm.make_step(model, config, mesh, state_sharding=ldm.state_shardings(state, mesh))
+  return {"ldm": (step, (state, {"first_stage": variables["first_stage"]},
+                         {"image": jax.ShapeDtypeStruct(image.shape, image.dtype)}))}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = train_step.data_mesh(fsdp=_FSDP.value)
+  config.train.batch_size = _PER_DEVICE.value * mesh.size
+  model = MIDMs.from_config(config)
+  steps = (midms_steps if _STAGE.value == "midms" else ldm_steps)(model, config, mesh)
+  for phase, (step, args) in steps.items():
+    progress(f"{phase}: compiling for {mesh.size} devices ({dict(mesh.shape)})")
+    counts, moving = collective_census(step.lower(*args).compile().as_text())
+    print(json.dumps(dict(config=config.data.name, phase=phase, devices=mesh.size, fsdp=_FSDP.value,
+                          global_batch=config.train.batch_size, collectives=counts,
+                          activation_moves=sum(1 for m in moving if not m.startswith("all-gather")))), flush=True)
+    if _LIST.value:
+      print("\n".join(f"  {m}" for m in moving))
+
+
+if __name__ == "__main__":
+  app.run(main)
