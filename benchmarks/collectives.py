@@ -5,20 +5,20 @@
 
 Compiles the MIDMs stage's warm-up and interleaved steps (or the LDM stage's step) for ``--devices`` CPU
 devices (a (data, fsdp) mesh, global batch ``per_device_batch x devices``) from abstract shapes, nothing run,
-and prints per step a JSON line with the count of each collective in the optimised program. A data-parallel step needs only all-reduces (gradients,
-metrics; on CPU XLA also expresses fsdp's all-gathers and reduce-scatters through them); a collective-permute
-or all-to-all moves activations between devices and is a bug (``layers.join_batches``). ``--list`` prints
-each such collective with its shape.
+and prints per step a JSON line with the count of each collective in the optimised program. A data-parallel
+step needs only reductions (gradients, metrics) and, with ``--fsdp``, parameter all-gathers; a
+collective-permute or all-to-all moves activations between devices and is a bug (``layers.join_batches``,
+``train_step.whole_parameters``). ``--list`` prints each collective other than a reduction with its shape.
 """
 
 import os
 import sys
 
-_DEVICES_FLAG = "--devices="
-_devices = next((a[len(_DEVICES_FLAG):] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
-# Before JAX starts its backends: the simulated devices.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # the simulated devices, before JAX starts its backends (not when imported by tests)
+  _DEVICES_FLAG = "--devices="
+  _devices = next((a[len(_DEVICES_FLAG):] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 import collections  # pylint: disable=wrong-import-position
 import json  # pylint: disable=wrong-import-position
@@ -46,7 +46,7 @@ _OP = re.compile(r"(\S+) = ([^=]+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\
 
 def collective_census(hlo_text: str) -> tuple[dict[str, int], list[str]]:
   """({collective: count}, ["op shape"] of those that move data other than by reductions) of optimised HLO."""
-  found = [(m.group(3), m.group(2)) for m in _OP.finditer(hlo_text)]
+  found = [(m.group(3), m.group(2)) for m in _OP.finditer(re.sub(r"/\*.*?\*/", "", hlo_text))]  # no /*index=5*/
   moving = [f"{op} {shape}" for op, shape in found if op not in ("all-reduce", "reduce-scatter")]
   return dict(collections.Counter(op for op, _ in found)), moving
 

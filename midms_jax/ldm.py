@@ -130,8 +130,8 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     encode_key, loss_key = jax.random.split(rng)
     latents = batch_latents(model, frozen, batch, encode_key)
-    loss, grads = jax.value_and_grad(lambda p: eps_loss(model, p, latents, loss_key, ldm_cfg.max_timestep))(
-        state.params)
+    loss, grads = jax.value_and_grad(lambda p: eps_loss(
+        model, midms_train_step.whole_parameters(p, mesh), latents, loss_key, ldm_cfg.max_timestep))(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(ldm_cfg.ema_decay, state.step + 1)

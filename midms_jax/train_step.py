@@ -75,10 +75,8 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
 
   With a ``mesh``, the batch is sharded over all its devices, frozen variables are replicated and the
   state is placed as ``state_sharding`` (``state_shardings(state, mesh)``; None: replicated); without
-  one, plain ``jax.jit``. Split parameters are gathered whole for the forward and backward pass (one
-  all-gather; their gradients are reduce-scattered back), so every layer runs data parallel on whole
-  weights: left to itself XLA would split layers along the parameters' split axis and move activations
-  between devices with all-to-alls.
+  one, plain ``jax.jit``. Split parameters are gathered whole for the forward and backward pass
+  (``whole_parameters``), so every layer runs data parallel.
   """
   vgg = vgg_lib.loss_network(config.loss, build.compute_dtype(config.dtype))
   schedules = optim.lr_schedules(config.train, steps_per_epoch)
@@ -90,9 +88,7 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
     def loss_fn(params):
-      if mesh is not None:
-        params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, PartitionSpec()))
-      variables = model_variables(state, frozen, params)
+      variables = model_variables(state, frozen, whole_parameters(params, mesh))
       outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True)
       if config.loss.rewarp and "rewarped_ref_x0" in outputs:
         rewarps = list(outputs["rewarped_ref_x0"])
@@ -123,6 +119,13 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
                    donate_argnums=0)
 
   return StepFunctions(warmup=compile_step(True), main=compile_step(False))
+
+
+def whole_parameters(params: Any, mesh: Mesh | None) -> Any:
+  """``params`` gathered whole on every device of ``mesh`` (unchanged without one), for a step's forward and
+  backward pass: with ``fsdp`` split parameters, XLA would otherwise split layers along the parameters'
+  split axis and move activations between devices (all-to-all); the gradients are reduce-scattered back."""
+  return params if mesh is None else jax.lax.with_sharding_constraint(params, NamedSharding(mesh, PartitionSpec()))
 
 
 def data_mesh(devices=None, fsdp: int = 1) -> Mesh:

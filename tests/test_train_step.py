@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import celebahq
-from midms_jax import optim, train_step
+from midms_jax import ldm, optim, train_step
 from midms_jax.interop import torch_import
 from midms_jax.losses import vgg
 from midms_jax.models.midms import MIDMs
@@ -60,9 +60,25 @@ def _one_main_step(n_devices: int, fsdp: int = 1) -> dict:
   state, metrics = compiled(*args)
   largest = max(jax.tree_util.tree_leaves(state.params), key=lambda x: x.size)
   params = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(state.params)])
-  moves = len(re.findall(r"[ )] (?:collective-permute|all-to-all)(?:-start)?\(", compiled.as_text()))
   return dict(loss=float(metrics["loss_total"]), grad_norm=float(metrics["grad_norm"]), params=params,
-              fsdp_fraction=largest.addressable_shards[0].data.size / largest.size, activation_moves=moves)
+              fsdp_fraction=largest.addressable_shards[0].data.size / largest.size,
+              activation_moves=_activation_moves(compiled))
+
+
+def _activation_moves(compiled) -> int:
+  """Collectives of a compiled step that move data between devices along the batch (collective-permute,
+  all-to-all): none in a data-parallel step, where only reductions and parameter gathers communicate."""
+  return len(re.findall(r"[ )] (?:collective-permute|all-to-all)(?:-start)?\(", compiled.as_text()))
+
+
+def _ldm_step_activation_moves(n_devices: int, fsdp: int) -> int:
+  """``_activation_moves`` of the LDM stage's step (global batch ``DP_BATCH``), compiled from shapes."""
+  config, model, variables, frozen, batch, _ = _setup(batch_size=DP_BATCH)
+  mesh = train_step.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
+  state = jax.eval_shape(lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"])
+  step = ldm.make_step(model, config, mesh, state_sharding=ldm.state_shardings(state, mesh))
+  return _activation_moves(step.lower(state, {"first_stage": frozen["first_stage"]},
+                                      {"image": jax.ShapeDtypeStruct(batch["image"].shape, np.float32)}).compile())
 
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
@@ -106,10 +122,10 @@ _DP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from tests.test_train_step import _one_main_step
+    from tests.test_train_step import _ldm_step_activation_moves, _one_main_step
     result = _one_main_step(8, fsdp=4)
     np.save(sys.argv[1], result.pop("params"))
-    print(json.dumps(dict(devices=len(jax.devices()), **result)))
+    print(json.dumps(dict(devices=len(jax.devices()), ldm_activation_moves=_ldm_step_activation_moves(8, 4), **result)))
 """)
 
 
@@ -124,13 +140,14 @@ def _eight_device_step(job: BackgroundJob) -> tuple[subprocess.CompletedProcess,
 def test_eight_devices_match_one_device(background):
   """One interleaved-phase step, global batch 8: 8 simulated CPU devices (a subprocess; 2 data-parallel
   groups x 4-way fsdp, so both the batch split and the parameter sharding are exercised) vs 1 device, and
-  no activations moved between the devices."""
+  no activations moved between the devices in that step nor in the LDM stage's step."""
   one = _one_main_step(1)  # while the job may still run (when this test runs alone)
   out, params_path = background()
   assert out.returncode == 0, out.stderr[-3000:]
   eight = json.loads(out.stdout.strip().splitlines()[-1])
   assert eight["devices"] == 8 and eight["fsdp_fraction"] == 0.25  # each device holds a quarter
   assert eight["activation_moves"] == 0  # examples stay on their device (layers.join_batches, not concatenate)
+  assert eight["ldm_activation_moves"] == 0  # nor in the LDM stage (parameters gathered whole: whole_parameters)
   for key in ("loss", "grad_norm"):
     assert abs(one[key] - eight[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], eight[key])
   assert np.max(np.abs(np.load(params_path) - one["params"])) <= 1e-5
