@@ -14,21 +14,20 @@ collective-permute or all-to-all moves activations between devices and is a bug 
 import os
 import sys
 
-if __name__ == "__main__":  # the simulated devices, before JAX starts its backends (not when imported by tests)
-  _DEVICES_FLAG = "--devices="
-  _devices = next((a[len(_DEVICES_FLAG):] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
-  os.environ["JAX_PLATFORMS"] = "cpu"
+_DEVICES_FLAG = "--devices="
+_devices = next((a[len(_DEVICES_FLAG):] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
+# The simulated devices, before JAX starts its backends.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
 
-import collections  # pylint: disable=wrong-import-position
 import json  # pylint: disable=wrong-import-position
-import re  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 import random_inputs  # benchmarks/random_inputs.py  # pylint: disable=wrong-import-position
+from collective_census import collective_census  # pylint: disable=wrong-import-position
 from progress import progress  # benchmarks/progress.py  # pylint: disable=wrong-import-position
 from midms_jax import ldm, optim, train_step  # pylint: disable=wrong-import-position
 from midms_jax.models.midms import MIDMs  # pylint: disable=wrong-import-position
@@ -39,17 +38,6 @@ _FSDP = flags.DEFINE_integer("fsdp", 1, "devices sharing each parameter (config.
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 2, "examples per device")
 _STAGE = flags.DEFINE_enum("stage", "midms", ["midms", "ldm"], "which training stage's steps")
 _LIST = flags.DEFINE_bool("list", False, "print each collective-permute / all-to-all / all-gather with its shape")
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_OP = re.compile(r"(\S+) = ([^=]+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-
-
-def collective_census(hlo_text: str) -> tuple[dict[str, int], list[str]]:
-  """({collective: count}, ["op shape"] of those that move data other than by reductions) of optimised HLO."""
-  found = [(m.group(3), m.group(2)) for m in _OP.finditer(re.sub(r"/\*.*?\*/", "", hlo_text))]  # no /*index=5*/
-  moving = [f"{op} {shape}" for op, shape in found if op not in ("all-reduce", "reduce-scatter")]
-  return dict(collections.Counter(op for op, _ in found)), moving
-
 
 def midms_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
   """{phase: (jitted step, abstract arguments)} of the MIDMs stage."""

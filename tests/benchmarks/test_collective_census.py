@@ -1,12 +1,6 @@
-"""The collective census of ``benchmarks/collectives.py`` on optimised-HLO text as XLA prints it."""
+"""``benchmarks/collectives.py``'s census (``collective_census``) on optimised-HLO text as XLA prints it."""
 
-import os
-import pathlib
-import sys
-
-# The benchmark scripts import their sibling modules by name, as ``python benchmarks/x.py`` finds them.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import collectives  # pylint: disable=wrong-import-position
+from benchmarks.collective_census import collective_census
 
 _HLO = """
   %all-reduce.158 = (f32[32,3,3,64]{3,2,1,0}, /*index=5*/f32[64,3,3,64]{3,2,1,0}) all-reduce(%a, %b), to_apply=%add
@@ -19,11 +13,8 @@ _HLO = """
 
 
 def test_census_counts_each_collective_once_and_lists_those_that_are_not_reductions():
-  counts, moving = collectives.collective_census(_HLO)
+  counts, moving = collective_census(_HLO)
   assert counts == {"all-reduce": 1, "all-gather": 1, "collective-permute": 1, "all-to-all": 1, "reduce-scatter": 1}
   assert [m.split()[0] for m in moving] == ["all-gather", "collective-permute", "all-to-all"]
   assert moving[1] == "collective-permute f32[2,32,32,8]{3,2,1,0}"
 
-
-def test_importing_it_leaves_the_environment_alone():
-  assert "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
