@@ -27,9 +27,9 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 import random_inputs  # benchmarks/random_inputs.py  # pylint: disable=wrong-import-position
-from collective_census import collective_census  # pylint: disable=wrong-import-position
+from collective_census import activation_moves, collective_census  # pylint: disable=wrong-import-position
 from progress import progress  # benchmarks/progress.py  # pylint: disable=wrong-import-position
-from midms_jax import ldm, optim, train_step  # pylint: disable=wrong-import-position
+from midms_jax import ldm, train_step  # pylint: disable=wrong-import-position
 from midms_jax.models.midms import MIDMs  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py:tiny", "model and training config")
@@ -41,12 +41,7 @@ _LIST = flags.DEFINE_bool("list", False, "print each collective-permute / all-to
 
 def midms_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
   """{phase: (jitted step, abstract arguments)} of the MIDMs stage."""
-  tx = optim.make_optimizer(config.train, freeze_unet=True)
-  variables, vgg_variables = random_inputs.abstract_variables(config)
-  state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
-  frozen = train_step.frozen_variables(variables, vgg_variables)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-           for k, v in random_inputs.random_batch(config, config.train.batch_size).items()}
+  state, frozen, batch = random_inputs.abstract_step_inputs(config, config.train.batch_size)
   steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh,
                                       state_sharding=train_step.state_shardings(state, mesh))
   return {phase: (getattr(steps, phase), (state, frozen, batch)) for phase in ("warmup", "main")}
@@ -74,7 +69,7 @@ def main(argv):
     counts, moving = collective_census(step.lower(*args).compile().as_text())
     print(json.dumps(dict(config=config.data.name, phase=phase, devices=mesh.size, fsdp=_FSDP.value,
                           global_batch=config.train.batch_size, collectives=counts,
-                          activation_moves=sum(1 for m in moving if not m.startswith("all-gather")))), flush=True)
+                          activation_moves=activation_moves(counts))), flush=True)
     if _LIST.value:
       print("\n".join(f"  {m}" for m in moving))
 

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from midms_jax import optim, train_step
 from midms_jax.losses import vgg
 from midms_jax.models import build
 
@@ -60,3 +61,13 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
   image = lambda: rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)
   label = lambda: rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32)
   return dict(image=image(), ref=image(), label=label(), label_ref=label())
+
+
+def abstract_step_inputs(config, global_batch: int) -> tuple[Any, dict, dict]:
+  """(train state, frozen variables, batch) of a MIDMs training step as shapes: all that lowering, compiling and
+  FLOP counting need."""
+  tx = optim.make_optimizer(config.train, freeze_unet=True)
+  variables, vgg_variables = abstract_variables(config)
+  state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(config, global_batch).items()}
+  return state, train_step.frozen_variables(variables, vgg_variables), batch

@@ -41,13 +41,10 @@ def step_inputs(config, mesh, global_batch: int, abstract: bool):
   """(state, frozen variables, batch) of random values on the devices (``random_inputs``: drawn on the host from
   the shapes, since Flax's init compiles the whole forward pass); with ``abstract`` only their shapes, which is
   all lowering, compiling and FLOP counting need."""
+  if abstract:
+    return random_inputs.abstract_step_inputs(config, global_batch)
   tx = optim.make_optimizer(config.train, freeze_unet=True)
   batch = random_inputs.random_batch(config, global_batch)
-  if abstract:
-    variables, vgg_variables = random_inputs.abstract_variables(config)
-    state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
-    return state, train_step.frozen_variables(variables, vgg_variables), {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   variables, vgg_variables = random_inputs.random_variables(config)
   state = jax.jit(lambda v: train_step.create_train_state(v, tx))(variables)
   frozen = train_step.frozen_variables(variables, vgg_variables)

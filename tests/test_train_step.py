@@ -2,7 +2,6 @@
 and a step sharded over 8 devices equals the single-device step."""
 
 import json
-import re
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from benchmarks import collective_census
 from configs import celebahq
 from midms_jax import ldm, optim, train_step
 from midms_jax.interop import torch_import
@@ -66,9 +66,7 @@ def _one_main_step(n_devices: int, fsdp: int = 1) -> dict:
 
 
 def _activation_moves(compiled) -> int:
-  """Collectives of a compiled step that move data between devices along the batch (collective-permute,
-  all-to-all): none in a data-parallel step, where only reductions and parameter gathers communicate."""
-  return len(re.findall(r"[ )] (?:collective-permute|all-to-all)(?:-start)?\(", compiled.as_text()))
+  return collective_census.activation_moves(collective_census.collective_census(compiled.as_text())[0])
 
 
 def _ldm_step_activation_moves(n_devices: int, fsdp: int) -> int:
