@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from midms_jax.errors import CheckpointError
+from midms_jax.models.layers import max_pool_2x2
 
 BLOCK_SIZES = (2, 2, 4, 4, 4)
 # Caffe VGG: BGR channel means of [0, 1] images, scaled by 255 after subtraction.
@@ -48,7 +49,7 @@ class VGG19(nn.Module):
     out, done = {}, 0
     for block, (n_convs, width) in enumerate(zip(BLOCK_SIZES, self.widths)):
       if block:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       for conv in range(n_convs):
         name = f"r{block + 1}{conv + 1}"
         x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,

@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from midms_jax.errors import CheckpointError
+from midms_jax.models.layers import max_pool_2x2
 
 try:
   from numpy._core.multiarray import _reconstruct  # pylint: disable=no-name-in-module
@@ -84,7 +85,7 @@ class VGG16Features(nn.Module):
     out, index = {}, 0
     for block, (n_convs, width) in enumerate(zip(BLOCK_SIZES, WIDTHS)):
       if block:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       for conv in range(n_convs):
         x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{block + 1}_{conv + 1}")(x))
         if LAYERS[index] in layers:

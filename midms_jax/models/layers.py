@@ -31,6 +31,45 @@ def split_batches(x: jax.Array, k: int) -> list[jax.Array]:
   return [x[:, i] for i in range(k)]
 
 
+def _pool_windows(x: jax.Array) -> jax.Array:
+  """``(B, H, W, C)`` -> ``(B, H//2, 2, W//2, 2, C)``; an odd last row or column is dropped (PyTorch's floor mode)."""
+  b, h, w, c = x.shape
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2, stride-2 max pooling of NHWC (``F.max_pool2d(x, 2)``) as a reshape and a max.
+
+  Its gradient goes, as PyTorch's, to the first maximum of each window in row-major order, and is built
+  element-wise (compare, select) where XLA's ``reduce_window`` max would backpropagate through a
+  ``select_and_scatter``, a serial scatter on GPUs."""
+  return jnp.max(_pool_windows(x), axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_2x2_bwd(x, g):
+  windows = _pool_windows(x)
+  is_max = windows == jnp.max(windows, axis=(2, 4), keepdims=True)
+  taken = jnp.zeros_like(is_max[:, :, 0, :, 0])
+  rows = []
+  for dy in range(2):
+    row = []
+    for dx in range(2):
+      first = is_max[:, :, dy, :, dx] & ~taken
+      taken = taken | first
+      row.append(jnp.where(first, g, jnp.zeros_like(g)))
+    rows.append(jnp.stack(row, axis=3))
+  grad = jnp.stack(rows, axis=2).reshape(windows.shape[0], windows.shape[1] * 2, windows.shape[3] * 2, -1)
+  return (jnp.pad(grad, ((0, 0), (0, x.shape[1] - grad.shape[1]), (0, x.shape[2] - grad.shape[2]), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
 def _nearest_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   """One axis of ``torch_nearest_resize``: output i reads input floor(i * n / size). Integer ratios (the
   only ones the models use) are a strided slice or a repeat; a gather, whose gradient is a scatter-add
