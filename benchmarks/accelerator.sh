@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One accelerator session's measurements in one command, under one wall-clock budget (ACCELERATOR_BUDGET_S,
 # default 540 s, so that a 570 s device limit leaves room for the start):
-#   (1) the whole full-config CelebA-HQ training step in bfloat16, batch 4, both chunk options (the figure
-#       that matters: images/s; MFU from FLOPs counted on any machine, docs/benchmarks.md);
-#   (2) the step's parts timed one by one (benchmarks/components.py) on the same config: a part far below
-#       the others' FLOP rate is the thing to fix;
-#   (3) the parts on the small config, which compiles in seconds.
+#   (1) the full-config CelebA-HQ step's parts in bfloat16, batch 4, timed one by one (benchmarks/components.py),
+#       cheapest first: each compiles alone and prints its figure as soon as it has one, a part far below the
+#       others' FLOP rate is the thing to fix, and when all ran, their weighted sum estimates the step
+#       (`step_estimate`: images/s and MFU). Their convolutions are the step's, so the autotuning results they
+#       leave in the cache spare the step's compile most of its autotuning;
+#   (2) the whole step (the figure that matters: images/s; MFU from FLOPs counted on any machine);
+#   (3) the parts on the small config, which compiles in seconds, if time is left.
 # Each run gets what is left of the budget minus a reserve for the later ones. Result lines (JSON) go to
 # results.jsonl, everything with timestamped progress to log.txt, so a run cut off still says where it was.
 #
@@ -52,9 +54,10 @@ run() {  # run <seconds to leave for later runs> <command...>: results to stdout
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-run 150 "${train[@]}" --per_device_batch=4 --config.attention_chunk=1024 --config.midms.warp_chunk=1024
-run 60 "${parts[@]}" --config=configs/celebahq.py --per_device_batch=4 --config.dtype=bfloat16
-run 15 "${parts[@]}" --config=configs/celebahq.py:cpu_small --per_device_batch=8 --config.dtype=bfloat16
+run 300 "${parts[@]}" --config=configs/celebahq.py --per_device_batch=4 --config.dtype=bfloat16 \
+  --parts=encode,decode,losses,unet,initial_matching,interleaved_loop
+run 15 "${train[@]}" --per_device_batch=4 --config.attention_chunk=1024 --config.midms.warp_chunk=1024
+run 10 "${parts[@]}" --config=configs/celebahq.py:cpu_small --per_device_batch=8 --config.dtype=bfloat16
 
 if [ -n "$cache_out" ]; then  # the executables only when they fit what a session brings back (64 MiB in all)
   tar czf "$cache_out/autotune.tgz" -C "$cache" autotune

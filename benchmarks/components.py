@@ -18,7 +18,8 @@ Each part is jitted alone, at the shapes it has inside the step, on one device; 
 Prints a JSON line per part (median time, FLOPs as ``benchmarks/train_step.py`` counts them, TFLOP/s, MFU
 on accelerators, compile time) and a table. A part far below the others' FLOP rate is where to look
 when the whole step is slow on a new platform; the sum, weighted by how often the step runs each part,
-should come close to ``benchmarks/train_step.py``'s step time. Random weights from ``random_inputs`` (no
+comes close to ``benchmarks/train_step.py``'s step time and is printed as a last JSON line (``step_estimate``:
+ms, images/s, MFU) when every part ran. ``--parts`` picks parts and their order. Random weights from ``random_inputs`` (no
 Flax init compile), and random inputs of the right shapes where one part feeds another, so each part
 compiles only itself; progress on stderr says which part is counting, compiling or timing.
 """
@@ -39,12 +40,13 @@ from midms_jax import flops
 from midms_jax.losses import vgg as vgg_lib
 from midms_jax.losses.midms_losses import midms_losses
 from midms_jax.models import build
+from midms_jax.models.layers import join_batches
 from midms_jax.models.midms import MIDMs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model and training config")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per step on the device")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls after the first one")
-_PARTS = flags.DEFINE_list("parts", "", "only these parts (default: all)")
+_PARTS = flags.DEFINE_list("parts", "", "only these parts, in this order (default: all)")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high", "highest"],
                                "jax_default_matmul_precision")
 
@@ -70,10 +72,9 @@ def _random_stand_in(fn: Callable, *args, seed: int) -> object:
 def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[str, tuple[Callable, tuple]]:
   """{part: (function, arguments)} at the shapes of one main-phase step on ``batch``; nothing is compiled here."""
   rng = jax.random.PRNGKey(0)
-  both = jnp.concatenate([batch["image"], batch["ref"]])
-  encode = lambda v, x: model.encode(v, x, rng)
-  latents = _random_stand_in(encode, variables, both, seed=1)
-  gt_latent, exemplar_latent = jnp.split(latents, 2)
+  photos = [batch["image"], batch["ref"]]
+  encode = lambda v, x: model.encode_batches(v, x, [rng, rng])
+  gt_latent, exemplar_latent = _random_stand_in(encode, variables, photos, seed=1)
   spectral = variables["correspondence"]["spectral"]
   noise = model.sample_noise(rng, gt_latent.shape)
   params = {k: variables[k]["params"] for k in ("unet", "correspondence")}
@@ -104,13 +105,31 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
     return midms_losses(outs, batch, features, config.loss, warmup=False, with_context=True)[0]
 
   return dict(
-      encode=(jax.jit(encode), (variables, both)),
+      encode=(jax.jit(encode), (variables, photos)),
       initial_matching=(jax.jit(_differentiated(matching, (0,))),
                         (params, batch["label"], batch["label_ref"], exemplar_latent, gt_latent)),
-      unet=(jax.jit(_differentiated(unet, (0, 1))), (params["unet"], jnp.concatenate([gt_latent, exemplar_latent]))),
+      unet=(jax.jit(_differentiated(unet, (0, 1))), (params["unet"], join_batches([gt_latent, exemplar_latent]))),
       interleaved_loop=(jax.jit(_differentiated(loop, (0,))), (params, matched, exemplar_latent, gt_latent)),
-      decode=(jax.jit(_differentiated(model.decode, (1,))), (variables, latents)),
+      decode=(jax.jit(_differentiated(model.decode, (1,))), (variables, join_batches([gt_latent, exemplar_latent]))),
       losses=(jax.jit(jax.grad(losses)), (differentiable,)))
+
+
+# How often a main-phase step runs each part: the loop holds its U-Net calls; the original loss adds one U-Net
+# call on the ground-truth path alone, half the ``unet`` part (both paths).
+STEP_WEIGHTS = dict(encode=1, initial_matching=1, unet=0.5, interleaved_loop=1, decode=1, losses=1)
+
+
+def step_estimate(rows: list[dict], batch: int, peak: float | None) -> dict | None:
+  """The whole step as the weighted sum of its parts (None unless every part ran): on a device where the
+  whole step does not compile in the time at hand, its images/s and MFU from parts that compile alone."""
+  by_part = {row["part"]: row for row in rows}
+  if set(by_part) != set(STEP_WEIGHTS):
+    return None
+  ms = sum(w * by_part[p]["ms"] for p, w in STEP_WEIGHTS.items())
+  gflops = sum(w * by_part[p]["gflops"] for p, w in STEP_WEIGHTS.items())
+  tflops_per_s = gflops / ms
+  return dict(part="step_estimate", ms=round(ms, 3), gflops=round(gflops, 2), tflops_per_s=round(tflops_per_s, 3),
+              mfu=round(tflops_per_s * 1e12 / peak, 4) if peak else None, images_per_s=round(1e3 * batch / ms, 3))
 
 
 def time_part(name: str, fn: Callable, args: tuple, iters: int) -> dict[str, float]:
@@ -128,6 +147,9 @@ def time_part(name: str, fn: Callable, args: tuple, iters: int) -> dict[str, flo
 
 def main(argv):
   del argv
+  unknown = sorted(set(_PARTS.value) - set(STEP_WEIGHTS))
+  if unknown:
+    raise app.UsageError(f"--parts: unknown parts {unknown}; known: {list(STEP_WEIGHTS)}")
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
   model = MIDMs.from_config(config)
@@ -139,9 +161,8 @@ def main(argv):
   peak = flops.peak_flops(device, config.dtype)
   rewarp_fraction = len(config.midms.rewarp_steps) / config.midms.interleave_steps
   rows = []
-  for name, (fn, args) in parts.items():
-    if _PARTS.value and name not in _PARTS.value:
-      continue
+  for name in _PARTS.value or list(parts):
+    fn, args = parts[name]
     progress(f"{name}: counting FLOPs")
     part_flops = flops.count_flops(fn, *args, cond_fraction=rewarp_fraction)
     progress(f"{name}: {part_flops / 1e9:.1f} GFLOP; compiling")
@@ -156,6 +177,10 @@ def main(argv):
   for row in rows:
     print(f"{row['part']:<18}{row['ms']:>10.1f}{row['gflops']:>10.1f}{row['tflops_per_s']:>10.2f}"
           f"{row['compile_s']:>11.1f}")
+  estimate = step_estimate(rows, _PER_DEVICE.value, peak)
+  if estimate:
+    print(json.dumps(estimate), flush=True)
+    print(f"step as the sum of its parts: {estimate['ms']:.1f} ms, {estimate['images_per_s']:.2f} images/s")
   unet = next((r for r in rows if r["part"] == "unet"), None)
   loop = next((r for r in rows if r["part"] == "interleaved_loop"), None)
   if unet and loop:

@@ -217,19 +217,26 @@ class MIDMs:
     VQ: the pre-quantization latent (``VQModelInterface.encode``). KL: a posterior sample (official;
     needs ``rng``) or its mode (``midms.kl_latent='mode'``).
     """
-    out = self.first_stage.apply(variables["first_stage"], images, method=self.first_stage.encode)
+    return self.encode_batches(variables, [images], [rng])[0]
+
+  def encode_batches(self, variables: Variables, batches: Sequence[jax.Array],
+                     rngs: Sequence[jax.Array | None]) -> list[jax.Array]:
+    """``encode`` of several same-shaped image batches through one encoder call (one batch of all of them,
+    joined example by example: half the encoder's compiled code for two); a KL sample of batch ``i`` draws
+    its noise from ``rngs[i]``, as a call of its own would."""
+    out = self.first_stage.apply(variables["first_stage"], join_batches(batches), method=self.first_stage.encode)
     if not isinstance(out, DiagonalGaussian):  # VQ: the latent, in float32 whatever the compute dtype
-      out = out.astype(jnp.float32)
-    else:  # KL first stage
-      if self.settings.kl_latent == "mode":
-        out = out.mode()
-      elif rng is None:
-        raise ValueError("encoding with a KL first stage and kl_latent='sample' needs an rng")
-      else:
-        out = out.sample(rng)
+      latents = [part.astype(jnp.float32) for part in split_batches(out, len(batches))]
+    elif self.settings.kl_latent == "mode":
+      latents = split_batches(out.mode(), len(batches))
+    elif any(rng is None for rng in rngs):
+      raise ValueError("encoding with a KL first stage and kl_latent='sample' needs an rng")
+    else:
+      posteriors = zip(split_batches(out.mean, len(batches)), split_batches(out.logvar, len(batches)))
+      latents = [DiagonalGaussian(*posterior).sample(rng) for posterior, rng in zip(posteriors, rngs)]
     if self.settings.apply_scale_factor:
-      out = out * self.scale_factor
-    return jax.lax.stop_gradient(out)
+      latents = [latent * self.scale_factor for latent in latents]
+    return [jax.lax.stop_gradient(latent) for latent in latents]
 
   def decode(self, variables: Variables, latents: jax.Array) -> jax.Array:
     """Images from latents (VQ: straight-through quantization first). Unclamped, as the official code."""
@@ -518,8 +525,7 @@ class MIDMs:
     """
     encode_key, noise_key, index_key = jax.random.split(rng, 3)
     gt_key, ex_key = jax.random.split(encode_key)
-    gt_latent = self.encode(variables, batch["image"], gt_key)
-    exemplar_latent = self.encode(variables, batch["ref"], ex_key)
+    gt_latent, exemplar_latent = self.encode_batches(variables, [batch["image"], batch["ref"]], [gt_key, ex_key])
     spectral = variables["correspondence"]["spectral"]
     matched, spectral = self.initial_matching(variables, spectral, batch["label"], batch["label_ref"],
                                               exemplar_latent, gt_latent, update_stats=update_stats)

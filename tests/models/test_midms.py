@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import celebahq
+from configs import celebahq, lsun_church
 from midms_jax import matching
 from midms_jax.models.midms import MIDMs, StepCoefficients
 from tests.conftest import assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
@@ -405,3 +405,27 @@ def test_chunked_warps_give_the_dense_translation(io, setup):
     _assert_same(chunked["steps"][name], dense["steps"][name], f"steps/{name}", 1e-4 if name == "fb_ts" else 2e-5)
   for name in ("fb_mask", "fb_mask_raw"):
     np.testing.assert_array_equal(chunked["steps"][name], dense["steps"][name], err_msg=name)
+
+
+def test_joined_encoding_samples_each_batch_with_its_own_key():
+  """``encode_batches`` (the training forward's one encoder call for the GT photos and the exemplars) gives what
+  separate ``encode`` calls give; a KL first stage samples each batch with its own key."""
+  model = MIDMs.from_config(lsun_church.get_config("tiny"))
+  rng = np.random.default_rng(0)
+  gt, exemplar = (jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32) for _ in range(2))
+  abstract = jax.eval_shape(model.first_stage.init, jax.random.PRNGKey(0), gt)
+  variables = {"first_stage": jax.tree_util.tree_map(
+      lambda leaf: jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype), abstract)}
+  keys = list(jax.random.split(jax.random.PRNGKey(1)))
+
+  @jax.jit
+  def encodings(v):
+    alone = [model.encode(v, x, key) for x, key in zip((gt, exemplar), keys)]
+    return model.encode_batches(v, [gt, exemplar], keys), alone, model.encode_batches(v, [gt, exemplar], keys[::-1])
+
+  joined, alone, swapped = encodings(variables)
+  for got, want in zip(joined, alone):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(swapped[0], joined[0], atol=1e-3)
+  with pytest.raises(ValueError, match="needs an rng"):
+    model.encode_batches(variables, [gt, exemplar], [keys[0], None])
