@@ -27,7 +27,6 @@ from midms_jax import optim
 from midms_jax.losses.midms_losses import midms_losses
 from midms_jax.losses import vgg as vgg_lib
 from midms_jax.models import build
-from midms_jax.models.layers import join_batches, split_batches
 from midms_jax.models.midms import MIDMs
 
 DATA_AXIS = "data"
@@ -89,10 +88,8 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
 
     def loss_fn(params):
       variables = model_variables(state, frozen, whole_parameters(params, mesh))
-      outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True)
-      if config.loss.rewarp and "rewarped_ref_x0" in outputs:
-        rewarps = list(outputs["rewarped_ref_x0"])
-        outputs["rewarped_ref"] = jnp.stack(split_batches(model.decode(variables, join_batches(rewarps)), len(rewarps)))
+      outputs, spectral = model.train_forward(variables, batch, rng, warmup=warmup, update_stats=True,
+                                              decode_rewarps=bool(config.loss.rewarp))
       features = None if vgg is None else (lambda images: vgg.apply(frozen["vgg"], images))
       total, terms = midms_losses(outputs, batch, features, config.loss, warmup=warmup,
                                   with_context=state.step > warmup_iter)

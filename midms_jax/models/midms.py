@@ -513,7 +513,7 @@ class MIDMs:
 
   def train_forward(self, variables: Variables, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                     warmup: bool, update_stats: bool = True, noise: Noise | None = None,
-                    original_index: jax.Array | None = None, capture: bool = False):
+                    original_index: jax.Array | None = None, capture: bool = False, decode_rewarps: bool = False):
     """Training forward (official ``mode="default"``): everything the losses need.
 
     ``batch``: ``image`` (GT photo of the condition), ``ref`` (exemplar), ``label`` (condition),
@@ -521,7 +521,9 @@ class MIDMs:
     official code does before ``warmup_iter``. ``update_stats`` runs the spectral-norm power iteration
     on every call (PyTorch train mode). Returns ``(outputs, new spectral state)``; the outputs hold the
     correlation volumes ``corr_ref`` / ``corr_src`` only in dense mode (``midms.warp_chunk = 0``), and after
-    warm-up ``rewarped_ref_x0`` (R, B, h, w, c): each re-warp of the exemplar path before masking.
+    warm-up ``rewarped_ref_x0`` (R, B, h, w, c): each re-warp of the exemplar path before masking, and with
+    ``decode_rewarps`` (static; for ``loss.rewarp``) their images ``rewarped_ref`` (R, B, H, W, 3), decoded in the
+    same decoder call as both paths' outputs.
     """
     encode_key, noise_key, index_key = jax.random.split(rng, 3)
     gt_key, ex_key = jax.random.split(encode_key)
@@ -554,9 +556,12 @@ class MIDMs:
         out["rewarped_ref_x0"] = jnp.stack([records["pred_ref_x0_new"][i] for i in self.settings.rewarp_steps])
       if capture:
         records["original"] = original
-    # One decoder call for both paths: half the decoder's compiled code (forward and backward).
-    decoded = self.decode(variables, join_batches([pred_ref, pred_src]))
-    out["warped_ref"], out["warped_src"] = split_batches(decoded, 2)
+    # One decoder call for both paths (and the re-warps): the decoder's compiled code once (forward and backward).
+    rewarps = list(out["rewarped_ref_x0"]) if decode_rewarps and "rewarped_ref_x0" in out else []
+    decoded = split_batches(self.decode(variables, join_batches([pred_ref, pred_src, *rewarps])), 2 + len(rewarps))
+    out["warped_ref"], out["warped_src"] = decoded[:2]
+    if rewarps:
+      out["rewarped_ref"] = jnp.stack(decoded[2:])
     out["pred_ref_x0"], out["pred_src_x0"] = pred_ref, pred_src
     if capture:
       out.update(matched=matched, steps=records)

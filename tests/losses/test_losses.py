@@ -139,10 +139,12 @@ def test_rewarp_term_scores_each_unmasked_rewarp_against_the_ground_truth(setup,
 
   def loss_fn(v, b, n):
     outputs, _ = model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False, update_stats=False, noise=n,
-                                     original_index=jnp.asarray(io["train/rand_idx"]), capture=True)
+                                     original_index=jnp.asarray(io["train/rand_idx"]), capture=True,
+                                     decode_rewarps=True)  # the re-warps decoded with both paths' outputs
+    rewarped = outputs.pop("rewarped_ref")
     official = midms_losses(outputs, b, features, config.loss, warmup=False, with_context=True)
-    outputs["rewarped_ref"] = jnp.stack([model.decode(v, x0) for x0 in outputs["rewarped_ref_x0"]])
-    return outputs, official, midms_losses(outputs, b, features, loss_cfg, warmup=False, with_context=True)
+    return outputs, official, midms_losses(dict(outputs, rewarped_ref=rewarped), b, features, loss_cfg,
+                                           warmup=False, with_context=True)
 
   outputs, (total0, terms0), (total, terms) = jax.jit(loss_fn)(variables, batch, forward_noise(io, "train", model))
   news = np.asarray(outputs["steps"]["pred_ref_x0_new"])
