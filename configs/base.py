@@ -204,6 +204,9 @@ def assemble(*, data_cfg, unet, first_stage, corr) -> ml_collections.ConfigDict:
   config.dtype = "float32"   # activations: "float32" or "bfloat16" (parameters, norms, matching, DDIM stay float32)
   config.remat = "none"      # recompute in the backward pass: "none", "unet_blocks" or "full" (see README)
   config.attention_chunk = 0  # U-Net attention in blocks of this many queries (0: all at once; memory linear in tokens)
+  # JAX's persistent compilation cache of the training job ("" = off): a resumed or repeated run loads its compiled
+  # steps instead of compiling them. Only process 0 writes, so on several hosts a path they all share (the workdir).
+  config.compilation_cache = "{workdir}/compilation_cache"
   config.model = ml_collections.ConfigDict(dict(unet=unet, first_stage=first_stage, correspondence=corr))
   config.diffusion = diffusion()
   config.midms = midms()

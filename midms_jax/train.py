@@ -38,6 +38,7 @@ from etils import epath
 from absl import app, flags, logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -116,6 +117,26 @@ def check_config(config) -> None:
   if config.loss.vgg == "vgg19" and not pathlib.Path(config.loss.vgg_checkpoint or "").is_file():
     raise CheckpointError(f"{config.loss.vgg_checkpoint or '<empty>'}: config.loss.vgg_checkpoint must name "
                           "CoCosNet's vgg19_conv.pth (the VGG19 loss network), or set config.loss.vgg='none'")
+
+
+_cache_dir_set_here: str | None = None  # the cache directory use_compilation_cache chose (not the user)
+
+
+def use_compilation_cache(config, workdir: epath.Path) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``config.compilation_cache`` (``{workdir}``: the run's
+  workdir; "": off) and returns its path, so a resumed or repeated run (a pod slice after preemption) loads its
+  compiled steps instead of compiling them again. A cache directory already set in JAX's config (the
+  ``JAX_COMPILATION_CACHE_DIR`` environment variable) is kept and returned."""
+  global _cache_dir_set_here
+  current = jax.config.jax_compilation_cache_dir
+  if current and current != _cache_dir_set_here:
+    return current
+  path = config.compilation_cache.replace(WORKDIR_PLACEHOLDER, str(workdir)) or None
+  if path != current:
+    compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()  # the next compile opens the new directory
+  _cache_dir_set_here = path
+  return path
 
 
 def initial_variables(config, rng: jax.Array, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -455,6 +476,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
   """
   workdir = workdir_lib.as_path(workdir)
   check_config(config)
+  logging.info("compilation cache: %s", use_compilation_cache(config, workdir) or "off")
   # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
   # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
   _on_every_process(True)

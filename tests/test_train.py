@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 
 from configs import celebahq
 from midms_jax import train, train_step
@@ -215,3 +217,28 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # saved at once, then stopped
   assert sorted(_losses(tmp_path)) == [1, 2]
   assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after it returns
+
+
+def test_the_job_caches_compiled_programs_in_its_workdir(tmp_path):
+  """``config.compilation_cache`` (default ``{workdir}/compilation_cache``): compiled programs are written there,
+  so a resumed run loads them; "" turns the cache off, and a directory the user gave JAX is kept."""
+  session = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  config = celebahq.get_config("tiny")
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    assert train.use_compilation_cache(config, epath.Path(tmp_path)) == f"{tmp_path}/compilation_cache"
+    jax.jit(lambda x: jnp.sin(x) * 3.25 + 1.5).lower(jnp.ones(7)).compile()
+    assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "compilation_cache"))
+    assert train.use_compilation_cache(config, epath.Path(tmp_path / "b")) == f"{tmp_path}/b/compilation_cache"
+    config.compilation_cache = ""
+    assert train.use_compilation_cache(config, epath.Path(tmp_path)) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    config.compilation_cache = "{workdir}/compilation_cache"
+    assert train.use_compilation_cache(config, epath.Path(tmp_path)) == str(tmp_path / "mine")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", session[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", session[1])
+    compilation_cache.reset_cache()
+    train._cache_dir_set_here = None  # pylint: disable=protected-access
