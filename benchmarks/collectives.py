@@ -22,7 +22,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # pylint: disable=wrong-import-position
 
-import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
@@ -49,12 +48,9 @@ def midms_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
 
 def ldm_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
   """{"ldm": (jitted step, abstract arguments)} of the LDM stage, encoding its images."""
-  variables, _ = random_inputs.abstract_variables(config)
-  state = jax.eval_shape(lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"])
-  image = random_inputs.random_batch(config, config.train.batch_size)["image"]
+  state, frozen, batch = random_inputs.abstract_ldm_step_inputs(config, config.train.batch_size)
   step = ldm.make_step(model, config, mesh, state_sharding=ldm.state_shardings(state, mesh))
-  return {"ldm": (step, (state, {"first_stage": variables["first_stage"]},
-                         {"image": jax.ShapeDtypeStruct(image.shape, image.dtype)}))}
+  return {"ldm": (step, (state, frozen, batch))}
 
 
 def main(argv):

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from midms_jax import optim, train_step
+from midms_jax import ldm, optim, train_step
 from midms_jax.losses import vgg
 from midms_jax.models import build
 
@@ -71,3 +71,11 @@ def abstract_step_inputs(config, global_batch: int) -> tuple[Any, dict, dict]:
   state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(config, global_batch).items()}
   return state, train_step.frozen_variables(variables, vgg_variables), batch
+
+
+def abstract_ldm_step_inputs(config, global_batch: int) -> tuple[Any, dict, dict]:
+  """(LDM train state, frozen first stage, image batch) of an LDM-stage step (``ldm.make_step``) as shapes."""
+  variables, _ = abstract_variables(config)
+  state = jax.eval_shape(lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"])
+  image = random_batch(config, global_batch)["image"]
+  return state, {"first_stage": variables["first_stage"]}, {"image": jax.ShapeDtypeStruct(image.shape, image.dtype)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from benchmarks import collective_census
+from benchmarks import collective_census, random_inputs
 from configs import celebahq
 from midms_jax import ldm, optim, train_step
 from midms_jax.interop import torch_import
@@ -71,12 +71,11 @@ def _activation_moves(compiled) -> int:
 
 def _ldm_step_activation_moves(n_devices: int, fsdp: int) -> int:
   """``_activation_moves`` of the LDM stage's step (global batch ``DP_BATCH``), compiled from shapes."""
-  config, model, variables, frozen, batch, _ = _setup(batch_size=DP_BATCH)
+  config = celebahq.get_config("tiny")
   mesh = train_step.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
-  state = jax.eval_shape(lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"])
-  step = ldm.make_step(model, config, mesh, state_sharding=ldm.state_shardings(state, mesh))
-  return _activation_moves(step.lower(state, {"first_stage": frozen["first_stage"]},
-                                      {"image": jax.ShapeDtypeStruct(batch["image"].shape, np.float32)}).compile())
+  state, frozen, batch = random_inputs.abstract_ldm_step_inputs(config, DP_BATCH)
+  step = ldm.make_step(MIDMs.from_config(config), config, mesh, state_sharding=ldm.state_shardings(state, mesh))
+  return _activation_moves(step.lower(state, frozen, batch).compile())
 
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
