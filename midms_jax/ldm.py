@@ -137,8 +137,10 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
     decay = ema_decay(ldm_cfg.ema_decay, state.step + 1)
     state = LDMState(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, decay),
                      opt_state=opt_state)
-    return state, dict(loss_total=loss, loss_eps=loss, grad_norm=optax.tree.norm(grads), ema_decay=decay,
-                       learning_rate=jnp.float32(ldm_cfg.lr))
+    grad_norm = optax.tree.norm(grads)
+    return state, dict(loss_total=loss, loss_eps=loss, grad_norm=grad_norm, ema_decay=decay,
+                       learning_rate=jnp.float32(ldm_cfg.lr),
+                       finite=midms_train_step.all_finite(loss, grad_norm, state.params, state.ema_params))
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)

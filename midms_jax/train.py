@@ -32,6 +32,7 @@ import threading
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -43,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from midms_jax import held_out, latent_cache, ldm, optim, train_step, workdir as workdir_lib, xla_flags
+from midms_jax import cli, held_out, latent_cache, ldm, logs, optim, train_step, workdir as workdir_lib, xla_flags
 from midms_jax.data import images as images_lib, pipeline
 from midms_jax.errors import CheckpointError, InputError, first_line
 from midms_jax.interop import torch_export, torch_import
@@ -65,7 +66,17 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       coordinator_address=flags.DEFINE_string("coordinator_address", None,
                                               "host:port of process 0 (multi-host off Cloud TPU)"),
       num_processes=flags.DEFINE_integer("num_processes", None, "number of processes (multi-host off Cloud TPU)"),
-      process_id=flags.DEFINE_integer("process_id", None, "this process's index (multi-host off Cloud TPU)"))
+      process_id=flags.DEFINE_integer("process_id", None, "this process's index (multi-host off Cloud TPU)"),
+      allow_config_changes=flags.DEFINE_list(
+          "allow_config_changes", [], "config fields (dotted, comma-separated) that may differ from the "
+          "workdir's config.json when resuming, besides those always allowed (workdir.RESUMABLE_FIELDS)"),
+      library_logs=logs.define_flag())
+
+
+# Exit statuses of ``python -m midms_jax.train`` (documented in docs/robustness.md).
+EXIT_BAD_INPUT = 2     # a config, flag, file or checkpoint problem found before (or instead of) training
+EXIT_DIVERGED = 3      # a non-finite loss, gradient or parameter: nothing non-finite was saved
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # SIGTERM: a checkpoint was saved; the same command resumes
 
 
 class TrainingError(RuntimeError):
@@ -97,8 +108,11 @@ def check_config(config) -> None:
   if config.stage == "ldm+midms":
     batch_sizes["train"] = config.train.batch_size
   for section, batch_size in batch_sizes.items():
-    if batch_size % n_devices:
-      raise InputError(f"config.{section}.batch_size={batch_size} is not divisible by the {n_devices} devices")
+    if batch_size < 1 or batch_size % n_devices:
+      raise InputError(f"config.{section}.batch_size={batch_size} must be a positive multiple of the {n_devices} "
+                       "devices")
+  for section in batch_sizes:
+    _check_loop_settings(config[section], section, midms=section == "train")
   if config.train.fsdp < 1 or n_devices % config.train.fsdp:
     raise InputError(f"config.train.fsdp={config.train.fsdp} must divide the {n_devices} devices")
   for name in ("midms", "ldm", "first_stage"):
@@ -117,6 +131,22 @@ def check_config(config) -> None:
   if config.loss.vgg == "vgg19" and not pathlib.Path(config.loss.vgg_checkpoint or "").is_file():
     raise CheckpointError(f"{config.loss.vgg_checkpoint or '<empty>'}: config.loss.vgg_checkpoint must name "
                           "CoCosNet's vgg19_conv.pth (the VGG19 loss network), or set config.loss.vgg='none'")
+
+
+def _check_loop_settings(settings, section: str, midms: bool) -> None:
+  """Step counts and intervals of one stage (``config.train`` or ``config.ldm``)."""
+  name = lambda field: f"config.{section}.{field}={settings[field]}"
+  if settings.num_steps < 0 or (not midms and settings.num_steps == 0):
+    raise InputError(f"{name('num_steps')} must be {'>= 0 (0: epochs x steps per epoch)' if midms else '>= 1'}")
+  if midms and settings.num_steps == 0 and settings.epochs < 1:
+    raise InputError(f"{name('epochs')} must be >= 1 when config.train.num_steps is 0")
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if settings[field] < 1:
+      raise InputError(f"{name(field)} must be >= 1")
+  if settings.image_every < 0:
+    raise InputError(f"{name('image_every')} must be >= 0 (0: no images)")
+  if midms and settings.warmup_iter < 0:
+    raise InputError(f"{name('warmup_iter')} must be >= 0")
 
 
 _cache_dir_set_here: str | None = None  # the cache directory use_compilation_cache chose (not the user)
@@ -139,10 +169,14 @@ def use_compilation_cache(config, workdir: epath.Path) -> str | None:
   return path
 
 
-def initial_variables(config, rng: jax.Array, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
-  """Pretrained PyTorch weights named in ``config.checkpoints`` on top of a random init (of ``parts`` only,
-  when given: ``build.init_variables``)."""
-  variables = build.init_variables(config.model, rng, parts)
+MODEL_PARTS = ("unet", "first_stage", "correspondence")
+
+
+def pretrained_variables(config) -> dict[str, Any]:
+  """The parts of the model that the PyTorch files named in ``config.checkpoints`` hold (later files win:
+  LDM, then a standalone first stage, then an official MIDMs file). Each file's keys and shapes are checked
+  against the config when it is read, so a mis-shaped file stops the run before any model is built."""
+  variables: dict[str, Any] = {}
   ckpt = config.checkpoints
   if ckpt.ldm:
     variables.update(torch_import.load_ldm_checkpoint(ckpt.ldm, config.model, use_ema=ckpt.use_ema))
@@ -150,6 +184,17 @@ def initial_variables(config, rng: jax.Array, parts: tuple[str, ...] | None = No
     variables["first_stage"] = torch_import.load_first_stage_checkpoint(ckpt.first_stage, config.model.first_stage)
   if ckpt.midms:
     variables.update(torch_import.load_midms_checkpoint(ckpt.midms, config.model))
+  return variables
+
+
+def initial_variables(config, rng: jax.Array, parts: tuple[str, ...] = MODEL_PARTS,
+                      pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
+  """``parts`` of the model: from ``pretrained`` (default: ``pretrained_variables(config)``), the others
+  randomly initialised (``build.init_variables``; a part's values do not depend on which others are built)."""
+  pretrained = pretrained_variables(config) if pretrained is None else pretrained
+  missing = tuple(part for part in parts if part not in pretrained)
+  variables = build.init_variables(config.model, rng, missing) if missing else {}
+  variables.update({part: pretrained[part] for part in parts if part in pretrained})
   return variables
 
 
@@ -175,38 +220,126 @@ def _on_every_process(value: bool) -> bool:
 
 def checkpoint_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(workdir / workdir_lib.CHECKPOINTS_DIR, options=options, item_names=("state", "data"))
+  handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler())
+  return ocp.CheckpointManager(workdir / workdir_lib.CHECKPOINTS_DIR, options=options, item_handlers=handlers)
+
+
+all_finite = jax.jit(train_step.all_finite)  # one boolean for a whole state, computed where its leaves are
+
+
+@jax.jit
+def first_non_finite_step(first: jax.Array, finite: jax.Array, step: jax.Array) -> jax.Array:
+  """The step at which the run first reported a non-finite value (0 while none has): updated on the device
+  every step, read by the host only where it already waits for the device (logging, saving)."""
+  return jnp.where((first == 0) & ~finite, step, first)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state, iterator, *, force: bool = False) -> bool:
+  """Saves ``state`` and the data iterator's position; refuses (``TrainingError``) a state with a non-finite
+  value, so that no checkpoint on disk ever holds one."""
   step = int(jax.device_get(state.step))
+  if not bool(jax.device_get(all_finite(state))):
+    raise TrainingError(f"refusing to save step {step} to {manager.directory}: the state holds non-finite values")
   data = json.loads(pipeline.state_to_bytes(iterator.get_state()).decode())
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data)), force=force)
 
 
+# Storage errors that say nothing about a checkpoint's own files (tensorstore reports them in its messages):
+# such a checkpoint is not set aside, the run stops and can be started again.
+_TRANSIENT_STATUS = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                     "UNAUTHENTICATED", "CANCELLED")
+
+
+def _is_transient(error: BaseException) -> bool:
+  if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, IsADirectoryError,
+                                                           NotADirectoryError)):
+    return True
+  return any(status in str(error) for status in _TRANSIENT_STATUS)
+
+
+def _shape_mismatch(metadata: Any, abstract_state) -> str | None:
+  """How checkpoint ``metadata`` (orbax's tree of ArrayMetadata) differs from the state the config builds, in
+  a few words (None when it matches): such a checkpoint is sound, it belongs to another config."""
+  is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "name")
+  tree = getattr(metadata, "tree", metadata)
+  stored = {m.name: m for m in jax.tree_util.tree_leaves(tree, is_leaf=is_leaf) if is_leaf(m)}
+  expected = ocp.tree.to_flat_dict(abstract_state, sep=".")
+  only_stored, only_expected = sorted(stored.keys() - expected.keys()), sorted(expected.keys() - stored.keys())
+  if only_stored or only_expected:
+    sample = lambda names: ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "none"
+    return (f"{len(only_stored)} arrays only in the checkpoint ({sample(only_stored)}), {len(only_expected)} only "
+            f"in the config's state ({sample(only_expected)})")
+  for name in sorted(stored):
+    if tuple(stored[name].shape) != tuple(expected[name].shape):
+      return f"{name} is {tuple(stored[name].shape)} in the checkpoint, {tuple(expected[name].shape)} in the config"
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
+  directory = epath.Path(manager.directory)
+  if jax.process_index() == 0:
+    (directory / str(step)).rename(directory / f"damaged-{step}")
+  multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
+  logging.warning("checkpoint %d in %s is unreadable (%s); moved to damaged-%d, trying an older one",
+                  step, directory, reason, step)
+  manager.reload()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """Checkpoint ``step``: its metadata is compared with ``abstract_state`` before any array is read. A
+  mismatch or a storage error is a ``CheckpointError`` (the files stay as they are); files that cannot be
+  decoded are ``_Damaged``."""
+  path = epath.Path(manager.directory) / str(step)
+  try:
+    metadata = manager.item_metadata(step)["state"]
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
+    if _is_transient(e):
+      raise CheckpointError(f"{path}: could not be read ({first_line(e)}); nothing was changed, run again") from None
+    raise _Damaged(first_line(e)) from None
+  if metadata is None:
+    raise _Damaged("its metadata is missing")
+  mismatch = _shape_mismatch(metadata, abstract_state)
+  if mismatch:
+    raise CheckpointError(f"{path}: holds another model or optimiser than the config builds ({mismatch}); "
+                          "use the run's own config or a new --workdir")
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                         data=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
+    if _is_transient(e):
+      raise CheckpointError(f"{path}: could not be read ({first_line(e)}); nothing was changed, run again") from None
+    raise _Damaged(first_line(e)) from None
+
+
+class _Damaged(Exception):
+  """A checkpoint's own files cannot be decoded (truncated, overwritten, missing)."""
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, iterator):
   """Newest complete checkpoint -> (state, step), or (None, 0) when there is none.
 
-  An unreadable checkpoint (damaged files) is renamed to ``damaged-<step>`` with a warning, so that
-  training goes on from the newest complete one and can save that step again.
+  A checkpoint whose files cannot be decoded is renamed to ``damaged-<step>`` with a warning, and the next
+  older one is tried. One that belongs to another config, one that storage failed to deliver, and one that
+  holds non-finite values stop the run (``CheckpointError``) with every file left in place; so does a workdir
+  whose every checkpoint was damaged (it never silently starts again from step 0).
   """
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                               data=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
-      reason = first_line(e)
-      directory = epath.Path(manager.directory)
-      if jax.process_index() == 0:
-        (directory / str(step)).rename(directory / f"damaged-{step}")
-      multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
-      logging.warning("checkpoint %d in %s is unreadable (%s); moved to damaged-%d, trying an older one",
-                      step, directory, reason, step)
-      manager.reload()
+      restored = _restore(manager, step, abstract_state)
+    except _Damaged as e:
+      _set_aside(manager, step, str(e))
       continue
+    if not bool(jax.device_get(all_finite(restored.state))):
+      raise CheckpointError(f"{epath.Path(manager.directory) / str(step)}: holds non-finite values (saved before "
+                            "checkpoints were checked); delete it to resume from the one before")
     iterator.set_state(pipeline.state_from_bytes(json.dumps(restored.data).encode()))
     return restored.state, step
+  directory = epath.Path(manager.directory)
+  if _on_every_process(any(p.name.startswith("damaged-") for p in directory.iterdir())):
+    raise CheckpointError(f"{directory}: every checkpoint is damaged (set aside as damaged-<step>); to start again "
+                          "from step 0, remove them or use a new --workdir")
   return None, 0
 
 
@@ -306,7 +439,12 @@ def _first_stage(workdir: epath.Path, variables: dict[str, Any]) -> Any:
 
 
 def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
-  """The training loop both stages share: restore, steps, progress, logs, images, checkpoints, SIGTERM."""
+  """The training loop both stages share: restore, steps, progress, logs, images, checkpoints, SIGTERM.
+
+  Every step reports on the device whether its loss, gradient norm and new parameters are finite
+  (``metrics["finite"]``); the host reads the first step that was not where it waits anyway (logging,
+  saving) and stops there: every checkpoint it writes is verified finite.
+  """
   process, workdir, intervals = jax.process_index(), stage.workdir, stage.intervals
   manager = checkpoint_manager(workdir, intervals.keep_checkpoints)
   state = stage.state
@@ -323,11 +461,19 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
   hooks = [periodic_actions.ReportProgress(num_train_steps=stage.num_steps, writer=writer)]
   if process == 0 and stage.config.train.profile:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
-  last_good = manager.latest_step()
+  last_good = start if restored is not None else None  # the newest checkpoint verified finite
+  first_bad = train_step.replicate(np.int32(0), mesh)
   metrics_np: dict[str, float] = {}
   stop = False
   bar = tqdm(total=stage.num_steps, initial=start, desc=stage.name, unit="step", file=sys.stderr,
              disable=process > 0 or start >= stage.num_steps, dynamic_ncols=True, mininterval=1.0)
+
+  def stop_if_diverged(bad: int) -> None:
+    if bad:
+      manager.wait_until_finished()
+      newest = (f"the newest checkpoint verified finite is step {last_good} in {manager.directory}"
+                if last_good is not None else f"no checkpoint in {manager.directory} is verified finite")
+      raise TrainingError(f"{stage.name}: non-finite loss, gradient or parameters at step {bad}; {newest}")
 
   with _sigterm_requests() as preemption, bar:
     for step in range(start, stage.num_steps):
@@ -335,16 +481,15 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
       batch = train_step.global_batch(mesh, host_batch)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = run_step(step, state, frozen, batch)
-      for hook in hooks:
-        hook(step + 1)
       done = step + 1
+      first_bad = first_non_finite_step(first_bad, metrics.pop("finite"), np.int32(done))
+      for hook in hooks:
+        hook(done)
       bar.update(1)
       if done % intervals.log_every == 0 or done == stage.num_steps:
-        metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-        if not np.isfinite(metrics_np["loss_total"]):
-          manager.wait_until_finished()
-          raise TrainingError(f"{stage.name}: loss is {metrics_np['loss_total']} at step {done}; the last good "
-                              f"checkpoint is step {last_good} in {manager.directory}")
+        scalars, bad = jax.device_get(({k: v for k, v in metrics.items() if np.ndim(v) == 0}, first_bad))
+        stop_if_diverged(int(bad))
+        metrics_np = {k: float(v) for k, v in scalars.items()}
         writer.write_scalars(done, metrics_np)
         if process == 0:
           with (workdir / "metrics.jsonl").open("a", encoding="utf-8") as f:
@@ -359,6 +504,7 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
           writer.write_images(done, {stage.image_name: grid})
       stop = _on_every_process(preemption.requested)  # every host stops after the same step
       if done % intervals.checkpoint_every == 0 or done == stage.num_steps or stop:
+        stop_if_diverged(int(jax.device_get(first_bad)))
         save_checkpoint(manager, state, iterator, force=stop)
         last_good = done
       if stop:
@@ -366,8 +512,8 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
   manager.wait_until_finished()
   writer.flush()
   if stop:
-    raise Preempted(f"SIGTERM: saved step {done} of the {stage.name} stage in {manager.directory}, stopping",
-                    metrics_np)
+    raise Preempted(f"SIGTERM: saved step {done} of the {stage.name} stage in {manager.directory}, stopping "
+                    f"(exit status {EXIT_PREEMPTED}); the same command resumes", metrics_np)
   stage.state = state
   return metrics_np
 
@@ -387,12 +533,13 @@ def _start(config, workdir: epath.Path) -> None:
     workdir_lib.write_config(workdir, config)
 
 
-def train_midms(config, workdir: epath.Path, mesh) -> dict[str, float]:
-  """The MIDMs stage (official fine-tuning: warm-up, then the interleaved loop)."""
-  _start(config, workdir)
+def train_midms(config, workdir: epath.Path, mesh, pretrained: dict[str, Any] | None = None) -> dict[str, float]:
+  """The MIDMs stage (official fine-tuning: warm-up, then the interleaved loop). ``pretrained``: the variables
+  of the files ``config.checkpoints`` names, when already read (``pretrained_variables``)."""
   iterator, steps_per_epoch = _data(config, config.train.batch_size)
   model = MIDMs.from_config(config)
-  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed))
+  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), pretrained=pretrained)
+  _start(config, workdir)
   variables["first_stage"] = _first_stage(workdir, variables)
   frozen = train_step.frozen_variables(variables, vgg_variables(config))
   state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
@@ -421,11 +568,12 @@ def train_midms(config, workdir: epath.Path, mesh) -> dict[str, float]:
   return _run(stage, iterator, mesh)
 
 
-def train_ldm(config, workdir: epath.Path, mesh) -> dict[str, float]:
+def train_ldm(config, workdir: epath.Path, mesh, pretrained: dict[str, Any] | None = None) -> dict[str, float]:
   """The LDM stage (``midms_jax.ldm``); exports ``ldm.safetensors`` (+ ``ldm.ckpt``) when it ends."""
-  _start(config, workdir)
   model = MIDMs.from_config(config)
-  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), parts=("unet", "first_stage"))
+  variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), parts=("unet", "first_stage"),
+                                pretrained=pretrained)
+  _start(config, workdir)
   first_stage = _first_stage(workdir, variables)
   if config.ldm.latent_cache:
     encode = jax.jit(lambda images, index: model.encode(
@@ -468,38 +616,113 @@ def export_ldm(config, workdir: epath.Path, state: ldm.LDMState, first_stage: An
   return out
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+  """A stage of the run as ``train_and_evaluate`` will start it."""
+  name: str                # "ldm" or "midms"
+  workdir: epath.Path      # where it writes (its config.json is the stage's identity)
+  config: Any              # the config it runs and records
+
+
+def plan_stages(config, workdir: epath.Path) -> list[_Planned]:
+  """The stages ``config.stage`` runs, in order, each with its workdir and the config it records there."""
+  config = _with_workdir(config, workdir)
+  stages = []
+  if config.stage in ("ldm", "ldm+midms"):
+    stages.append(_Planned("ldm", workdir / LDM_DIR, config))
+  if config.stage == "ldm+midms":
+    stages.append(_Planned("midms", workdir, _from_ldm_stage(config, workdir)))
+  elif config.stage == "midms":
+    stages.append(_Planned("midms", workdir, config))
+  return stages
+
+
+def check_resume(stages: list[_Planned], allowed: tuple[str, ...] = ()) -> None:
+  """A workdir's ``config.json`` is its run's identity: resuming with a config that differs from it in any
+  field outside ``workdir.RESUMABLE_FIELDS`` and ``allowed`` stops (``InputError``) before anything is read
+  or written. Allowed differences are logged."""
+  for stage in stages:
+    if not _on_every_process((stage.workdir / workdir_lib.CONFIG_FILE).exists()):
+      continue
+    recorded = workdir_lib.read_config(stage.workdir)
+    changes = workdir_lib.config_differences(recorded, stage.config)
+    refused = sorted(f for f in changes if not workdir_lib.resumable(f, workdir_lib.RESUMABLE_FIELDS + allowed))
+    if refused:
+      shown = ", ".join(f"{f} ({changes[f][0]!r} -> {changes[f][1]!r})" for f in refused[:4])
+      more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+      raise InputError(f"{stage.workdir / workdir_lib.CONFIG_FILE}: this run was started with another config: "
+                       f"{shown}{more}; use a new --workdir, or resume with "
+                       f"--allow_config_changes={','.join(refused)} to train on with the new values")
+    for field, (old, new) in changes.items():
+      logging.info("%s: resuming with %s = %r (was %r)", stage.name, field, new, old)
+
+
+def check_data(config) -> None:
+  """The training split exists (and, when the run ends by scoring held-out pairs, enough of those)."""
+  try:
+    pipeline.make_source(config.data, "train")
+    pairs = config.evaluate.results_pairs if config.stage != "ldm" else 0
+    if pairs > 0:
+      available = len(pipeline.make_source(config.data, config.evaluate.split))
+      if pairs > available:
+        raise InputError(f"config.evaluate.results_pairs={pairs}, but the {config.evaluate.split} split has "
+                         f"{available} records")
+  except (ValueError, NotImplementedError) as e:
+    if isinstance(e, InputError):
+      raise
+    raise InputError(first_line(e)) from None
+
+
+def check_workdir(workdir: epath.Path) -> None:
+  """A local workdir can be created and written (before anything is computed)."""
+  if "://" in str(workdir):
+    return
+  existing = pathlib.Path(workdir)
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise InputError(f"{workdir}: --workdir lies under {existing}, which is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise InputError(f"{workdir}: --workdir is not writable ({existing} does not allow it)")
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_changes: tuple[str, ...] = ()
+                       ) -> dict[str, float]:
   """Runs ``config.stage`` to its last step; returns the last logged metrics (of the last stage that ran).
 
-  A stage whose checkpoint already holds its last step is not run again: with ``ldm+midms`` a resumed run
-  continues where it stopped, in whichever stage. SIGTERM saves a checkpoint and returns what was logged.
+  First a preflight, which reads but writes nothing: config values, the workdir, the resume contract
+  (``check_resume``; ``allow_config_changes``), the data, and the pretrained files the first stage starts
+  from (their keys and shapes). A stage whose checkpoint already holds its last step is not run again: with
+  ``ldm+midms`` a resumed run continues where it stopped, in whichever stage. SIGTERM saves a checkpoint and
+  raises ``Preempted``; a non-finite step raises ``TrainingError``.
   """
   workdir = workdir_lib.as_path(workdir)
   check_config(config)
+  check_workdir(workdir)
+  stages = plan_stages(config, workdir)
+  check_resume(stages, tuple(allow_config_changes))
+  check_data(config)
+  pending = [s for s in stages if not (s.name == "ldm" and _ldm_stage_done(s))]
+  pretrained = pretrained_variables(pending[0].config) if pending else None
   logging.info("compilation cache: %s", use_compilation_cache(config, workdir) or "off")
   # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
   # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
   _on_every_process(True)
-  config = _with_workdir(config, workdir)
   mesh = train_step.data_mesh(fsdp=config.train.fsdp)
   metrics: dict[str, float] = {}
-  try:
-    if config.stage in ("ldm", "ldm+midms"):
-      ldm_dir = workdir / LDM_DIR
-      export = ldm_dir / LDM_EXPORT_DIR / "ldm.safetensors"
-      if not (_on_every_process(export.exists()) and
-              workdir_lib.checkpoint_steps(ldm_dir)[-1:] == [config.ldm.num_steps]):
-        metrics = train_ldm(config, ldm_dir, mesh)
-    if config.stage == "ldm+midms":
-      metrics = train_midms(_from_ldm_stage(config, workdir), workdir, mesh)
-    elif config.stage == "midms":
-      metrics = train_midms(config, workdir, mesh)
-  except Preempted as e:
-    logging.warning("%s", e)
-    return e.metrics
+  for stage in pending:
+    train = train_ldm if stage.name == "ldm" else train_midms
+    metrics = train(stage.config, stage.workdir, mesh, pretrained=pretrained if stage is pending[0] else None)
   if config.stage != "ldm" and config.evaluate.results_pairs:
     write_held_out_results(workdir)
   return metrics
+
+
+def _ldm_stage_done(stage: _Planned) -> bool:
+  """The LDM stage reached its last step and exported (a resumed ``ldm+midms`` run goes on with MIDMs)."""
+  export = stage.workdir / LDM_EXPORT_DIR / "ldm.safetensors"
+  return (_on_every_process(export.exists()) and
+          workdir_lib.checkpoint_steps(stage.workdir)[-1:] == [stage.config.ldm.num_steps])
 
 
 def write_held_out_results(workdir: epath.Path) -> None:
@@ -522,21 +745,30 @@ def _warn_on_collapse(metrics: dict[str, float], config, step: int) -> None:
                     "(L1 %.4f): possible collapse into identity mapping", step, to_exemplar, to_gt)
 
 
-def main(argv, cli: dict[str, flags.FlagHolder]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if cli["config"].value is None or not cli["workdir"].value:
-    raise app.UsageError("--config and --workdir are required")
-  initialize_distributed(cli["coordinator_address"].value, cli["num_processes"].value, cli["process_id"].value)
-  for warning in xla_flags.slow_flag_warnings(os.environ.get("XLA_FLAGS", ""), jax.default_backend()):
-    logging.warning(warning)
+def main(argv, flag_holders: dict[str, flags.FlagHolder]) -> None:
+  logs.configure(library_logs=flag_holders["library_logs"].value)
   try:
-    train_and_evaluate(cli["config"].value, cli["workdir"].value)
-  except (InputError, CheckpointError, TrainingError) as e:
+    if len(argv) > 1:
+      raise InputError(f"unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)")
+    if not flag_holders["workdir"].value:
+      raise InputError("--workdir is required (where checkpoints, logs and config.json go)")
+    config = cli.config_value(flag_holders["config"], required=True)
+    initialize_distributed(flag_holders["coordinator_address"].value, flag_holders["num_processes"].value,
+                           flag_holders["process_id"].value)
+    for warning in xla_flags.slow_flag_warnings(os.environ.get("XLA_FLAGS", ""), jax.default_backend()):
+      logging.warning(warning)
+    train_and_evaluate(config, flag_holders["workdir"].value, tuple(flag_holders["allow_config_changes"].value))
+  except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_BAD_INPUT)
+  except TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
+  except Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
-  _CLI = _define_flags()
-  app.run(lambda argv: main(argv, _CLI))
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS), flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv))

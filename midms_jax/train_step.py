@@ -98,11 +98,12 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
       terms["monitor/output_to_gt_l1"] = jnp.mean(jnp.abs(outputs["warped_ref"] - batch["image"]))
       return total, (terms, spectral)
 
-    (_, (terms, spectral)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, spectral)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     opt_state = optim.with_learning_rates(state.opt_state, state.step, schedules)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(terms, grad_norm=grad_norm, finite=all_finite(total, grad_norm, params, spectral),
                    **{f"learning_rate/{k}": v for k, v in optim.learning_rates(opt_state).items()})
     return TrainState(step=state.step + 1, params=params, spectral=spectral, opt_state=opt_state), metrics
 
@@ -116,6 +117,13 @@ def make_train_steps(model: MIDMs, config, steps_per_epoch: int, mesh: Mesh | No
                    donate_argnums=0)
 
   return StepFunctions(warmup=compile_step(True), main=compile_step(False))
+
+
+def all_finite(*trees: Any) -> jax.Array:
+  """Whether every floating-point value in ``trees`` is finite: the step's report to the training loop, which
+  never saves a state after a step that reported False."""
+  leaves = [x for x in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all() if leaves else jnp.bool_(True)
 
 
 def whole_parameters(params: Any, mesh: Mesh | None) -> Any:

@@ -85,6 +85,51 @@ def write_config(workdir: epath.Path, config: ConfigDict) -> None:
   (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
 
+# Fields a resumed run may change (dotted paths; a trailing "." covers a whole section): how long it trains, how
+# often it logs, draws and saves, where its data and caches are, how the data is decoded, and the end-of-run /
+# ``evaluate`` settings. None of them changes what a training step computes or what a checkpoint holds.
+RESUMABLE_FIELDS = (
+    "train.num_steps", "train.log_every", "train.image_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.profile", "train.collapse_ratio",
+    "ldm.num_steps", "ldm.log_every", "ldm.image_every", "ldm.checkpoint_every", "ldm.keep_checkpoints",
+    "ldm.preview_t", "ldm.latent_cache",
+    "data.data_dir", "data.worker_count", "compilation_cache", "evaluate.")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def _normalised(config: ConfigDict) -> dict[str, Any]:
+  """``config`` as ``read_config`` gives it back from ``config.json`` (JSON values, tuples, later fields)."""
+  return _flat(_with_later_fields(ConfigDict(_tuples(json.loads(config.to_json_best_effort())))).to_dict())
+
+
+def config_differences(recorded: ConfigDict, config: ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """``{dotted field: (recorded value, new value)}`` for every field that differs (or exists in one only)."""
+  old, new = _normalised(recorded), _normalised(config)
+  missing = "<absent>"
+  return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+          if old.get(k, missing) != new.get(k, missing)}
+
+
+def resumable(field: str, allowed: tuple[str, ...] = RESUMABLE_FIELDS) -> bool:
+  """Whether ``field`` may differ from the run's ``config.json`` when it resumes."""
+  return any(field == a or (a.endswith(".") and field.startswith(a)) for a in allowed)
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+  """The paths of the floating-point leaves of ``tree`` that hold a NaN or an infinity."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
 def read_config(workdir: str | os.PathLike) -> ConfigDict:
   """The run's config from ``<workdir>/config.json``, equal to the ConfigDict it was written from."""
   workdir = as_path(workdir)
@@ -198,6 +243,10 @@ def load_trained(workdir: str | os.PathLike, step: int | None = None) -> Trained
   config = read_config(workdir)
   step = resolve_step(workdir, step)
   state = restore_model_state(workdir, step)
+  bad = non_finite_leaves(state)
+  if bad:
+    raise CheckpointError(f"{workdir / CHECKPOINTS_DIR / str(step)}: holds non-finite parameters ({len(bad)} "
+                          f"tensors, e.g. {bad[0]}); pick an older checkpoint with --step")
   variables = dict(unet={"params": state["params"]["unet"]}, first_stage=restore_first_stage(workdir),
                    correspondence={"params": state["params"]["correspondence"], "spectral": state["spectral"]})
   return Trained(config, variables, step)

@@ -173,11 +173,43 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
   unprepared.data.data_dir = str(tmp_path / "tfds")
   with pytest.raises(InputError, match=r"no 'train' split of celebahq.*python -m midms_jax.data.prepare --dataset=celebahq"):
     train.train_and_evaluate(unprepared, tmp_path / "workdir")
+  assert not (tmp_path / "workdir").exists()
   monkeypatch.setattr(jax, "device_count", lambda: 4)
-  with pytest.raises(InputError, match=r"batch_size=2 is not divisible by the 4 devices"):
+  with pytest.raises(InputError, match=r"batch_size=2 must be a positive multiple of the 4 devices"):
     train.check_config(synthetic_train_config())
   with pytest.raises(InputError, match=r"config.train.fsdp=3 must divide the 4 devices"):
     train.check_config(synthetic_train_config(batch_size=4, fsdp=3))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(train=dict(batch_size=0)), r"config.train.batch_size=0 must be a positive multiple of the 1 devices"),
+    (dict(ldm=dict(batch_size=-2)), r"config.ldm.batch_size=-2 must be a positive multiple"),
+    (dict(train=dict(num_steps=-5), ldm=dict(num_steps=0)), r"config.ldm.num_steps=0 must be >= 1"),
+    (dict(train=dict(num_steps=-5)), r"config.train.num_steps=-5 must be >= 0"),
+    (dict(train=dict(num_steps=0, epochs=0)), r"config.train.epochs=0 must be >= 1 when config.train.num_steps"),
+    (dict(train=dict(checkpoint_every=0)), r"config.train.checkpoint_every=0 must be >= 1"),
+    (dict(ldm=dict(log_every=0)), r"config.ldm.log_every=0 must be >= 1"),
+    (dict(train=dict(warmup_iter=-1)), r"config.train.warmup_iter=-1 must be >= 0"),
+    (dict(evaluate=dict(results_pairs=10**6)), r"results_pairs=1000000, but the validation split has \d+ records"),
+])
+def test_preflight_stops_before_writing_anything(tmp_path, overrides, message):
+  config = synthetic_train_config()
+  for section, values in overrides.items():
+    config[section].update(values)
+  with pytest.raises(InputError, match=message):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_mis_shaped_pretrained_file_stops_before_any_model_is_built(tmp_path, monkeypatch, ldm_checkpoint_path):
+  """The official small LDM checkpoint against the synthetic config's U-Net: refused by the preflight's read of
+  its keys and shapes (no random init compiled: build.init_variables is never called), nothing written."""
+  monkeypatch.setattr(train.build, "init_variables", lambda *a, **k: pytest.fail("initialised a model"))
+  config = synthetic_train_config("midms")
+  config.checkpoints.ldm = str(ldm_checkpoint_path)
+  with pytest.raises(CheckpointError, match=str(ldm_checkpoint_path)):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
@@ -195,17 +227,39 @@ def _scripted_steps(monkeypatch, loss_at, on_step=lambda step: None) -> None:
     del frozen, batch
     done = int(state.step) + 1
     on_step(done)
-    return state.replace(step=state.step + 1), {"loss_total": jnp.asarray(loss_at(done), jnp.float32)}
+    loss = jnp.asarray(loss_at(done), jnp.float32)
+    return state.replace(step=state.step + 1), {"loss_total": loss, "finite": jnp.isfinite(loss)}
   monkeypatch.setattr(train.train_step, "make_train_steps",
                       lambda *args, **kwargs: train_step.StepFunctions(warmup=step, main=step))
 
 
-def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_non_finite_step_stops_and_names_the_last_verified_checkpoint(tmp_path, monkeypatch, log_every):
+  """The step's finiteness report is read at the next logging or saving step, whichever comes first: the
+  checkpoint at step 4 (after the NaN of step 3) is never written, whatever log_every is."""
   _scripted_steps(monkeypatch, lambda step: float("nan") if step == 3 else 1.0)
-  config = synthetic_train_config("midms", num_steps=5, checkpoint_every=2, image_every=0)
-  with pytest.raises(train.TrainingError, match=r"loss is nan at step 3; the last good checkpoint is step 2 in "):
+  config = synthetic_train_config("midms", num_steps=6, checkpoint_every=2, image_every=0, log_every=log_every)
+  with pytest.raises(train.TrainingError, match=r"non-finite loss, gradient or parameters at step 3; the newest "
+                                                r"checkpoint verified finite is step 2 in "):
     train.train_and_evaluate(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_non_finite_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+  _scripted_steps(monkeypatch, lambda step: float("inf"))
+  config = synthetic_train_config("midms", num_steps=4, checkpoint_every=2, image_every=0, log_every=1)
+  with pytest.raises(train.TrainingError, match=r"at step 1; no checkpoint in .* is verified finite"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_the_save_path_refuses_a_non_finite_state(tmp_path):
+  state = train_step.TrainState(step=jnp.int32(2), params={"w": jnp.array([1.0, jnp.nan])}, spectral={},
+                                opt_state=())
+  manager = train.checkpoint_manager(epath.Path(tmp_path), keep=2)
+  with pytest.raises(train.TrainingError, match=r"refusing to save step 2 .* non-finite"):
+    train.save_checkpoint(manager, state, iterator=None)
+  assert not list((tmp_path / "checkpoints").iterdir())
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
@@ -213,7 +267,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
   preempt = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
   _scripted_steps(monkeypatch, lambda step: 1.0, on_step=preempt)
   config = synthetic_train_config("midms", num_steps=5, checkpoint_every=10, image_every=0)
-  train.train_and_evaluate(config, tmp_path)
+  with pytest.raises(train.Preempted, match=r"SIGTERM: saved step 2 .*exit status 143"):
+    train.train_and_evaluate(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # saved at once, then stopped
   assert sorted(_losses(tmp_path)) == [1, 2]
   assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after it returns
@@ -242,3 +297,97 @@ def test_the_job_caches_compiled_programs_in_its_workdir(tmp_path):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", session[1])
     compilation_cache.reset_cache()
     train._cache_dir_set_here = None  # pylint: disable=protected-access
+
+
+class _Iterator:
+  """The part of the data iterator the checkpoint functions use."""
+
+  def __init__(self):
+    self.state = {k: 0 for k in ("data", "split", "seed", "global_batch_size", "train", "next_batch")}
+
+  def get_state(self):
+    return dict(self.state)
+
+  def set_state(self, state):
+    self.state = state
+
+
+def _small_state(step: int, width: int = 3, value: float = 1.0) -> train_step.TrainState:
+  return train_step.TrainState(step=jnp.int32(step), params={"w": jnp.full((2, width), value)},
+                               spectral={"u": jnp.ones(2)}, opt_state=())
+
+
+def _saved(tmp_path, steps=(2, 4)) -> tuple[epath.Path, dict[str, bytes]]:
+  """A workdir with small checkpoints at ``steps``, and the bytes of every file in it."""
+  workdir = epath.Path(tmp_path)
+  manager = train.checkpoint_manager(workdir, keep=5)
+  for step in steps:
+    train.save_checkpoint(manager, _small_state(step, value=step), _Iterator())
+  manager.wait_until_finished()
+  manager.close()
+  return workdir, _file_bytes(tmp_path)
+
+
+def _file_bytes(root) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in pathlib.Path(root).rglob("*") if p.is_file()}
+
+
+def _restore(workdir: epath.Path, state) -> tuple[object, int]:
+  manager = train.checkpoint_manager(workdir, keep=5)
+  try:
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    return train.restore_checkpoint(manager, abstract, _Iterator())
+  finally:
+    manager.close()
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_left_in_place(tmp_path):
+  workdir, before = _saved(tmp_path)
+  with pytest.raises(CheckpointError, match=r"checkpoints/4: holds another model or optimiser than the config "
+                                            r"builds \(params.w is \(2, 3\) in the checkpoint, \(2, 5\) in the config"):
+    _restore(workdir, _small_state(0, width=5))
+  assert _file_bytes(tmp_path) == before
+
+
+def test_a_storage_error_is_not_taken_for_damage(tmp_path, monkeypatch):
+  workdir, before = _saved(tmp_path)
+  def unavailable(*args, **kwargs):
+    raise ValueError("UNAVAILABLE: the bucket did not answer")
+  monkeypatch.setattr(train.ocp.CheckpointManager, "restore", unavailable)
+  with pytest.raises(CheckpointError, match=r"checkpoints/4: could not be read \(UNAVAILABLE: .*nothing was changed"):
+    _restore(workdir, _small_state(0))
+  def denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(train.ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(CheckpointError, match=r"could not be read"):
+    _restore(workdir, _small_state(0))
+  assert _file_bytes(tmp_path) == before
+
+
+def test_damaged_files_are_set_aside_and_the_older_checkpoint_restored(tmp_path):
+  workdir, _ = _saved(tmp_path)
+  for f in (pathlib.Path(tmp_path) / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"not a checkpoint")
+  state, step = _restore(workdir, _small_state(0))
+  assert step == 2 and float(state.params["w"][0, 0]) == 2.0
+  assert (pathlib.Path(tmp_path) / "checkpoints" / "damaged-4").is_dir()
+  for f in (pathlib.Path(tmp_path) / "checkpoints" / "2" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"not a checkpoint")
+  with pytest.raises(CheckpointError, match=r"every checkpoint is damaged .* remove them or use a new --workdir"):
+    _restore(workdir, _small_state(0))
+  with pytest.raises(CheckpointError, match=r"every checkpoint is damaged"):  # never silently from step 0
+    _restore(workdir, _small_state(0))
+
+
+def test_a_non_finite_checkpoint_of_an_older_version_is_not_resumed(tmp_path):
+  workdir = epath.Path(tmp_path)
+  manager = train.checkpoint_manager(workdir, keep=5)
+  state = _small_state(2, value=float("nan"))
+  manager.save(2, args=train.ocp.args.Composite(state=train.ocp.args.StandardSave(state),
+                                                data=train.ocp.args.JsonSave(_Iterator().get_state())))
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(CheckpointError, match=r"checkpoints/2: holds non-finite values .* delete it"):
+    _restore(workdir, _small_state(0))
