@@ -13,10 +13,12 @@ warp | output | ground truth.
 """
 
 import json
+import sys
 from typing import Any, Mapping
 
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from midms_jax.data import images as images_lib, pipeline, synthetic
 from midms_jax.metrics import lpips, translation_quality
@@ -66,11 +68,13 @@ def results(config, variables: Mapping[str, Any], step: int) -> tuple[dict[str, 
   pairs = config.evaluate.results_pairs
   batches = held_out_batches(config, pairs)
   lpips_variables = lpips.load_lpips(net="vgg")
-  score = lambda model, keep=0: translation_quality.evaluate(
-      model, variables, lpips_variables, batches, seed=config.evaluate.seed, refine=config.evaluate.refine,
-      keep_images=keep)
-  full = score(MIDMs.from_config(config), keep=SAMPLE_ROWS)
-  ablations = {name: score(variant(config, **overrides))["midms"] for name, overrides in ABLATIONS.items()}
+  with tqdm(total=len(batches) * (1 + len(ABLATIONS)), desc="held-out", unit="batch", file=sys.stderr,
+            mininterval=1.0) as bar:
+    score = lambda model, keep=0: translation_quality.evaluate(
+        model, variables, lpips_variables, batches, seed=config.evaluate.seed, refine=config.evaluate.refine,
+        keep_images=keep, on_batch=lambda: bar.update(1))
+    full = score(MIDMs.from_config(config), keep=SAMPLE_ROWS)
+    ablations = {name: score(variant(config, **overrides))["midms"] for name, overrides in ABLATIONS.items()}
   scores = _rounded(dict(split=config.evaluate.split, pairs=full["pairs"], step=int(step), lpips="v0.1 vgg",
                          methods={m: full[m] for m in translation_quality.METHODS}, ablations=ablations))
   return scores, sample_grid(batches, full["images"], config.data.name)

@@ -63,6 +63,9 @@ def configure(library_logs: bool = False) -> None:
   """Installs the filter and the formatter on absl's handler (idempotent; also for in-process runs). INFO
   lines are shown: the tools' progress lines are INFO."""
   absl_logging.use_absl_handler()  # on the root logger, as under absl.app.run
+  # Tools parsing their own FlagValues (not absl's global ones) would get absl's "Logging before flag parsing
+  # goes to stderr." line first; it says nothing to a user.
+  absl_logging._warn_preinit_stderr = False  # pylint: disable=protected-access
   handler = absl_logging.get_absl_handler()
   _FILTER.show_library = library_logs
   if _FILTER not in handler.filters:

@@ -10,7 +10,10 @@ layout is ``midms_jax.workdir``'s, which ``translate --workdir`` and ``export`` 
 writes the same into ``<workdir>/ldm/``, and at its end ``<workdir>/ldm/export/ldm.safetensors`` (and
 ``ldm.ckpt`` where torch is installed): a CompVis LDM checkpoint with the EMA shadows. Paths in
 ``config.checkpoints`` may start with ``{workdir}``. Running the same command again resumes each stage
-from its newest complete checkpoint (a finished stage is not run again).
+from its newest complete checkpoint (a finished stage is not run again); the config must equal the stage's
+``config.json`` but for ``workdir.RESUMABLE_FIELDS`` and ``--allow_config_changes`` (``check_resume``). Exit
+statuses: 0 done, 2 bad input (one ``error:`` line, found by a preflight that writes nothing), 3 a non-finite
+step (nothing non-finite is saved), 143 SIGTERM after its checkpoint (``docs/robustness.md``).
 
 In labelled sections: set-up (multi-host, mesh, config checks that fail before compiling), initial
 variables (pretrained PyTorch files named in the config, or random init), checkpoints (orbax; model,
@@ -265,14 +268,14 @@ def _shape_mismatch(metadata: Any, abstract_state) -> str | None:
   tree = getattr(metadata, "tree", metadata)
   stored = {m.name: m for m in jax.tree_util.tree_leaves(tree, is_leaf=is_leaf) if is_leaf(m)}
   expected = ocp.tree.to_flat_dict(abstract_state, sep=".")
-  only_stored, only_expected = sorted(stored.keys() - expected.keys()), sorted(expected.keys() - stored.keys())
-  if only_stored or only_expected:
-    sample = lambda names: ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "none"
-    return (f"{len(only_stored)} arrays only in the checkpoint ({sample(only_stored)}), {len(only_expected)} only "
-            f"in the config's state ({sample(only_expected)})")
-  for name in sorted(stored):
+  for name in sorted(stored.keys() & expected.keys(), key=lambda n: (not n.startswith("params."), n)):
     if tuple(stored[name].shape) != tuple(expected[name].shape):
       return f"{name} is {tuple(stored[name].shape)} in the checkpoint, {tuple(expected[name].shape)} in the config"
+  only_stored, only_expected = sorted(stored.keys() - expected.keys()), sorted(expected.keys() - stored.keys())
+  if only_stored or only_expected:
+    example = lambda names: f", e.g. {min(names, key=len)}" if names else ""
+    return (f"{len(only_stored)} arrays only in the checkpoint{example(only_stored)}; {len(only_expected)} only in "
+            f"the config's{example(only_expected)}")
   return None
 
 
@@ -453,6 +456,8 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
   if restored is not None:
     state = restored
     logging.info("%s: resumed from step %d in %s", stage.name, start, manager.directory)
+  if process == 0:
+    workdir_lib.write_config(workdir, stage.config)
   shardings = stage.shardings(state, mesh)
   state, frozen = jax.device_put(state, shardings), train_step.replicate(stage.frozen, mesh)
   run_step = stage.run_step(shardings)
@@ -527,10 +532,11 @@ class Preempted(Exception):
     self.metrics = metrics
 
 
-def _start(config, workdir: epath.Path) -> None:
+def _start(workdir: epath.Path) -> None:
+  """Creates the stage's workdir; its ``config.json`` is written once a checkpoint was restored (or there was
+  none), so that a refused resume leaves the recorded identity as it was."""
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    workdir_lib.write_config(workdir, config)
 
 
 def train_midms(config, workdir: epath.Path, mesh, pretrained: dict[str, Any] | None = None) -> dict[str, float]:
@@ -539,7 +545,7 @@ def train_midms(config, workdir: epath.Path, mesh, pretrained: dict[str, Any] | 
   iterator, steps_per_epoch = _data(config, config.train.batch_size)
   model = MIDMs.from_config(config)
   variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), pretrained=pretrained)
-  _start(config, workdir)
+  _start(workdir)
   variables["first_stage"] = _first_stage(workdir, variables)
   frozen = train_step.frozen_variables(variables, vgg_variables(config))
   state = train_step.create_train_state(variables, optim.make_optimizer(config.train, freeze_unet=True))
@@ -573,7 +579,7 @@ def train_ldm(config, workdir: epath.Path, mesh, pretrained: dict[str, Any] | No
   model = MIDMs.from_config(config)
   variables = initial_variables(config, jax.random.PRNGKey(config.train.seed), parts=("unet", "first_stage"),
                                 pretrained=pretrained)
-  _start(config, workdir)
+  _start(workdir)
   first_stage = _first_stage(workdir, variables)
   if config.ldm.latent_cache:
     encode = jax.jit(lambda images, index: model.encode(

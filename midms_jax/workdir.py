@@ -126,7 +126,7 @@ def non_finite_leaves(tree: Any) -> list[str]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     leaf = np.asarray(leaf)
     if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
-      bad.append(jax.tree_util.keystr(path))
+      bad.append(jax.tree_util.keystr(path, simple=True, separator="."))
   return bad
 
 

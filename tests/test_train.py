@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import signal
@@ -145,6 +146,9 @@ def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, backg
   expected = _losses(reference)
   killed, resumed_stderr, damaged, out = background()
   assert "resumed from step" in resumed_stderr
+  # Logs a person reads: INFO lines only from this project's files (orbax, TFDS, grain, JAX are hidden).
+  info = [line for line in resumed_stderr.replace("\r", "\n").splitlines() if re.match(r"I\d{4} ", line)]
+  assert info and all(re.search(r" (train|held_out|ldm)\.py:\d+\] ", line) for line in info), info
   resumed = _losses(killed)
   assert sorted(resumed) == sorted(expected)
   for step in range(4, 7):
@@ -154,6 +158,7 @@ def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, backg
 
   assert out.returncode == 0, out.stderr[-3000:]
   assert "checkpoint 6" in out.stderr and "unreadable" in out.stderr and "resumed from step 3" in out.stderr
+  assert re.search(r"^warning: checkpoint 6 in .* is unreadable", out.stderr, re.MULTILINE)  # stands out
   assert (damaged / "checkpoints" / "damaged-6").is_dir()
   again = _losses(damaged)
   assert sorted(again) == [4, 5, 6] and all(again[s] == expected[s] for s in again)
@@ -391,3 +396,82 @@ def test_a_non_finite_checkpoint_of_an_older_version_is_not_resumed(tmp_path):
   manager.close()
   with pytest.raises(CheckpointError, match=r"checkpoints/2: holds non-finite values .* delete it"):
     _restore(workdir, _small_state(0))
+
+
+def test_resume_contract_allows_the_documented_fields_and_names_the_others(tmp_path):
+  recorded = synthetic_train_config()
+  stages = train.plan_stages(recorded, epath.Path(tmp_path))
+  for stage in stages:
+    stage.workdir.mkdir(parents=True, exist_ok=True)
+    train.workdir_lib.write_config(stage.workdir, stage.config)
+  longer = synthetic_train_config(num_steps=60, log_every=7)
+  longer.data.worker_count = 4
+  longer.evaluate.results_pairs = 16
+  train.check_resume(train.plan_stages(longer, epath.Path(tmp_path)))  # allowed: no error
+  changed = synthetic_train_config(lr=1e-3)
+  changed.model.correspondence.width = 64
+  with pytest.raises(InputError, match=r"ldm/config.json: this run was started with another config: "
+                                       r"model.correspondence.width \(32 -> 64\), train.lr \(.* -> 0.001\); use a new "
+                                       r"--workdir, or resume with --allow_config_changes=model.correspondence.width,"
+                                       r"train.lr to"):
+    train.check_resume(train.plan_stages(changed, epath.Path(tmp_path)))
+  train.check_resume(train.plan_stages(changed, epath.Path(tmp_path)), ("model.correspondence.width", "train.lr"))
+
+
+def test_cli_resume_with_another_model_changes_nothing(synthetic_run, tmp_path):
+  """Item 1 of issue 22: a finished workdir rerun with another correspondence width. Refused in one line before
+  anything is read; with the change allowed, refused again when the checkpoint's shapes are compared (it is
+  not set aside as damaged, and config.json keeps the run's identity)."""
+  reference, _ = synthetic_run
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  before = _file_bytes(workdir)
+  out = subprocess.run(_cli_args(workdir, "--config.model.correspondence.width=64"), cwd=ROOT,
+                       env=_cli_env(os.environ), capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      f"error: {workdir}/ldm/config.json: this run was started with another config: model.correspondence.width "
+      "(32 -> 64); use a new --workdir, or resume with --allow_config_changes=model.correspondence.width to train "
+      "on with the new values"]
+  assert _file_bytes(workdir) == before
+  config = synthetic_train_config()
+  config.model.correspondence.width = 64
+  with pytest.raises(CheckpointError, match=r"checkpoints/6: holds another model or optimiser than the config "
+                                            r"builds \(params.correspondence.* in the checkpoint"):
+    train.train_and_evaluate(config, workdir, allow_config_changes=("model.correspondence.width",))
+  assert _file_bytes(workdir) == before
+
+
+def _run_cli_cases(cases: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+  """The training CLI with each case's extra arguments, run side by side (each stops in its preflight)."""
+  procs = {name: subprocess.Popen(args, cwd=ROOT, env=_cli_env(os.environ), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for name, args in cases.items()}
+  results = {}
+  for name, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=600)
+    results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+  return results
+
+
+def test_cli_mistakes_are_one_line(tmp_path):
+  """Items 3 and 5 of issue 22 for the training job: each mistake is one ``error:`` line, exit status 2, and the
+  workdir is not created."""
+  (tmp_path / "a_file").write_text("")
+  workdir = tmp_path / "run"
+  cases = {
+      "override": (_cli_args(workdir, "--config.train.nonexistent=1"), r"--config.train.nonexistent"),
+      "config": ([sys.executable, "-m", "midms_jax.train", f"--config={tmp_path}/nope.py", f"--workdir={workdir}"],
+                 r"--config.*nope.py"),
+      "workdir": (_cli_args(tmp_path / "a_file" / "run"), r"a_file/run: --workdir lies under .*a_file, which is a file"),
+      "batch": (_cli_args(workdir, "--config.train.batch_size=0"),
+                r"config.train.batch_size=0 must be a positive multiple of the 1 devices"),
+      "no_workdir": ([sys.executable, "-m", "midms_jax.train", f"--config={ROOT}/configs/synthetic.py"],
+                     r"--workdir is required"),
+  }
+  results = _run_cli_cases({name: args for name, (args, _) in cases.items()})
+  for name, (_, message) in cases.items():
+    out = results[name]
+    assert out.returncode == 2, (name, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), (name, lines)
+  assert not workdir.exists()

@@ -91,3 +91,29 @@ def test_configs_of_older_runs_get_the_fields_added_since(tmp_path):
   workdir.write_config(tmp_path, old)
   back = workdir.read_config(tmp_path)
   assert (back.stage, back.dtype, back.remat, back.midms.warp_chunk) == ("midms", "float32", "none", 0)
+
+
+def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path, capsys):
+  """A checkpoint written before the NaN guard: ``load_trained`` (translate, export, evaluate) refuses it in one
+  line; the export tool exits with 2 and writes nothing."""
+  from midms_jax import export  # pylint: disable=import-outside-toplevel
+  run = tmp_path / "run"
+  run.mkdir()
+  workdir.write_config(run, synthetic_train_config())
+  workdir.save_first_stage(workdir.as_path(run), {})
+  state = train.train_step.TrainState(
+      step=np.int32(2), params={"unet": {"w": np.array([1.0, np.nan], np.float32)},
+                                "correspondence": {"v": np.ones(2, np.float32)}},
+      spectral={"u": np.ones(2, np.float32)}, opt_state={"mu": np.zeros(2, np.float32)})
+  manager = train.checkpoint_manager(workdir.as_path(run), keep=2)
+  manager.save(2, args=train.ocp.args.Composite(state=train.ocp.args.StandardSave(state),
+                                                data=train.ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(CheckpointError, match=r"checkpoints/2: holds non-finite parameters \(1 tensors, e.g. "
+                                            r"params.unet.w\); pick an older checkpoint"):
+    workdir.load_trained(run)
+  assert export.run(["export", f"--workdir={run}", f"--out={tmp_path / 'out'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "non-finite parameters" in err[0]
+  assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ A model that learnt exemplar-based translation beats both baselines. Pair ``i`` 
 """
 
 import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +58,11 @@ def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Map
 
 def evaluate(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
              batches: Iterable[Mapping[str, np.ndarray]], *, seed: int = 0, refine: bool = True,
-             keep_images: int = 0) -> dict[str, Any]:
+             keep_images: int = 0, on_batch: Callable[[], None] = lambda: None) -> dict[str, Any]:
   """Mean PSNR and LPIPS per method over every pair of ``batches``:
   ``{'midms': {'psnr', 'lpips'}, 'exemplar': {...}, 'initial_warp': {...}, 'pairs': n}``; with ``keep_images``
-  also ``'images'``: ``{method: (k, H, W, 3)}`` of the first ``k = keep_images`` pairs (at most all)."""
+  also ``'images'``: ``{method: (k, H, W, 3)}`` of the first ``k = keep_images`` pairs (at most all).
+  ``on_batch`` is called after each batch (a progress bar's update)."""
   score = jax.jit(functools.partial(pair_scores, model, refine=refine))
   sums = {f"{m}/{k}": 0.0 for m in METHODS for k in METRICS}
   kept: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
@@ -76,6 +77,7 @@ def evaluate(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mappin
       for method, image in jax.device_get(images).items():
         kept[method].append(np.asarray(image)[:keep_images - count])
     count += size
+    on_batch()
   if not count:
     raise ValueError("evaluate: no pairs to score (empty batches)")
   result: dict[str, Any] = {m: {k: sums[f"{m}/{k}"] / count for k in METRICS} for m in METHODS}
