@@ -643,15 +643,16 @@ def plan_stages(config, workdir: epath.Path) -> list[_Planned]:
   return stages
 
 
-def check_resume(stages: list[_Planned], allowed: tuple[str, ...] = ()) -> None:
+def check_resume(stages: list[_Planned], run_workdir: epath.Path, allowed: tuple[str, ...] = ()) -> None:
   """A workdir's ``config.json`` is its run's identity: resuming with a config that differs from it in any
   field outside ``workdir.RESUMABLE_FIELDS`` and ``allowed`` stops (``InputError``) before anything is read
-  or written. Allowed differences are logged."""
+  or written. Allowed differences are logged; paths that moved with a copied or moved ``run_workdir`` are
+  none."""
   for stage in stages:
     if not _on_every_process((stage.workdir / workdir_lib.CONFIG_FILE).exists()):
       continue
     recorded = workdir_lib.read_config(stage.workdir)
-    changes = workdir_lib.config_differences(recorded, stage.config)
+    changes = workdir_lib.config_differences(recorded, stage.config, run_workdir)
     refused = sorted(f for f in changes if not workdir_lib.resumable(f, workdir_lib.RESUMABLE_FIELDS + allowed))
     if refused:
       shown = ", ".join(f"{f} ({changes[f][0]!r} -> {changes[f][1]!r})" for f in refused[:4])
@@ -706,7 +707,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_changes:
   check_config(config)
   check_workdir(workdir)
   stages = plan_stages(config, workdir)
-  check_resume(stages, tuple(allow_config_changes))
+  check_resume(stages, workdir, tuple(allow_config_changes))
   check_data(config)
   pending = [s for s in stages if not (s.name == "ldm" and _ldm_stage_done(s))]
   pretrained = pretrained_variables(pending[0].config) if pending else None

@@ -107,12 +107,23 @@ def _normalised(config: ConfigDict) -> dict[str, Any]:
   return _flat(_with_later_fields(ConfigDict(_tuples(json.loads(config.to_json_best_effort())))).to_dict())
 
 
-def config_differences(recorded: ConfigDict, config: ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """``{dotted field: (recorded value, new value)}`` for every field that differs (or exists in one only)."""
+def _moved_with_workdir(old: Any, new: Any, run_workdir: str | None) -> bool:
+  """A path inside the run's workdir, recorded when the workdir was elsewhere (a copied or moved run): the
+  same path relative to it (``{workdir}/ldm/export/ldm.safetensors`` resolved at two places)."""
+  if not (run_workdir and isinstance(old, str) and isinstance(new, str) and new.startswith(run_workdir + "/")):
+    return False
+  return old.endswith(new[len(run_workdir):])
+
+
+def config_differences(recorded: ConfigDict, config: ConfigDict,
+                       run_workdir: str | os.PathLike | None = None) -> dict[str, tuple[Any, Any]]:
+  """``{dotted field: (recorded value, new value)}`` for every field that differs (or exists in one only);
+  with ``run_workdir``, paths inside it that only moved with it are not differences."""
   old, new = _normalised(recorded), _normalised(config)
-  missing = "<absent>"
+  missing, root = "<absent>", str(run_workdir) if run_workdir else None
   return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
-          if old.get(k, missing) != new.get(k, missing)}
+          if old.get(k, missing) != new.get(k, missing)
+          and not _moved_with_workdir(old.get(k), new.get(k), root)}
 
 
 def resumable(field: str, allowed: tuple[str, ...] = RESUMABLE_FIELDS) -> bool:

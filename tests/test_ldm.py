@@ -94,7 +94,7 @@ def test_compiled_step_learns_and_keeps_the_ema_behind(setup):
   first_params = jax.tree_util.tree_map(jnp.copy, state.params)
   for _ in range(15):
     state, metrics = step(state, frozen, {"image": images})
-  assert int(state.step) == 15 and np.isfinite(float(metrics["loss_total"]))
+  assert int(state.step) == 15 and np.isfinite(float(metrics["loss_total"])) and bool(metrics["finite"])
   assert float(fixed(state.params)) < 0.8 * start
   # The EMA moved from the initial weights towards the trained ones, but not all the way.
   leaf = lambda tree: jax.tree_util.tree_leaves(tree)[0]
@@ -115,3 +115,13 @@ def test_export_round_trip_gives_the_ema_unet(setup, tmp_path):
     loaded = torch_import.load_ldm_checkpoint(path, config.model, use_ema=use_ema)
     for a, b in zip(jax.tree_util.tree_leaves(loaded["unet"]["params"]), jax.tree_util.tree_leaves(want)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_reports_a_non_finite_state(setup):
+  """The finiteness report the training loop reads (issue 22): one NaN in the EMA shadows is enough."""
+  config, model, variables, images = setup
+  params = jax.tree_util.tree_map(jnp.copy, variables["unet"]["params"])
+  state = ldm.create_state(params, ldm.make_optimizer(config.ldm))
+  ema = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.ndim else x, state.ema_params)
+  _, metrics = ldm.make_step(model, config)(state.replace(ema_params=ema), dict(first_stage={}), {"image": images})
+  assert np.isfinite(float(metrics["loss_total"])) and not bool(metrics["finite"])

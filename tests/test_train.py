@@ -407,15 +407,19 @@ def test_resume_contract_allows_the_documented_fields_and_names_the_others(tmp_p
   longer = synthetic_train_config(num_steps=60, log_every=7)
   longer.data.worker_count = 4
   longer.evaluate.results_pairs = 16
-  train.check_resume(train.plan_stages(longer, epath.Path(tmp_path)))  # allowed: no error
+  train.check_resume(train.plan_stages(longer, epath.Path(tmp_path)), epath.Path(tmp_path))  # allowed
+  moved = tmp_path.parent / f"{tmp_path.name}-moved"  # a copied run: its {workdir} paths moved with it
+  shutil.copytree(tmp_path, moved)
+  train.check_resume(train.plan_stages(longer, epath.Path(moved)), epath.Path(moved))
   changed = synthetic_train_config(lr=1e-3)
   changed.model.correspondence.width = 64
   with pytest.raises(InputError, match=r"ldm/config.json: this run was started with another config: "
                                        r"model.correspondence.width \(32 -> 64\), train.lr \(.* -> 0.001\); use a new "
                                        r"--workdir, or resume with --allow_config_changes=model.correspondence.width,"
                                        r"train.lr to"):
-    train.check_resume(train.plan_stages(changed, epath.Path(tmp_path)))
-  train.check_resume(train.plan_stages(changed, epath.Path(tmp_path)), ("model.correspondence.width", "train.lr"))
+    train.check_resume(train.plan_stages(changed, epath.Path(tmp_path)), epath.Path(tmp_path))
+  train.check_resume(train.plan_stages(changed, epath.Path(tmp_path)), epath.Path(tmp_path),
+                     ("model.correspondence.width", "train.lr"))
 
 
 def test_cli_resume_with_another_model_changes_nothing(synthetic_run, tmp_path):

@@ -94,7 +94,7 @@ def test_warmup_freezes_unet_then_main_step_trains_it():
                                                       jax.tree_util.tree_leaves(corr_before)))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.spectral),
                                                       jax.tree_util.tree_leaves(spectral_before)))
-  assert np.isfinite(metrics["loss_total"]) and float(metrics["grad_norm"]) > 0
+  assert np.isfinite(metrics["loss_total"]) and float(metrics["grad_norm"]) > 0 and bool(metrics["finite"])
   state, metrics = steps.main(state, frozen, batch)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params["unet"]),
                                                       jax.tree_util.tree_leaves(unet_before)))
