@@ -289,30 +289,34 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
   manager.reload()
 
 
+@contextlib.contextmanager
+def _reading_checkpoint(path: epath.Path):
+  """Orbax's errors while reading checkpoint ``path``: a storage error is a ``CheckpointError`` (nothing is
+  changed), anything else says that the files themselves cannot be decoded (``_Damaged``)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
+    if _is_transient(e):
+      raise CheckpointError(f"{path}: could not be read ({first_line(e)}); nothing was changed, run again") from None
+    raise _Damaged(first_line(e)) from None
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   """Checkpoint ``step``: its metadata is compared with ``abstract_state`` before any array is read. A
   mismatch or a storage error is a ``CheckpointError`` (the files stay as they are); files that cannot be
   decoded are ``_Damaged``."""
   path = epath.Path(manager.directory) / str(step)
-  try:
+  with _reading_checkpoint(path):
     metadata = manager.item_metadata(step)["state"]
-  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
-    if _is_transient(e):
-      raise CheckpointError(f"{path}: could not be read ({first_line(e)}); nothing was changed, run again") from None
-    raise _Damaged(first_line(e)) from None
   if metadata is None:
     raise _Damaged("its metadata is missing")
   mismatch = _shape_mismatch(metadata, abstract_state)
   if mismatch:
     raise CheckpointError(f"{path}: holds another model or optimiser than the config builds ({mismatch}); "
                           "use the run's own config or a new --workdir")
-  try:
+  with _reading_checkpoint(path):
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                          data=ocp.args.JsonRestore()))
-  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for damaged files
-    if _is_transient(e):
-      raise CheckpointError(f"{path}: could not be read ({first_line(e)}); nothing was changed, run again") from None
-    raise _Damaged(first_line(e)) from None
 
 
 class _Damaged(Exception):
