@@ -50,7 +50,8 @@ def config_file(parser: argparse.ArgumentParser, spec: str) -> tuple[str, str]:
   """``path[:variant]`` -> (absolute path of an existing file, ``:variant`` or "")."""
   path, sep, variant = spec.partition(":")
   if not os.path.isfile(path):
-    parser.error(f"{path}: --config names a file that does not exist")
+    what = "a folder, not a config file" if os.path.isdir(path) else "a file that does not exist"
+    parser.error(f"{path}: --config names {what}")
   return os.path.abspath(path), sep + variant
 
 

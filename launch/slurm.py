@@ -78,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cat > {shlex.quote(script_path)} <<'EOF'\n{script}EOF")
     print(submit.line())
     return 0
-  for directory in (args.log_dir, os.path.dirname(script_path)):
-    os.makedirs(directory, exist_ok=True)
-  with open(script_path, "w", encoding="utf-8") as f:
-    f.write(script)
+  try:
+    for directory in (args.log_dir, os.path.dirname(script_path)):
+      os.makedirs(directory, exist_ok=True)
+    with open(script_path, "w", encoding="utf-8") as f:
+      f.write(script)
+  except OSError as e:  # a --log_dir or --script under a file, or in a folder one cannot write
+    on_log_dir = bool(e.filename) and os.path.abspath(e.filename) == args.log_dir
+    target, flag = (args.log_dir, "--log_dir") if on_log_dir else (script_path, "--script")
+    where = f"{e.filename}: " if e.filename and os.path.abspath(e.filename) != target else ""
+    parser.error(f"{target}: cannot write {flag} there: {where}{e.strerror or e}")
   print(f"wrote {script_path}", file=sys.stderr)
   return common.run_commands([submit], dry_run=False)
 

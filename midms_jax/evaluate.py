@@ -17,10 +17,18 @@ and the saved files are scored (``midms_jax.metrics.suite``):
   (relu3_2 / relu4_2 / relu5_2, against the ground truth) with the VGG19 of ``config.evaluate.vgg_checkpoint``.
 
 The reference images are scored as files of the same format would decode (8-bit; JPEG round trip for jpg).
-A metric whose weight file is absent is written as ``"weights absent: <path>"`` (and said so on stderr).
+
+Weight files (``config.evaluate.inception_checkpoint``, ``config.evaluate.vgg_checkpoint``, which
+follows ``config.loss.vgg_checkpoint`` in the config files): empty (the configs' default) means the
+metric is not computed and the report says ``"weights absent: config.evaluate.<field> is not set"``
+(and so does stderr); a path that is set (on the command line, in the config file or in the
+workdir's config.json) but names no file is an error naming the setting and the path (exit status
+2, before any work), so that a typo never silently leaves a metric out.
 
 Weights: ``--workdir`` (a midms-jax training run: its config.json gives the model; ``--config`` the data set
-and the ``evaluate`` section, which must be of the same data set; newest checkpoint or ``--step``), or
+and the ``evaluate`` section, which must be of the same data set; without ``--config`` the run's
+config.json is the whole config and ``--config.<field>`` overrides apply to it; newest checkpoint or
+``--step``), or
 ``--midms_checkpoint`` (an official MIDMs ``.pth`` with ``--config``'s model). ``--generated_dir`` instead
 scores a folder of translations made by any method (e.g. the official PyTorch code), named as this tool
 names its own: ``<index>.png`` / ``.jpg`` with the record's 6-digit index in the split (``000000.png``),
@@ -31,7 +39,9 @@ Writes into ``--out`` (default ``<workdir>/eval/step_<N>``): ``images/`` (transl
 ``images/diversity/``: the layout ``--generated_dir`` reads, so ``--generated_dir=<out>/images`` scores them
 again), ``metrics.json`` and ``metrics.md`` (a table in the paper's format); the numbers go to TensorBoard
 (``<workdir>/eval``, else ``--out``) at the checkpoint's step. Everything runs jitted, batched and split over
-every device of this host. Exit status 0, or 2 with one ``error:`` line.
+every device of this host. Exit status 0, or 2 with one ``error:`` line (also for an output folder
+that cannot be written, checked before any work). ``--library_logs`` shows the libraries' INFO lines
+(orbax, TFDS, grain).
 """
 
 import dataclasses
@@ -53,7 +63,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from configs import base
-from midms_jax import cli, workdir as workdir_lib
+from midms_jax import cli, logs, workdir as workdir_lib
 from midms_jax.data import images, pipeline
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.metrics import batching, inception, suite, swd
@@ -63,7 +73,8 @@ IMAGES_DIR = "images"
 DIVERSITY_DIR = "diversity"
 STATS_DIR = "fid_stats"
 MODEL_SECTIONS = ("model", "diffusion", "midms")  # what a workdir's config.json decides
-NOT_MODEL_SECTIONS = ("data", "evaluate", "train", "checkpoints", "loss")  # the rest shapes the translation
+NOT_MODEL_SECTIONS = ("data", "evaluate", "train", "checkpoints", "loss", "ldm", "stage",
+                      "compilation_cache")  # the rest shapes the translation
 INDEX_DIGITS = 6
 FILE_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 PROTOCOL = "CoCosNet: each record with its own condition and its first listed exemplar"
@@ -92,6 +103,13 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default with --workdir: 
 _FORMAT = flags.DEFINE_enum(
     "format", "png", list(images.FORMATS), "Format of the saved translations (and of the references): png, or "
     "jpg (quality 75) as CoCosNet's protocol, which moves FID by about 2.6.", flag_values=FLAGS)
+_LIBRARY_LOGS = logs.define_flag(FLAGS)
+# --config.<field> overrides taken out of argv by ``run`` when --config is not given: they apply to
+# the --workdir's config.json (``job_from_flags``).
+_DEFERRED_OVERRIDES: list[str] = []
+# The weight files of config.evaluate: (field, the fields an override may name it by).
+WEIGHT_FIELDS = (("inception_checkpoint", ("evaluate.inception_checkpoint",)),
+                 ("vgg_checkpoint", ("evaluate.vgg_checkpoint", "loss.vgg_checkpoint")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,8 +138,11 @@ class Job:
 
   @property
   def logdir(self) -> pathlib.Path:
-    """TensorBoard events: beside the run's own (``<workdir>/eval``), else in ``out``."""
-    return self.workdir / "eval" if self.workdir is not None else self.out
+    """TensorBoard events: beside the run's own (``<workdir>/eval``, where it can be written), else
+    in ``out``."""
+    if self.workdir is not None and cli.unwritable(self.workdir / "eval", folder=True) is None:
+      return self.workdir / "eval"
+    return self.out
 
 
 def with_evaluate_section(config: ConfigDict) -> ConfigDict:
@@ -503,7 +524,7 @@ def evaluate(job: Job) -> dict[str, Any]:
 
 def job_from_flags() -> Job:
   """The ``Job`` the flags describe; an InputError / CheckpointError for inconsistent flags."""
-  config = _CONFIG.value
+  config = cli.config_value(_CONFIG)
   sources = [name for name, value in (("--workdir", _WORKDIR.value), ("--midms_checkpoint", _MIDMS_CHECKPOINT.value),
                                       ("--generated_dir", _GENERATED_DIR.value)) if value]
   if len(sources) != 1:
@@ -516,13 +537,19 @@ def job_from_flags() -> Job:
   if _WORKDIR.value:
     workdir = pathlib.Path(_WORKDIR.value).expanduser()
     config = merged_config(config, workdir_lib.read_config(workdir))
+    config = cli.apply_overrides(config, _DEFERRED_OVERRIDES)  # no --config: on the run's config
+    check_weight_files(config)
     step = workdir_lib.resolve_step(workdir, _STEP.value)
-    return Job(config, out or workdir / "eval" / f"step_{step}", _FORMAT.value, workdir=workdir, step=step)
+    out = out or workdir / "eval" / f"step_{step}"
+    cli.check_writable(out, "--out", folder=True)
+    return Job(config, out, _FORMAT.value, workdir=workdir, step=step)
   if config is None:
     raise InputError(f"{sources[0]} needs --config (the data set and the evaluation settings)")
   if out is None:
     raise InputError(f"{sources[0]} needs --out (the folder for the report)")
   config = with_evaluate_section(config)
+  check_weight_files(config)
+  cli.check_writable(out, "--out", folder=True)
   if _MIDMS_CHECKPOINT.value:
     return Job(config, out, _FORMAT.value, midms_checkpoint=pathlib.Path(_MIDMS_CHECKPOINT.value).expanduser())
   generated_dir = pathlib.Path(_GENERATED_DIR.value).expanduser()
@@ -532,21 +559,63 @@ def job_from_flags() -> Job:
   return Job(config, out, folder_format(files, generated_dir), generated_dir=generated_dir)
 
 
+def _given_override(fields: Sequence[str]) -> str | None:
+  """The first of ``config.<field>`` that the command line set (``--config.<field>=...``)."""
+  for field in fields:
+    name = f"config.{field}"
+    if (name in FLAGS and FLAGS[name].present) or any(
+        re.match(rf"--?{re.escape(name)}(=|$)", arg) for arg in _DEFERRED_OVERRIDES):
+      return name
+  return None
+
+
+def check_weight_files(config: ConfigDict) -> None:
+  """The rule for ``config.evaluate``'s weight files (module doc): empty = the metric is not
+  computed (a placeholder in the report); a path that names no file = an ``InputError`` naming the
+  setting."""
+  for field, fields in WEIGHT_FIELDS:
+    value = config.evaluate.get(field, "")
+    if not value or pathlib.Path(value).expanduser().is_file():
+      continue
+    named = _given_override(fields)
+    where = f"--{named}={value}" if named else f"config.evaluate.{field}={value}"
+    what = "no such file" if not pathlib.Path(value).expanduser().exists() else "not a file"
+    raise InputError(f"{where}: {what} (pass the weight file with "
+                     f"--config.evaluate.{field}=<file>, or --config.evaluate.{field}= to leave "
+                     "its metrics out)")
+
+
 def main(argv: Sequence[str]) -> int:
+  logs.configure(library_logs=_LIBRARY_LOGS.value)
+  cli.ignore_closed_loop_callbacks()  # a damaged checkpoint: no orbax noise after the error line
   if len(argv) > 1:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2
   try:
+    if _DEFERRED_OVERRIDES and not _WORKDIR.value:
+      field = _DEFERRED_OVERRIDES[0].split("=", 1)[0]
+      raise InputError(f"{field}: an override needs --config (a config file), or --workdir "
+                       "(whose config.json it then changes)")
     report = evaluate(job_from_flags())
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a write that failed after the checks (e.g. a full disk)
+    print(f"error: {cli.os_error_line(e)}", file=sys.stderr)
     return 2
   print(markdown_table(report), end="")
   return 0
 
 
 def run(argv: Sequence[str]) -> int:
-  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status."""
+  """In-process entry point (tests, notebooks) and the command's: ``argv`` with the program name
+  first; returns the exit status. Without --config, the --config.<field> overrides apply to the
+  --workdir's config.json."""
+  argv = list(argv)
+  overrides: list[str] = []
+  if not cli.gives_flag(argv, "config"):
+    argv, overrides = cli.split_overrides(argv)
+  _DEFERRED_OVERRIDES[:] = overrides
   return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
 
 

@@ -17,7 +17,8 @@ export leaves nothing half-written. Only the model variables are restored (not t
 and the state dicts share their arrays: the host holds the model about twice (converted kernels).
 
 Exit status 0, or 2 with one ``error:`` line (no such workdir, no checkpoint, a step that does not
-exist, damaged checkpoint, unwritable output folder).
+exist, damaged checkpoint, unwritable output folder: checked before the checkpoint is read).
+``--library_logs`` shows orbax's INFO lines.
 """
 
 import importlib.util
@@ -29,7 +30,7 @@ from typing import Sequence
 
 from absl import flags
 
-from midms_jax import cli, workdir as workdir_lib
+from midms_jax import cli, logs, workdir as workdir_lib
 from midms_jax.data import pipeline
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.interop import torch_export
@@ -50,6 +51,7 @@ _LAYOUT = flags.DEFINE_enum(
     "official_layout", "full", list(torch_export.LAYOUTS), "full: midms.pth also holds the diffusion_sampler.* "
     "duplicates a trained official model has (official inference.py loads it as it is); minimal: without them.",
     flag_values=FLAGS)
+_LIBRARY_LOGS = logs.define_flag(FLAGS)
 
 
 def _torch_available() -> bool:
@@ -81,6 +83,9 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
            layout: str = "full", with_torch: bool | None = None) -> list[pathlib.Path]:
   """Writes the files of the module doc for checkpoint ``step`` of ``workdir``; returns their paths."""
   out = pathlib.Path(out).expanduser()
+  reason = cli.unwritable(out, folder=True)  # before the slow restore
+  if reason:
+    raise CheckpointError(f"{out}: cannot write the export there: {reason}")
   trained = workdir_lib.load_trained(workdir, step)
   with_torch = _torch_available() if with_torch is None else with_torch
   midms = torch_export.midms_state_dict(trained.variables, trained.config, layout=layout)
@@ -110,6 +115,8 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
 
 
 def main(argv: Sequence[str]) -> int:
+  logs.configure(library_logs=_LIBRARY_LOGS.value)
+  cli.ignore_closed_loop_callbacks()  # a damaged checkpoint: no orbax noise after the error line
   if len(argv) > 1:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2
@@ -128,6 +135,9 @@ def main(argv: Sequence[str]) -> int:
     paths = export(workdir, _OUT.value, step=step, layout=_LAYOUT.value, with_torch=with_torch)
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # e.g. an unreadable workdir
+    print(f"error: {cli.os_error_line(e)}", file=sys.stderr)
     return 2
   for path in paths:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -758,6 +758,7 @@ def _warn_on_collapse(metrics: dict[str, float], config, step: int) -> None:
 
 def main(argv, flag_holders: dict[str, flags.FlagHolder]) -> None:
   logs.configure(library_logs=flag_holders["library_logs"].value)
+  cli.ignore_closed_loop_callbacks()  # orbax's noise after a damaged checkpoint's failed read
   try:
     if len(argv) > 1:
       raise InputError(f"unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)")

@@ -11,8 +11,8 @@ condition x every exemplar, written as ``<condition-stem>__<exemplar-stem>.<form
   python -m midms_jax.translate --midms_checkpoint=celebahq.pth \\
       --condition=conditions/ --exemplar=exemplars.txt --output=results/
 
-Weights from a midms-jax training workdir (its config.json is the model's config; newest checkpoint,
-or ``--step``):
+Weights from a midms-jax training workdir (its config.json is the model's config,
+``--config.<field>`` overrides apply to it; newest checkpoint, or ``--step``):
 
   python -m midms_jax.translate --workdir=runs/synthetic --condition=c.npy --exemplar=e.png \
       --exemplar_condition=e.npy --output=out.png
@@ -24,20 +24,30 @@ down-sampling factor (32 for the official CelebA-HQ and DeepFashion models, 128 
 model is the config's (``--config``, default configs/celebahq.py) with the weights of an official
 MIDMs ``.pth``, or the workdir's.
 
+Memory: before anything is compiled, each image size is checked against the device's free memory
+(the host's available memory on CPU) with a lower bound of the translation's working set
+(``memory_estimate``: the first stage's self-attention and the soft warps' correlation volume grow
+with the square of the latent pixels, the U-Net attention with the square of its tokens); a size
+that cannot fit is a bad input (one line with the estimate, the limit and what would fit:
+``--batch_size=1``, ``--config.midms.warp_chunk`` / ``--config.attention_chunk``, or the largest
+image size).
+
 Exit status: 0 when every pair was written (folder mode: also when some files were bad, as long as at
 least one pair was written or everything was already there; each bad file is reported on stderr and
-its pairs are skipped); 2 on a bad flag, checkpoint, or input in single-file mode, or when no pair of
-a folder run could be translated.
+its pairs are skipped); 2 on a bad flag, config, checkpoint, output path that cannot be written, or
+input in single-file mode, or when no pair of a folder run could be translated. ``--library_logs``
+shows the libraries' INFO lines (orbax, JAX).
 """
 
 import dataclasses
 import functools
+import os
 import pathlib
 import sys
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -45,7 +55,7 @@ import numpy as np
 from tqdm import tqdm
 
 import configs
-from midms_jax import cli, workdir as workdir_lib
+from midms_jax import cli, logs, workdir as workdir_lib
 from midms_jax.data import conditions, images
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.interop import torch_import
@@ -57,9 +67,12 @@ OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 IMAGE_LIKE_SUFFIXES = images.IMAGE_SUFFIXES + (".gif", ".tif", ".tiff")  # an --output file, not a folder
 
 FLAGS = flags.FLAGS
+# No default value here: ml_collections would parse a default and its --config.* overrides when the
+# module is imported; without --config, ``_config_and_weights`` loads DEFAULT_CONFIG, then them.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG), "Model and data-set config file (its data.name decides how conditions are "
-    "read), e.g. configs/lsun_church.py; overrides as --config.midms.temperature=0.01.")
+    "config", None, "Model and data-set config file (its data.name decides how conditions are "
+    "read), e.g. configs/lsun_church.py (default: configs/celebahq.py); overrides as "
+    "--config.midms.temperature=0.01 (with --workdir they change the workdir's config).")
 _CHECKPOINT = flags.DEFINE_string(
     "midms_checkpoint", None, "Official MIDMs .pth ({'state_dict': ...} as the official train.py saves it). "
     "Default: config.checkpoints.midms. For weights from a midms-jax training run use --workdir instead.")
@@ -101,6 +114,10 @@ _DEBUG = flags.DEFINE_boolean(
 _NO_REFINE = flags.DEFINE_boolean(
     "no_refine", False, "Skip the final stochastic refinement (official inference runs it: eta=1 DDIM "
     "steps of a 200-step schedule from step 180).")
+_LIBRARY_LOGS = logs.define_flag(FLAGS)
+# --config.<field> overrides taken out of argv by ``run`` when --config is not given: they apply to
+# the default config or to the --workdir's config.json (``_config_and_weights``).
+_DEFERRED_OVERRIDES: list[str] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +189,156 @@ class Translator:
     for i in range(k):
       tiles += [decoded[:, 1 + 2 * i], decoded[:, 2 + 2 * i], masks[:, i]]
     return np.concatenate(tiles + [outputs], axis=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------------
+
+FLOAT_BYTES = 4
+
+
+def format_bytes(count: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+    if count < 1000 or unit == "PB":
+      return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    count /= 1000
+  raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes of the largest arrays of one jitted translate call (the whole batch) in its three phases:
+  a lower bound of what XLA needs (``total``: the largest phase; on the tiny CelebA-HQ config within
+  1% of XLA's temporaries from 128x128 up, where the first stage dominates)."""
+  first_stage: int  # its attention at the latent grid (scores, softmax) + an image-size activation
+  correlation: int  # the soft warps' correlation volume (midms.warp_chunk = 0) or one block of it
+  attention: int    # the largest U-Net attention score array (or block: config.attention_chunk)
+
+  @property
+  def total(self) -> int:
+    return max(self.first_stage, self.correlation, self.attention)
+
+
+def memory_estimate(config, height: int, width: int, batch: int = 1) -> MemoryEstimate:
+  """``MemoryEstimate`` of translating ``batch`` pairs of ``height x width`` images with
+  ``config``'s model: the first stage's attention and the correlation volume are (latent pixels)^2
+  floats per pair (the volume ``midms.warp_chunk`` x latent pixels with blocks), the U-Net attention
+  heads x tokens^2 (``attention_chunk`` x tokens with blocks)."""
+  first, unet = config.model.first_stage, config.model.unet
+  factor = 2 ** (len(first.ch_mult) - 1)
+  pixels = (height // factor) * (width // factor)
+  first_attention, activation = 0, height * width * first.get("ch", 0) * first.ch_mult[0]
+  if first.get("type") in ("vq", "kl") and first.get("attn_type", "vanilla") != "none":
+    first_attention = pixels * pixels  # mid.attn_1 of encoder and decoder, one head
+    for level in range(len(first.ch_mult)):
+      if first.get("resolution", 0) // 2 ** level in tuple(first.get("attn_resolutions", ())):
+        first_attention = max(first_attention, ((height >> level) * (width >> level)) ** 2)
+  chunk = config.midms.get("warp_chunk", 0)
+  correlation = (min(chunk, pixels) if chunk > 0 else pixels) * pixels
+  attention = 0
+  attention_chunk = config.get("attention_chunk", 0)
+  for level, mult in enumerate(unet.channel_mult):
+    down = 2 ** level
+    if down not in tuple(unet.attention_resolutions):
+      continue
+    channels = unet.model_channels * mult
+    if unet.num_head_channels == -1:
+      heads = unet.num_heads
+    else:
+      heads = max(1, channels // unet.num_head_channels)
+    tokens = (height // factor // down) * (width // factor // down)
+    queries = min(attention_chunk, tokens) if attention_chunk > 0 else tokens
+    attention = max(attention, heads * queries * tokens)
+  scale = FLOAT_BYTES * batch
+  return MemoryEstimate((2 * first_attention + activation) * scale, correlation * scale,
+                        attention * scale)
+
+
+def memory_limit() -> tuple[int, str]:
+  """(bytes free for a computation, what they are): the first device's free memory where JAX
+  reports it (GPU, TPU), else the host's available memory (CPU)."""
+  device = jax.devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # backends without memory statistics
+    stats = {}
+  if stats.get("bytes_limit"):
+    free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return free, f"free on {device.device_kind}"
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel  # optional
+    return int(psutil.virtual_memory().available), "available host memory"
+  except ImportError:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free host memory"
+
+
+def _chunked(config):
+  """``config`` with the options that keep the warps and the U-Net attention linear in pixels."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.midms.warp_chunk = config.midms.get("warp_chunk", 0) or 1024
+    config.attention_chunk = config.get("attention_chunk", 0) or 256
+  return config
+
+
+class MemoryCheck:
+  """Refuses image sizes whose translation cannot fit (``memory_estimate`` against
+  ``memory_limit``) with an ``InputError`` naming the files, before anything is compiled; one
+  verdict per image size."""
+
+  def __init__(self, config, batch_size: int, limit: tuple[int, str] | None = None):
+    self.config, self.batch_size = config, batch_size
+    self.factor = images.downsampling_factor(config.model)
+    self._limit = limit
+    self._verdicts: dict[tuple[int, int], str | None] = {}
+
+  def problem(self, height: int, width: int) -> str | None:
+    """Why ``height x width`` pairs do not fit (the end of a one-line message), or None."""
+    if (height, width) not in self._verdicts:
+      if self._limit is None:
+        self._limit = memory_limit()
+      self._verdicts[(height, width)] = self._verdict(height, width, *self._limit)
+    return self._verdicts[(height, width)]
+
+  def _fits(self, config, height: int, width: int, batch: int, limit: int) -> bool:
+    return memory_estimate(config, height, width, batch).total <= limit
+
+  def _verdict(self, height: int, width: int, limit: int, what: str) -> str | None:
+    estimate = memory_estimate(self.config, height, width, self.batch_size)
+    if estimate.total <= limit:
+      return None
+    chunked = _chunked(self.config)
+    options = []
+    if self.config.midms.get("warp_chunk", 0) == 0:
+      options.append(f"--config.midms.warp_chunk={chunked.midms.warp_chunk}")
+    if self.config.get("attention_chunk", 0) == 0:
+      options.append(f"--config.attention_chunk={chunked.attention_chunk}")
+    ways = []
+    if options and self._fits(chunked, height, width, self.batch_size, limit):
+      ways.append(" ".join(options))
+    elif self.batch_size > 1 and self._fits(self.config, height, width, 1, limit):
+      ways.append("--batch_size=1")
+    ratio = 1.0
+    while ratio > 0.01:
+      ratio *= 0.9
+      h, w = (max(self.factor, int(side * ratio) // self.factor * self.factor)
+              for side in (height, width))
+      if self._fits(self.config, h, w, self.batch_size, limit):
+        ways.append(f"images of at most {w}x{h} (resize both)")
+        break
+    batch = f" for a batch of {self.batch_size}" if self.batch_size > 1 else ""
+    way_out = f"try {' or '.join(ways)}" if ways else "this device cannot translate it"
+    return (f"size {width}x{height} needs at least {format_bytes(estimate.total)}{batch} to "
+            f"translate (first-stage attention {format_bytes(estimate.first_stage)}, correlation "
+            f"volume {format_bytes(estimate.correlation)}, U-Net attention "
+            f"{format_bytes(estimate.attention)}), more than the {format_bytes(limit)} {what}; "
+            f"{way_out}")
+
+  def check(self, pair: "Pair", shape: tuple[int, ...]) -> None:
+    problem = self.problem(shape[0], shape[1])
+    if problem:
+      raise InputError(f"{pair.condition} with {pair.exemplar}: {problem}")
 
 
 _TRANSLATORS: dict[tuple[str, bool], Translator] = {}
@@ -269,12 +436,16 @@ def _exemplar_conditions(config, exemplars: list[pathlib.Path],
 # ------------------------------------------------------------------------------------------------
 
 def _batches(pairs: Iterable[Pair], inputs: Inputs, batch_size: int,
-             on_error: Callable[[Pair, InputError], None]) -> Iterator[list[tuple[Pair, tuple]]]:
-  """Loaded pairs in batches of equal array shapes (a new shape starts a new batch)."""
+             on_error: Callable[[Pair, InputError], None],
+             memory: MemoryCheck | None = None) -> Iterator[list[tuple[Pair, tuple]]]:
+  """Loaded pairs in batches of equal array shapes (a new shape starts a new batch); a pair whose
+  size does not fit in memory (``memory``) is an error like a bad file."""
   batch, shapes = [], None
   for pair in pairs:
     try:
       arrays = inputs.arrays(pair)
+      if memory is not None:
+        memory.check(pair, arrays[1].shape)
     except InputError as e:
       on_error(pair, e)
       continue
@@ -300,9 +471,12 @@ def _run_batch(model: Translator, variables, batch: list[tuple[Pair, tuple]], ba
   outputs = np.asarray(out["image"])
   grids = model.debug_grids(variables, out) if debug else None
   for i, (pair, _) in enumerate(batch):
-    images.save_image(pair.output, outputs[i], fmt)
-    if debug:
-      images.write_uint8(debug_path(pair.output), grids[i], "png")
+    try:
+      images.save_image(pair.output, outputs[i], fmt)
+      if debug:
+        images.write_uint8(debug_path(pair.output), grids[i], "png")
+    except OSError as e:  # after the up-front check: a full disk, a folder removed meanwhile, ...
+      raise InputError(f"{pair.output}: cannot write the output: {e.strerror or e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,15 +504,20 @@ def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: 
   """Translates ``pairs``; returns how many were written."""
   inputs = Inputs(config, images.downsampling_factor(config.model))
   batch_size = min(batch_size, len(pairs))
+  memory = MemoryCheck(config, batch_size)
   variables, model = None, None
   written = 0
   with tqdm(total=len(pairs), unit="pair", disable=not progress, file=sys.stderr) as bar:
     def failed(pair, error):
       on_error(pair, error)
       bar.update(1)
-    for batch in _batches(pairs, inputs, batch_size, failed):
+    for batch in _batches(pairs, inputs, batch_size, failed, memory):
       if variables is None:  # after the first inputs load: bad inputs are reported before the slow part
-        variables, model = weights.load(config), translator(config, refine)
+        try:
+          model = translator(config, refine)
+        except ValueError as e:  # a config value out of range (MIDMs.from_config says which)
+          raise InputError(f"the config: {cli.one_line(e)}") from None
+        variables = weights.load(config)
       _run_batch(model, variables, batch, batch_size, seed, fmt, debug)
       written += len(batch)
       bar.update(len(batch))
@@ -352,8 +531,9 @@ def translate_single(config, *, condition: pathlib.Path, exemplar: pathlib.Path,
   fmt = OUTPUT_SUFFIXES.get(output.suffix.lower())
   if fmt is None:
     raise InputError(f"{output}: in single-file mode --output must be a .png or .jpg file")
+  cli.check_writable(output, "--output")
   pair = Pair(condition, exemplar, _exemplar_conditions(config, [exemplar], exemplar_condition)[0], output)
-  output.parent.mkdir(parents=True, exist_ok=True)
+  _make_folder(output.parent, output)
 
   def reraise(_, error):
     raise error
@@ -371,7 +551,8 @@ def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_fi
   _unique_stems(condition_files, "condition")
   _unique_stems(exemplar_files, "exemplar")
   matched = _exemplar_conditions(config, exemplar_files, exemplar_condition)
-  output.mkdir(parents=True, exist_ok=True)
+  cli.check_writable(output, "--output", folder=True)
+  _make_folder(output, output)
   pairs = [Pair(c, e, ec, output / f"{pair_name(c, e)}.{fmt}") for c in condition_files
            for e, ec in zip(exemplar_files, matched)]
   todo = [p for p in pairs if not p.output.exists()]
@@ -390,6 +571,13 @@ def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_fi
   return 2 if failures and not written else 0
 
 
+def _make_folder(folder: pathlib.Path, output: pathlib.Path) -> None:
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise InputError(f"{output}: cannot write --output there: {e.strerror or e}") from None
+
+
 def _required_path(flag: str, value: str | None) -> pathlib.Path:
   if not value:
     raise InputError(f"--{flag} is required")
@@ -401,15 +589,23 @@ def _config_and_weights():
   if not _WORKDIR.value:
     if _STEP.value is not None:
       raise InputError("--step needs --workdir (it picks a checkpoint of a training run)")
-    return _CONFIG.value, Weights(midms_checkpoint=_CHECKPOINT.value)
+    if _CONFIG.present:
+      config = cli.config_value(_CONFIG)
+    else:
+      config = cli.load_config_file(str(DEFAULT_CONFIG))
+    config = cli.apply_overrides(config, _DEFERRED_OVERRIDES)
+    return config, Weights(midms_checkpoint=_CHECKPOINT.value)
   if _CHECKPOINT.value:
     raise InputError("--workdir and --midms_checkpoint exclude each other: pick one source of weights")
   if FLAGS["config"].present:
     raise InputError("--workdir and --config exclude each other: the workdir's config.json is the model's config")
-  return workdir_lib.read_config(_WORKDIR.value), Weights(workdir=_WORKDIR.value, step=_STEP.value)
+  config = cli.apply_overrides(workdir_lib.read_config(_WORKDIR.value), _DEFERRED_OVERRIDES)
+  return config, Weights(workdir=_WORKDIR.value, step=_STEP.value)
 
 
 def main(argv: Sequence[str]) -> int:
+  logs.configure(library_logs=_LIBRARY_LOGS.value)
+  cli.ignore_closed_loop_callbacks()  # a damaged checkpoint: no orbax noise after the error line
   if len(argv) > 1:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2
@@ -438,12 +634,22 @@ def main(argv: Sequence[str]) -> int:
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # a write that failed after the checks (e.g. a full disk)
+    print(f"error: {cli.os_error_line(e)}", file=sys.stderr)
+    return 2
 
 
 def run(argv: Sequence[str]) -> int:
-  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status."""
-  return cli.run_in_process(FLAGS, main, argv)
+  """In-process entry point (tests, notebooks) and the command's: ``argv`` with the program name
+  first; returns the exit status. Without --config, the --config.<field> overrides apply to the
+  default config or to the --workdir's config.json."""
+  argv = list(argv)
+  overrides: list[str] = []
+  if not cli.gives_flag(argv, "config"):
+    argv, overrides = cli.split_overrides(argv)
+  _DEFERRED_OVERRIDES[:] = overrides
+  return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))
+  sys.exit(run(sys.argv))

@@ -84,12 +84,12 @@ def test_generated_dir_gives_the_same_numbers_and_fid_uses_its_cache(evaluated, 
 
 def test_vgg_absent_and_no_diversity_are_explicit(evaluated, tmp_path):
   _, out, _ = evaluated
-  args = [*SETTINGS, "--config.evaluate.vgg_checkpoint=/nowhere/vgg19_conv.pth",
-          "--config.evaluate.diversity_exemplars=1", f"--generated_dir={out / 'images'}", f"--out={tmp_path}"]
+  args = [*SETTINGS, "--config.evaluate.vgg_checkpoint=", "--config.evaluate.diversity_exemplars=1",
+          f"--generated_dir={out / 'images'}", f"--out={tmp_path}"]
   assert evaluate.run(["evaluate", *args]) == 0
   metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
   for name in ("style_relevance_colour", "style_relevance_texture", "semantic_consistency"):
-    assert metrics[name] == "weights absent: /nowhere/vgg19_conv.pth"
+    assert metrics[name] == "weights absent: config.evaluate.vgg_checkpoint is not set"
   assert metrics["lpips_diversity"].startswith("not computed: config.evaluate.diversity_conditions")
 
 
@@ -114,9 +114,40 @@ CONFIG = (f"--config={SYNTHETIC}", "--config.evaluate.max_examples=4")
     ((f"--config={SYNTHETIC.with_name('celebahq.py')}:tiny", "--workdir={run}"),
      "is a celebahq config but the workdir's model was trained on synthetic"),
     ((*CONFIG, "--midms_checkpoint=x.pth"), "--midms_checkpoint needs --out"),
-], ids=["no-source", "no-config", "missing-files", "format", "step", "other-data-set", "no-out"])
+    (("--workdir={run}", "--config.evaluate.inception_checkpoint=/nowhere/pt_inception.pth"),
+     r"^error: --config\.evaluate\.inception_checkpoint=/nowhere/pt_inception\.pth: no such file "
+     r"\(pass"),
+    ((*CONFIG, "--workdir={run}", "--config.loss.vgg_checkpoint=/nowhere/vgg19_conv.pth"),
+     r"^error: --config\.loss\.vgg_checkpoint=/nowhere/vgg19_conv\.pth: no such file"),
+    (("--workdir={run}", "--config.evaluate.nonexistent=1"),
+     r"^error: --config\.evaluate\.nonexistent: config has no field 'nonexistent' in evaluate$"),
+    (("--config=/nowhere/config.py", "--workdir={run}"),
+     r"^error: --config=/nowhere/config\.py: no such config file$"),
+    (("--workdir={run}", "--out={empty}/a_file/out"),
+     r"a_file/out: cannot write --out there: .*a_file is a file"),
+    (("--generated_dir={empty}", "--config.evaluate.max_examples=4"),
+     r"^error: --config\.evaluate\.max_examples: an override needs --config"),
+], ids=["no-source", "no-config", "missing-files", "format", "step", "other-data-set", "no-out",
+        "inception-typo", "vgg-typo", "unknown-field", "missing-config", "unwritable-out",
+        "override-without-config"])
 def test_bad_input_is_one_line_and_status_2(synthetic_run, tmp_path, capsys, args, message):
   run, _ = synthetic_run
+  (tmp_path / "a_file").write_text("not a folder")
   assert evaluate.run(["evaluate", *(a.format(run=run, empty=tmp_path) for a in args)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
+
+
+def test_workdir_config_takes_overrides_without_config(synthetic_run, tmp_path):
+  """Without --config the run's config.json is the config, and --config.<field> overrides apply to
+  it."""
+  run, _ = synthetic_run
+  assert evaluate.run(["evaluate", f"--workdir={run}", f"--out={tmp_path}",
+                       "--config.evaluate.max_examples=2",
+                       "--config.evaluate.diversity_exemplars=1",
+                       "--config.evaluate.swd.min_resolution=32"]) == 0
+  report = json.loads((tmp_path / "metrics.json").read_text())
+  assert report["data"]["count"] == 2 and len(report["metrics"]["swd_levels"]) == 1  # the overrides
+  assert report["metrics"]["style_relevance_colour"] == (
+      "weights absent: config.evaluate.vgg_checkpoint is not set")

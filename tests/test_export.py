@@ -3,6 +3,8 @@ round trip back into JAX, identical translations, and one-line errors for bad in
 
 import hashlib
 import json
+import pathlib
+import subprocess
 import sys
 
 import jax
@@ -17,6 +19,7 @@ from midms_jax.interop import torch_import
 from tests.conftest import synthetic_train_config
 
 torch = pytest.importorskip("torch")
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,65 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(exported, tmp_path, 
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (message, err)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "untrained"]
   assert synthetic_train_config().train.num_steps == 6  # the run these tests read
+
+
+def _damaged_copy(run, root):
+  """A copy of the run's config, first stage and step-6 checkpoint, its largest data file
+  overwritten."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  copy = root / "damaged"
+  copy.mkdir()
+  shutil.copy(run / "config.json", copy / "config.json")
+  shutil.copytree(run / "first_stage", copy / "first_stage")
+  shutil.copytree(run / "checkpoints" / "6", copy / "checkpoints" / "6")
+  files = [p for p in (copy / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  largest.write_bytes(b"\0garbage" * 100)
+  return copy
+
+
+def test_damaged_checkpoint_is_one_line_in_a_subprocess(exported, tmp_path):
+  """export and translate as a user runs them: the error line only, none of the "Event loop is
+  closed" tracebacks of orbax's reads that finish after the failed restore (about half the runs
+  had them)."""
+  run, _ = exported
+  damaged = _damaged_copy(run, tmp_path)
+  sample = synthetic.sample(0, synthetic.SyntheticConfig(image_size=32), "validation")
+  np.save(tmp_path / "c.npy", sample["label"])
+  images.save_image(tmp_path / "e.png", sample["ref"], "png")
+  commands = {
+      "export": ["-m", "midms_jax.export", f"--workdir={damaged}", f"--out={tmp_path / 'out'}"],
+      "translate": ["-m", "midms_jax.translate", f"--workdir={damaged}",
+                    f"--condition={tmp_path / 'c.npy'}", f"--exemplar={tmp_path / 'e.png'}",
+                    f"--exemplar_condition={tmp_path / 'c.npy'}",
+                    f"--output={tmp_path / 'out.png'}"],
+  }
+  for name, args in commands.items():
+    for _ in range(2):
+      done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, check=False)
+      assert done.returncode == 2, (name, done.stderr)
+      state = damaged / "checkpoints" / "6" / "state"
+      assert done.stderr.startswith(f"error: {state}: unreadable checkpoint: "), done.stderr
+      assert done.stderr.count("\n") == 1, (name, done.stderr)
+  assert not (tmp_path / "out").exists() and not (tmp_path / "out.png").exists()
+
+
+def test_translate_overrides_apply_to_the_workdirs_config(exported, tmp_path, capsys):
+  """--config.<field> with --workdir changes the run's config.json (here to a value the model
+  refuses)."""
+  run, _ = exported
+  sample = synthetic.sample(0, synthetic.SyntheticConfig(image_size=32), "validation")
+  np.save(tmp_path / "c.npy", sample["label"])
+  images.save_image(tmp_path / "e.png", sample["ref"], "png")
+  pair = [f"--condition={tmp_path / 'c.npy'}", f"--exemplar={tmp_path / 'e.png'}",
+          f"--exemplar_condition={tmp_path / 'c.npy'}", f"--output={tmp_path / 'out.png'}"]
+  cases = (("--config.attention_chunk=-1",
+            "error: the config: config.attention_chunk must be >= 0"),
+           ("--config.midms.nonexistent=1",
+            "error: --config.midms.nonexistent: config has no field 'nonexistent' in midms"))
+  for override, message in cases:
+    assert translate.run(["translate", f"--workdir={run}", *pair, override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+  assert not (tmp_path / "out.png").exists()

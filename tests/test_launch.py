@@ -236,6 +236,25 @@ def test_slurm_writes_submits_and_the_script_runs_srun(tmp_path):
   assert srun["env"] == {"JAX_LOCAL_DEVICE_IDS": "0,1"}
 
 
+def test_slurm_unwritable_log_dir_or_script_is_one_line(tmp_path):
+  """A --log_dir or --script under a file (unwritable for root too): one line naming it, nothing
+  submitted."""
+  (tmp_path / "a_file").write_text("not a folder")
+  bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+  _fake_program(bin_dir / "sbatch", "")
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log))
+  blocked = tmp_path / "a_file" / "logs"
+  cases = {f"error: {blocked}: cannot write --log_dir there: ": [f"--log_dir={blocked}"],
+           f"error: {blocked}/job.sh: cannot write --script there: {blocked}: Not a directory":
+               [f"--log_dir={tmp_path / 'logs'}", f"--script={blocked}/job.sh"]}
+  for message, args in cases.items():
+    result = _launch("slurm.py", f"--config={CONFIG}", "--workdir=run", *args, env=env,
+                     cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+  assert not log.exists()  # sbatch never ran
+
+
 # --------------------------------------------------------------------------------------------------
 # multi_gpu.py
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +288,7 @@ def test_multi_gpu_dry_run_and_run(tmp_path):
     ("tpu_pod.py", ["delete", *SLICE, "--config.train.lr=1"]),
     ("slurm.py", [f"--config={CONFIG}", "--workdir=w", "--nodes=0"]),
     ("slurm.py", ["--config=missing.py", "--workdir=w"]),
+    ("slurm.py", [f"--config={CONFIG.parent}", "--workdir=w"]),
     ("slurm.py", [f"--config={CONFIG}", "--workdir=w", "--mode=per_socket"]),
     ("multi_gpu.py", [f"--config={CONFIG}", "--workdir=w", "--gpus=0,x"]),
     ("multi_gpu.py", ["--workdir=w"]),

@@ -6,6 +6,7 @@ size for the whole module; one test runs the real ``python -m`` in a subprocess.
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zlib
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from configs import celebahq
+from configs import celebahq, lsun_church
 from midms_jax import translate
 from midms_jax.data import conditions, images
 from midms_jax.interop import torch_import
@@ -235,3 +236,100 @@ def test_python_dash_m_subprocess(files, single):
   assert "Traceback" not in done.stderr and done.stdout.strip() == f"wrote {out}"
   unrefined = _pixels(out)
   assert unrefined.shape == (SIZE, SIZE, 3) and np.abs(unrefined.astype(int) - _pixels(single)).mean() > 1
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: "), err
+  return err.strip()
+
+
+@pytest.mark.parametrize("config, args, message", [
+    (f"--config={REPO}/configs/nope.py", [],
+     f"error: --config={REPO}/configs/nope.py: no such config file"),
+    (CONFIG, ["--config.train.nonexistent=1"],
+     "error: --config.train.nonexistent: config has no field 'nonexistent' in train"),
+    ("--seed=0", ["--config.train.nonexistent=1"],  # no --config: the default config's fields
+     "error: --config.train.nonexistent: config has no field 'nonexistent' in train"),
+    (CONFIG, ["--config.attention_chunk=-1"],
+     "error: the config: config.attention_chunk must be >= 0"),
+], ids=["missing-file", "unknown-field", "unknown-field-default-config", "bad-value"])
+def test_config_errors_exit_2_with_one_line(files, capsys, config, args, message):
+  out = files["root"] / "config_errors" / "out.png"
+  assert _run(f"--condition={files['c0']}", f"--exemplar={files['e0']}", f"--output={out}", *args,
+              config=config) == 2
+  assert _one_error_line(capsys).startswith(message)
+  assert not out.exists()
+
+
+def test_unwritable_output_exits_2_with_one_line(files, capsys):
+  blocker = files["root"] / "a_file"  # a path under a file: unwritable for root too (chmod is not)
+  blocker.write_text("not a folder")
+  pair = (f"--condition={files['c0']}", f"--exemplar={files['e0']}")
+  for output in (blocker / "out.png", blocker / "results"):  # single-file and folder mode
+    assert _run(*pair, f"--output={output}") == 2
+    assert _one_error_line(capsys) == (f"error: {output}: cannot write --output there: {blocker} "
+                                       "is a file, not a folder")
+  assert _run(f"--condition={files['root'] / 'conditions'}", f"--exemplar={files['e0']}",
+              f"--output={blocker}") == 2
+  assert _one_error_line(capsys) == (f"error: {blocker}: in folder mode --output is a folder, not "
+                                     "an image file")
+  assert blocker.read_text() == "not a folder"
+
+
+def test_a_pair_too_large_for_memory_is_refused_before_compiling(files, capsys, monkeypatch):
+  """2048x2048: the first stage's attention alone would need 550 GB: refused in seconds, nothing
+  compiled."""
+  big = files["root"] / "big.png"
+  Image.fromarray(np.asarray(Image.open(files["c0"]).resize((2048, 2048)))).save(big)
+  monkeypatch.setattr(translate, "translator", lambda *_: pytest.fail("compiled"))
+  out = files["root"] / "big_out.png"
+  assert _run(f"--condition={big}", f"--exemplar={big}", f"--output={out}") == 2
+  line = _one_error_line(capsys)
+  assert line.startswith(f"error: {big} with {big}: size 2048x2048 needs at least 550.3 GB to "
+                         "translate (first-stage attention 550.3 GB, correlation volume 274.9 GB, "
+                         "U-Net attention"), line
+  assert re.search(r"more than the [\d.]+ [GT]B (available|free) host memory; try images of at "
+                   r"most \d+x\d+", line)
+  assert not out.exists()
+  # The ways out that would fit: a batch of one; the chunk options where the U-Net attention
+  # dominates (LSUN).
+  monkeypatch.setattr(translate, "memory_limit", lambda: (400_000_000, "free on a test device"))
+  problem = translate.MemoryCheck(celebahq.get_config(), batch_size=8).problem(256, 256)
+  assert "needs at least 1.3 GB for a batch of 8" in problem
+  assert "400.0 MB free on a test device" in problem
+  assert problem.endswith("try --batch_size=1 or images of at most 160x160 (resize both)"), problem
+  assert translate.MemoryCheck(celebahq.get_config(), batch_size=1).problem(256, 256) is None
+  problem = translate.MemoryCheck(lsun_church.get_config(), batch_size=1).problem(512, 512)
+  assert "U-Net attention 536.9 MB" in problem
+  assert "try --config.midms.warp_chunk=1024 --config.attention_chunk=256 or images of" in problem
+
+
+def test_memory_estimate_terms_and_options():
+  config = celebahq.get_config()  # 256x256 images, 64x64 latents
+  estimate = translate.memory_estimate(config, 256, 256)
+  latent = 64 * 64
+  assert estimate.correlation == latent ** 2 * 4
+  assert estimate.first_stage == (2 * latent ** 2 + 256 * 256 * 128) * 4
+  assert estimate.attention == 14 * (32 * 32) ** 2 * 4  # 448 channels / 32 per head, 32x32 tokens
+  assert translate.memory_estimate(config, 256, 256, batch=3).total == 3 * estimate.total
+  with config.unlocked():
+    config.midms.warp_chunk, config.attention_chunk = 1024, 256
+  chunked = translate.memory_estimate(config, 256, 256)
+  assert chunked.correlation == 1024 * latent * 4 and chunked.attention == 14 * 256 * 1024 * 4
+  assert chunked.first_stage == estimate.first_stage  # the first stage has no such option
+
+
+def test_memory_estimate_is_below_xlas_own_analysis():
+  """At 128x128 the tiny model's XLA temporaries are 10.5 MB, the estimate 10.49 MB (the first
+  stage's attention): a lower bound, so the check never refuses what fits."""
+  config = celebahq.get_config("tiny")
+  model = translate.translator(config, refine=True)
+  variables = jax.eval_shape(lambda: torch_import.load_midms_checkpoint(CHECKPOINT, config.model))
+  condition = jax.ShapeDtypeStruct((1, 128, 128, config.data.label_nc), jnp.float32)
+  exemplar = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32)
+  keys = jax.ShapeDtypeStruct((1, 2), jnp.uint32)
+  compiled = model.translate.lower(variables, condition, exemplar, condition, keys).compile()
+  xla = compiled.memory_analysis().temp_size_in_bytes
+  estimate = translate.memory_estimate(config, 128, 128).total
+  assert 0.9 * xla <= estimate <= xla, (estimate, xla)

@@ -43,6 +43,7 @@ import io
 import pathlib
 import posixpath
 import re
+import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -161,6 +162,7 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(file_format="array_record", **kwargs)
     self._ref_lists = {"train": ref_list, "validation": ref_test_list}
     self._skip_bad, self._seed = skip_bad, seed
+    self.progress = True  # False: a plain line per stage on stderr instead of progress bars
     self.skipped: list[Skipped] = []
 
   # Per data set.
@@ -240,11 +242,13 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Decodes every key's files (threads; in order, so without ``skip_bad`` the first problem stops it):
     key -> problem or None. ``context`` prefixes the problem of a key that is only an exemplar."""
     results = {}
+    if not self.progress:
+      print(f"checking {self.name} files: {len(keys)} images", file=sys.stderr, flush=True)
     pool = concurrent.futures.ThreadPoolExecutor()
     try:
       checks = pool.map(functools.partial(self._check_key, root), keys)
       for key, problem in tqdm.tqdm(zip(keys, checks), total=len(keys), desc=f"checking {self.name} files",
-                                    unit="image"):
+                                    unit="image", disable=not self.progress):
         if problem and not problems.skip_bad:
           raise InputError(f"{context[key]}: {problem}" if key in context else problem)
         results[key] = problem
@@ -342,9 +346,13 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata.update(
         skipped=[dataclasses.asdict(s) for s in self.skipped],
         ref_lists={split: str(self._ref_list_path(root, split)) for split in RECORD_SPLITS}, seed=self._seed)
-    return {split: self._generate_examples(root, records) for split, records in planned.items() if records}
+    return {split: self._generate_examples(root, records, split)
+            for split, records in planned.items() if records}
 
-  def _generate_examples(self, root: pathlib.Path, records: Sequence[_Planned]) -> Iterator[tuple[int, Example]]:
+  def _generate_examples(self, root: pathlib.Path, records: Sequence[_Planned],
+                         split: str = "") -> Iterator[tuple[int, Example]]:
+    if not self.progress:
+      print(f"writing {self.name} {split}: {len(records)} records", file=sys.stderr, flush=True)
     for i, record in enumerate(records):
       example = self._read(root, record.key)
       example["key"] = record.key

@@ -35,8 +35,9 @@ An image is never its own candidate: the same file (same resolved path, e.g. whe
 includes ``--images``) is excluded, but a different file with the same content is a valid candidate.
 With fewer candidates than ``--top_k`` the lines hold what exists (a note says so); an image with no
 candidate at all is an error. An unreadable image is an error naming it, or with ``--skip_bad`` is
-left out of the lists (as key and as candidate) and reported. The output is written atomically.
-Exit status 0, or 2 with one ``error:`` line.
+left out of the lists (as key and as candidate) and reported. The output is written atomically; an
+``--output`` that cannot be written is an error before any feature is computed. Exit status 0, or 2
+with one ``error:`` line.
 """
 
 import collections
@@ -56,7 +57,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from midms_jax import cli
+from midms_jax import cli, logs
 from midms_jax.data import images as images_lib
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.losses import vgg as vgg_lib
@@ -90,6 +91,7 @@ _READ_THREADS = flags.DEFINE_integer("read_threads", 8, "Threads decoding and re
 _SKIP_BAD = flags.DEFINE_boolean(
     "skip_bad", False, "Leave unreadable images out of the lists (reported on stderr) instead of stopping.",
     flag_values=FLAGS)
+_LIBRARY_LOGS = logs.define_flag(FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +367,7 @@ def _required(flag: flags.FlagHolder, what: str) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
+  logs.configure(library_logs=_LIBRARY_LOGS.value)
   if len(argv) > 1:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2
@@ -372,6 +375,7 @@ def main(argv: Sequence[str]) -> int:
     image_entries = list_images(_required(_IMAGES, "a folder or .txt list of images"))
     candidate_entries = list_images(_CANDIDATES.value) if _CANDIDATES.value else None
     output = _required(_OUTPUT, "the list file to write")
+    cli.check_writable(output, "--output")  # before the features are computed
     widths = _widths(_VGG_WIDTHS.value)
     check_image_size(_IMAGE_SIZE.value)
     variables = vgg_lib.load_vgg19(_required(_VGG_CHECKPOINT, "CoCosNet's vgg19_conv.pth"), widths)
@@ -381,6 +385,9 @@ def main(argv: Sequence[str]) -> int:
         skip_bad=_SKIP_BAD.value, read_threads=_READ_THREADS.value, progress=True)
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # e.g. a folder that cannot be listed
+    print(f"error: {cli.os_error_line(e)}", file=sys.stderr)
     return 2
   for error in result.skipped:
     print(f"skipped {error}", file=sys.stderr)

@@ -8,26 +8,35 @@
 to ``<data_dir>/<dataset>/<version>/`` (default ``data_dir``: TFDS's, ``$TFDS_DATA_DIR`` or
 ``~/tensorflow_datasets``); point ``config.data.data_dir`` there. Every file is checked (decoded) first,
 with a progress bar, then the records are written; at the end a summary: records per split and the
-skipped files with their reasons.
+skipped files with their reasons. When stderr is not a terminal (a log file, a pipe) the progress
+bars, TFDS's included, give way to a plain line per stage (checking, then writing each split).
 
-Bad data stops the run with exit status 2 and one ``error:`` line naming the file; ``--skip_bad`` skips
-such records instead (and those that use them as exemplars) and lists them. A data set already prepared
-in ``data_dir`` is kept (its summary is printed) unless ``--overwrite`` is given.
+Bad data stops the run with exit status 2 and one ``error:`` line naming the file; ``--skip_bad``
+skips such records instead (and those that use them as exemplars) and lists them. So do an empty or
+missing ``--manual_dir`` and a ``--data_dir`` that cannot be written; a failed build leaves no empty
+folders behind. A data set already prepared in ``data_dir`` is kept (its summary is printed) unless
+``--overwrite`` is given. ``--library_logs`` shows TFDS's INFO lines.
 """
 
+import contextlib
 import pathlib
 import sys
 import tempfile
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 from absl import flags
 
-from midms_jax import cli
+from midms_jax import cli, logs
 from midms_jax.data import builders
 from midms_jax.errors import InputError
 
 SKIPPED_SHOWN = 20  # skipped records listed in the summary (all of them are in metadata.json)
+LAYOUTS = {  # what --manual_dir holds (builders.py has the details)
+    "celebahq": f"train.txt, val.txt, {builders.CELEBAHQ_IMAGES}/ and {builders.CELEBAHQ_MASKS}/",
+    "deepfashion": "train.txt, val.txt, img/ and pose/",
+    "lsun_church": "training/ and validation/ with <name>.jpg photos and <name>.png label maps",
+}
 
 FLAGS = flags.FlagValues()
 _DATASET = flags.DEFINE_enum("dataset", None, list(builders.BUILDERS), "The data set to prepare.",
@@ -45,27 +54,71 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip bad records (and those us
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of DeepFashion's random hard exemplars.", flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild a data set already prepared in --data_dir.",
                                flag_values=FLAGS)
+_LIBRARY_LOGS = logs.define_flag(FLAGS)
+
+
+@contextlib.contextmanager
+def _tfds_progress_bars(enabled: bool) -> Iterator[None]:
+  """TFDS's (nested) progress bars on or off meanwhile: on, they would write their cursor movements
+  into a log file or pipe."""
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
+  was = getattr(tqdm_utils, "_active", True)
+  tfds.display_progress_bar(enabled)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(was)
 
 
 def prepare(name: str, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path | None = None, *,
             ref_list: str | pathlib.Path | None = None, ref_test_list: str | pathlib.Path | None = None,
-            skip_bad: bool = False, seed: int = 0, overwrite: bool = False) -> tuple[builders.BenchmarkBuilder, bool]:
+            skip_bad: bool = False, seed: int = 0, overwrite: bool = False,
+            progress: bool | None = None) -> tuple[builders.BenchmarkBuilder, bool]:
   """Builds data set ``name`` from ``manual_dir`` into ``data_dir``; returns the builder and whether it built
-  (False: it was already prepared and ``overwrite`` is off). InputError for bad input (one line)."""
+  (False: it was already prepared and ``overwrite`` is off). InputError for bad input (one line).
+  ``progress``: progress bars (default: when stderr is a terminal), else a plain line per stage."""
   manual_dir = pathlib.Path(manual_dir).expanduser()
   if not manual_dir.is_dir():
-    raise InputError(f"{manual_dir}: no such folder (--manual_dir: the {name} folder in the official layout)")
+    what = "not a folder" if manual_dir.exists() else "no such folder"
+    raise InputError(f"{manual_dir}: {what} (--manual_dir: the {name} folder in the official "
+                     "layout)")
+  if not any(manual_dir.iterdir()):  # TFDS would fail an assertion
+    raise InputError(f"{manual_dir}: empty folder (--manual_dir: the {name} folder in the official "
+                     f"layout, holding {LAYOUTS[name]})")
+  if data_dir:
+    cli.check_writable(data_dir, "--data_dir", folder=True)
   builder = builders.builder(name, data_dir, ref_list=ref_list, ref_test_list=ref_test_list, skip_bad=skip_bad,
                              seed=seed)
   if builder.info.splits and not overwrite:
     return builder, False
+  progress = sys.stderr.isatty() if progress is None else progress
+  builder.progress = progress
   modes = tfds.download.GenerateMode
   config = tfds.download.DownloadConfig(
       manual_dir=str(manual_dir),
       download_mode=modes.REUSE_CACHE_IF_EXISTS if overwrite else modes.REUSE_DATASET_IF_EXISTS)
-  with tempfile.TemporaryDirectory(prefix="midms-prepare-") as downloads:  # TFDS wants one; nothing is downloaded
-    builder.download_and_prepare(download_dir=downloads, download_config=config)
+  version_dir = pathlib.Path(builder.data_dir)  # <data_dir>/<name>/<version>
+  created = [p for p in (version_dir, version_dir.parent, version_dir.parent.parent)
+             if not p.exists()]
+  with (tempfile.TemporaryDirectory(prefix="midms-prepare-") as downloads,  # TFDS wants one
+        _tfds_progress_bars(progress)):
+    try:
+      builder.download_and_prepare(download_dir=downloads, download_config=config)
+    except BaseException:
+      _remove_empty_folders(created)  # a failed build leaves nothing behind
+      raise
   return builder, True
+
+
+def _remove_empty_folders(folders: Sequence[pathlib.Path]) -> None:
+  """Removes ``folders`` (deepest first) where they are empty."""
+  for path in folders:
+    try:
+      path.rmdir()  # only an empty folder
+    except FileNotFoundError:
+      continue
+    except OSError:
+      return
 
 
 def summary(builder: builders.BenchmarkBuilder, built: bool) -> str:
@@ -87,6 +140,7 @@ def summary(builder: builders.BenchmarkBuilder, built: bool) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
+  logs.configure(library_logs=_LIBRARY_LOGS.value)
   if len(argv) > 1:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2

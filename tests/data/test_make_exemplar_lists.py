@@ -219,3 +219,29 @@ def test_cli_errors(folder, tmp_path, capsys, flag, message):
   assert status == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
   assert not (tmp_path / "ref.txt").exists()
 
+
+
+def test_cli_unwritable_output_and_missing_inputs(folder, tmp_path, capsys, monkeypatch):
+  """One line, exit 2, before any feature is computed (a file where a folder should be: unwritable
+  for root too)."""
+  monkeypatch.setattr(mel, "extract_features", lambda *_, **__: pytest.fail("computed features"))
+  (tmp_path / "a_file").write_text("not a folder")
+  common = [f"--vgg_checkpoint={VGG_FILE}", f"--vgg_widths={','.join(map(str, WIDTHS))}",
+            f"--image_size={FEATURE_SIZE}"]
+  a_file = tmp_path / "a_file"
+  cases = {
+      f"error: {a_file / 'ref.txt'}: cannot write --output there: {a_file} is a file, not a folder":
+          [f"--images={folder}", f"--output={a_file / 'ref.txt'}"],
+      f"error: {tmp_path}: cannot write --output there: it is a folder, not a file":
+          [f"--images={folder}", f"--output={tmp_path}"],
+      f"error: {tmp_path / 'nowhere'}: no such folder or file":
+          [f"--images={tmp_path / 'nowhere'}", f"--output={tmp_path / 'ref.txt'}"],
+      f"error: {a_file / 'list.txt'}: cannot read the image list":
+          [f"--images={folder}", f"--candidates={a_file / 'list.txt'}",
+           f"--output={tmp_path / 'r.txt'}"],
+  }
+  for message, args in cases.items():
+    assert mel.run(["make_exemplar_lists", *args, *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

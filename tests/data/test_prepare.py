@@ -68,12 +68,33 @@ def test_skip_bad_lists_the_skipped_files(tmp_path, capsys):
     (("--dataset=lsun_church", "--manual_dir={tmp}/lsun", "--ref_list={tmp}/lists/ref.txt"),
      "error: {tmp}/lists/ref.txt: no such file (the train exemplar list; pass its path with --ref_list)"),
     (("--dataset=celebahq", "--manual_dir={tmp}/lsun"), "error: {tmp}/lsun/train.txt: no such file"),
+    (("--dataset=celebahq", "--manual_dir={tmp}/empty"),
+     "error: {tmp}/empty: empty folder (--manual_dir: the celebahq folder in the official layout, "
+     "holding train.txt, val.txt, CelebA-HQ-img/ and CelebAMask-HQ-mask-anno/)"),
+    (("--dataset=lsun_church", "--manual_dir={tmp}/a_file"),
+     "error: {tmp}/a_file: not a folder (--manual_dir: the lsun_church folder in the official "
+     "layout)"),
 ])
 def test_bad_input_gives_one_error_line(tmp_path, capsys, flags, expected):
   write_lsun(tmp_path / "lsun")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "a_file").write_text("not a folder")
   status, _, err = _run(capsys, *(flag.format(tmp=tmp_path) for flag in flags), f"--data_dir={tmp_path / 'tfds'}")
   assert status == 2
   assert _error_line(err).startswith(expected.format(tmp=tmp_path)), err
+  assert err.count("\n") == 1, err
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_unwritable_data_dir_is_one_line_before_any_work(tmp_path, capsys):
+  manual_dir = write_lsun(tmp_path / "lsun").root
+  (tmp_path / "a_file").write_text("not a folder")
+  status, out, err = _run(capsys, "--dataset=lsun_church", f"--manual_dir={manual_dir}",
+                          f"--data_dir={tmp_path / 'a_file' / 'tfds'}")
+  assert status == 2 and out == ""
+  a_file = tmp_path / "a_file"
+  assert err == (f"error: {a_file / 'tfds'}: cannot write --data_dir there: {a_file} is a file, "
+                 "not a folder\n")
 
 
 def test_module_entry_point(tmp_path):
@@ -90,4 +111,7 @@ def test_module_entry_point(tmp_path):
       check=False)
   assert result.returncode == 0, result.stderr
   assert "  train             3 records\n  validation        2 records\n" in result.stdout
-  assert "checking lsun_church files" in result.stderr  # the progress bar
+  # stderr is not a terminal: a plain line per stage, none of the progress bars' cursor movements
+  assert result.stderr.splitlines() == [
+      "checking lsun_church files: 5 images", "writing lsun_church train: 3 records",
+      "writing lsun_church validation: 2 records"], result.stderr
