@@ -37,8 +37,10 @@ def vq_f4() -> ml_collections.ConfigDict:
 def kl_f8() -> ml_collections.ConfigDict:
   """LDM's KL-f8 first stage (256x256x3 -> 32x32x4) used by the LSUN-churches LDM.
 
-  ``scale_factor`` is what the churches LDM checkpoint stores (scale_by_std); the official MIDMs
-  code ignores it (quirk 10 of the reference), which ``midms.apply_scale_factor=False`` reproduces.
+  The churches LDM is ``scale_by_std``: its checkpoint stores the ``scale_factor`` it measured
+  (the yaml has none). The official MIDMs code ignores it (quirk 10 of the reference), which
+  ``midms.apply_scale_factor=False`` reproduces; with ``apply_scale_factor=True`` set this field to
+  the file's value (the import checks it).
   """
   return ml_collections.ConfigDict(dict(
       type="kl", embed_dim=4, n_embed=0, ch=128, out_ch=3, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
@@ -53,10 +55,14 @@ def correspondence(label_channels: int, latent_channels: int = 3) -> ml_collecti
       latent_channels=latent_channels, trunk_blocks=4))
 
 
-def diffusion() -> ml_collections.ConfigDict:
-  """LDM's 'linear' (linear in sqrt(beta)) schedule, epsilon parameterisation."""
+def diffusion(linear_end: float = 0.0195) -> ml_collections.ConfigDict:
+  """LDM's 'linear' (linear in sqrt(beta)) schedule, epsilon parameterisation.
+
+  ``linear_end`` 0.0195: LDM's CelebA-HQ VQ-f4 model (also FFHQ, LSUN bedrooms); 0.0155: its
+  LSUN-churches KL-f8 model (``models/ldm/lsun_churches256/config.yaml``).
+  """
   return ml_collections.ConfigDict(dict(
-      timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=0.0195,
+      timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=linear_end,
       parameterization="eps"))
 
 

@@ -1,6 +1,9 @@
 """LSUN church segmentation-to-photo (label_nc 150 -> 151 one-hot channels) with LDM's KL-f8 churches model.
 
-Latents are 32x32x4, so the correspondence encoders take 4 input channels.
+Latents are 32x32x4, so the correspondence encoders take 4 input channels. Model and noise schedule
+(linear_end 0.0155) are LDM's ``models/ldm/lsun_churches256/config.yaml``; ``config.ldm``
+(pre-training) is the CelebA-HQ recipe, not the churches one (l1 loss, base lr 5e-5, batch 96,
+linear warm-up).
 Variants: ``''`` (official sizes), ``paper`` (the paper's learning rates, 3e-6 / 1.5e-7), ``tiny`` (small KL model, 32x32 images -> 4x4x4 latents; for tests).
 """
 
@@ -26,7 +29,9 @@ def get_config(variant: str = ""):
   else:
     raise ValueError(f"configs/lsun_church.py: unknown variant {variant!r} (known: '', 'paper', 'tiny')")
   config = base.assemble(data_cfg=data, unet=unet, first_stage=first_stage, corr=corr)
-  config.loss = base.loss(perc_layer="r52", perc=0.05, segmentation=100.0)
+  config.diffusion = base.diffusion(linear_end=0.0155)  # the churches LDM's (CelebA-HQ's: 0.0195)
+  # In place: config.evaluate refers to config.loss's vgg_checkpoint / vgg_widths.
+  config.loss.update(dict(perc_layer="r52", perc=0.05, segmentation=100.0))
   if variant == "paper":
     config.train.update(base.PAPER_LEARNING_RATES)
   if variant == "tiny":

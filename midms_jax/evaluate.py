@@ -479,7 +479,8 @@ def load_model_variables(job: Job) -> dict[str, Any]:
   if job.workdir is not None:
     return workdir_lib.load_trained(job.workdir, job.step).variables
   from midms_jax.interop import torch_import  # pylint: disable=import-outside-toplevel  # torch only for .pth
-  return torch_import.load_midms_checkpoint(job.midms_checkpoint, job.config.model)
+  # The whole config: the file's schedule buffers are checked against config.diffusion.
+  return torch_import.load_midms_checkpoint(job.midms_checkpoint, job.config)
 
 
 def evaluate(job: Job) -> dict[str, Any]:

@@ -177,16 +177,17 @@ MODEL_PARTS = ("unet", "first_stage", "correspondence")
 
 def pretrained_variables(config) -> dict[str, Any]:
   """The parts of the model that the PyTorch files named in ``config.checkpoints`` hold (later files win:
-  LDM, then a standalone first stage, then an official MIDMs file). Each file's keys and shapes are checked
-  against the config when it is read, so a mis-shaped file stops the run before any model is built."""
+  LDM, then a standalone first stage, then an official MIDMs file). Each file's keys and shapes, and its
+  noise-schedule buffers, are checked against the config when it is read, so a mis-shaped file stops the run
+  before any model is built."""
   variables: dict[str, Any] = {}
   ckpt = config.checkpoints
   if ckpt.ldm:
-    variables.update(torch_import.load_ldm_checkpoint(ckpt.ldm, config.model, use_ema=ckpt.use_ema))
+    variables.update(torch_import.load_ldm_checkpoint(ckpt.ldm, config, use_ema=ckpt.use_ema))
   if ckpt.first_stage:
     variables["first_stage"] = torch_import.load_first_stage_checkpoint(ckpt.first_stage, config.model.first_stage)
   if ckpt.midms:
-    variables.update(torch_import.load_midms_checkpoint(ckpt.midms, config.model))
+    variables.update(torch_import.load_midms_checkpoint(ckpt.midms, config))
   return variables
 
 

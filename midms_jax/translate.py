@@ -496,7 +496,9 @@ class Weights:
     if not path:
       raise CheckpointError("no weights: pass --midms_checkpoint (an official MIDMs .pth), --workdir (a "
                             "midms-jax training run) or set config.checkpoints.midms")
-    return jax.device_put(torch_import.load_midms_checkpoint(pathlib.Path(path).expanduser(), config.model))
+    # The whole config: the file's schedule buffers are checked against config.diffusion.
+    path = pathlib.Path(path).expanduser()
+    return jax.device_put(torch_import.load_midms_checkpoint(path, config))
 
 
 def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: int, fmt: str, debug: bool,

@@ -56,6 +56,14 @@ def test_files_and_manifest(exported):
       assert np.array_equal(tensors[key], value.numpy()), key
       assert listed[key]["sha256"] == hashlib.sha256(tensors[key].tobytes()).hexdigest(), key
   assert any(k.startswith("diffusion_sampler.model.") for k in pth["state_dict"])  # the full official layout
+  # The synthetic run (pixel-unshuffle first stage, own data set): nothing the official code loads.
+  official = manifest["official_code"]
+  assert official["data_set"] == "synthetic"
+  assert set(official["files"]) == set(export.FILES) - {"export.json"}
+  assert not any(entry["loads"] for entry in official["files"].values())
+  why_not = official["files"]["midms.pth"]["why_not"]
+  assert "first stage 'pixel_shuffle' is not an LDM autoencoder" in why_not[0]
+  assert len({(out / name).stat().st_mode for name in export.FILES}) == 1  # one file mode for all
 
 
 def test_import_of_the_export_is_the_checkpoint(exported):
@@ -179,3 +187,60 @@ def test_translate_overrides_apply_to_the_workdirs_config(exported, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
   assert not (tmp_path / "out.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# What the official code can load (unit level: configs only, no training run)
+# ------------------------------------------------------------------------------------------------
+
+def test_official_configs_export_files_the_official_code_loads():
+  from configs import celebahq, deepfashion, lsun_church  # pylint: disable=import-outside-toplevel
+  for module in (celebahq, deepfashion, lsun_church):
+    result = export.official_loadability(module.get_config("paper"))
+    assert result["differences"] == [] and result["official_config"].startswith("configs/")
+    for name in ("midms.pth", "ldm.ckpt"):
+      assert result["files"][name]["loads"], (module.__name__, name, result["files"][name])
+    assert "strict=False" in result["files"]["midms.pth"]["by"]
+    assert not result["files"]["midms.safetensors"]["loads"]
+
+
+def test_other_widths_are_listed_field_by_field():
+  from configs import celebahq  # pylint: disable=import-outside-toplevel
+  result = export.official_loadability(celebahq.get_config("tiny"))
+  assert "model.unet.model_channels: 32 (official 224)" in result["differences"]
+  assert "model.correspondence.width: 32 (official 256)" in result["differences"]
+  midms_pth, ldm_ckpt = result["files"]["midms.pth"], result["files"]["ldm.ckpt"]
+  assert not midms_pth["loads"] and not ldm_ckpt["loads"]
+  assert "differ from the official configs/celebahq.py" in midms_pth["why_not"][0]
+  assert "model.correspondence." not in ldm_ckpt["why_not"][0]  # the LDM file has no matching nets
+
+
+def test_shapeless_and_schedule_differences_still_load_with_a_note():
+  from configs import lsun_church  # pylint: disable=import-outside-toplevel
+  config = lsun_church.get_config()
+  config.model.unet.dropout = 0.1
+  config.diffusion.linear_end = 0.0195
+  result = export.official_loadability(config, layout="minimal")
+  assert result["differences"] == ["model.unet.dropout: 0.1 (official 0.0)",
+                                   "diffusion.linear_end: 0.0195 (official 0.0155)"]
+  entry = result["files"]["midms.pth"]
+  assert entry["loads"] and "runs this run's schedule" in entry["notes"][0]
+  assert "strict=True" in entry["notes"][1] and "diffusion_sampler.model.*" in entry["notes"][1]
+
+
+def test_synthetic_run_is_refused_with_reasons_and_one_warning(caplog):
+  from configs import synthetic as synthetic_config  # pylint: disable=import-outside-toplevel
+  result = export.official_loadability(synthetic_config.get_config())
+  assert result["official_config"] is None
+  assert result["files"]["ldm.ckpt"]["why_not"] == [
+      "first stage 'pixel_shuffle' is not an LDM autoencoder (official: VQModelInterface or "
+      "AutoencoderKL)",
+      "data set 'synthetic' has no official MIDMs model (official: celebahq, deepfashion, "
+      "lsun_church)"]
+  written = ["midms.pth", "ldm.ckpt", "midms.safetensors"]
+  with caplog.at_level("WARNING"):
+    export._warn_unloadable(pathlib.Path("out"), result, written)  # pylint: disable=protected-access
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  assert warnings[0].startswith("out: the official PyTorch code cannot load midms.pth or ldm.ckpt: "
+                                "first stage 'pixel_shuffle'")

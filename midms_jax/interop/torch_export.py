@@ -11,8 +11,9 @@ inverse of the import, ``torch_names.torch_key`` / ``to_torch_layout``), checked
   eta = ``config.midms.loop_eta``), as after a training forward. ``layout="minimal"`` leaves out every
   ``diffusion_sampler.*`` key; the official ``inference.py`` (``strict=False``) loads either.
 * ``ldm_state_dict``: ``LatentDiffusion.state_dict()`` of a Lightning ``.ckpt`` (same keys without
-  ``diff_model.``; ``scale_factor`` only when the config's first stage has one other than 1, as
-  ``scale_by_std`` models store it).
+  ``diff_model.``; ``scale_factor`` as ``scale_by_std`` models store it: the variables' optional
+  ``scale_factor`` entry, which the importers return with ``keep_ema=True`` when the file has one,
+  else the config's first-stage ``scale_factor`` when it is not 1).
 * ``first_stage_state_dict``: a standalone first-stage checkpoint (``encoder.*``, ``decoder.*``, ...).
 
 EMA: LDM's ``LitEma`` stores ``model_ema.decay`` (float32), ``model_ema.num_updates`` (int32) and one
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import pathlib
+import stat
 import uuid
 import warnings
 from typing import Any, Callable, Mapping
@@ -57,7 +59,8 @@ DEFAULT_EMA_DECAY = 0.9999
 DEFAULT_EMA_NUM_UPDATES = 0
 MIDMS_LDM_PREFIX = "diff_model."
 SAMPLER_PREFIX = "diffusion_sampler."
-_VARIABLE_ENTRIES = ("unet", "first_stage", "correspondence", "unet_ema", "ema_counters")
+_VARIABLE_ENTRIES = ("unet", "first_stage", "correspondence", "unet_ema", "ema_counters",
+                     "scale_factor")
 
 StateDict = dict[str, np.ndarray]
 
@@ -146,8 +149,8 @@ def _ldm_entries(variables: Mapping[str, Any], config, prefix: str) -> StateDict
   ema = _part_state_dict(variables["unet_ema"], abstract_unet, "unet_ema") if "unet_ema" in variables else unet
   counters = dict(variables.get("ema_counters", {}))
   state = {prefix + name: buffer for name, buffer in diffusion_schedule(config).buffers().items()}
-  scale_factor = model_cfg.first_stage.get("scale_factor", 1.0)
-  if scale_factor != 1.0:
+  scale_factor = variables.get("scale_factor", model_cfg.first_stage.get("scale_factor", 1.0))
+  if "scale_factor" in variables or scale_factor != 1.0:
     state[prefix + "scale_factor"] = np.asarray(scale_factor, np.float32)
   state.update({prefix + UNET_PREFIX + key: value for key, value in unet.items()})
   state[prefix + EMA_PREFIX + "decay"] = np.asarray(counters.get("decay", DEFAULT_EMA_DECAY), np.float32)
@@ -201,17 +204,22 @@ def first_stage_state_dict(variables: Mapping[str, Any], config) -> StateDict:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathlib.Path:
-  """Runs ``write(temporary path)`` in ``path``'s directory, then renames the result to ``path``."""
+  """Runs ``write(temporary path)`` in ``path``'s directory, then renames the result to ``path``.
+
+  Every file gets the mode of a plain new file (0666 less the umask, e.g. 0644), whatever ``write``
+  did (safetensors writes 0600)."""
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "xb"):
       pass
+    mode = stat.S_IMODE(tmp.stat().st_mode)
   except OSError as e:
     raise CheckpointError(f"{path}: cannot write the export there: {e.strerror or e}") from None
   try:
     write(str(tmp))
+    os.chmod(tmp, mode)
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -277,9 +285,11 @@ def tensor_sha256(array: np.ndarray) -> str:
 
 
 def write_manifest(path: str | os.PathLike, config, step: int,
-                   files: Mapping[str, Mapping[str, np.ndarray]]) -> pathlib.Path:
+                   files: Mapping[str, Mapping[str, np.ndarray]],
+                   extra: Mapping[str, Any] | None = None) -> pathlib.Path:
   """``export.json``: the config, the training step, and per written file the shape, dtype and
-  ``tensor_sha256`` of each of its tensors (``files``: file name -> its state dict)."""
+  ``tensor_sha256`` of each of its tensors (``files``: file name -> its state dict); ``extra``:
+  further top-level entries (JSON-serialisable)."""
   digests: dict[int, str] = {}  # by array identity: files and diffusion_sampler.model.* share arrays
   listed = {}
   for name, state_dict in files.items():
@@ -290,6 +300,7 @@ def write_manifest(path: str | os.PathLike, config, step: int,
         digests[id(value)] = tensor_sha256(array)
       tensors[key] = {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": digests[id(value)]}
     listed[name] = {"tensors": tensors}
-  manifest = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "files": listed}
+  manifest = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "files": listed,
+              **(extra or {})}
   text = json.dumps(manifest, indent=1) + "\n"
   return _atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))

@@ -12,6 +12,14 @@ Supported files (see README "Loading PyTorch checkpoints"):
 Unlike the official loader (``strict=False``), every expected key must be present with the expected
 shape, and every key that is neither consumed nor documented as ignorable is an error. Errors are
 ``CheckpointError`` with a one-line message that names the file.
+
+Schedule: the LDM and MIDMs loaders take the model config or the whole config. Given the whole
+config, the file's ``register_schedule`` buffers (``betas``, ``alphas_cumprod``, ...) must equal
+those ``config.diffusion`` gives (``diffusion.schedule``, relative tolerance 1e-6), and with
+``config.midms.apply_scale_factor`` the file's ``scale_factor`` must equal
+``config.model.first_stage.scale_factor``; a difference is a ``CheckpointError`` naming the buffer,
+both values and the config setting that matches the file. ``keep_ema=True`` also returns the file's
+``scale_factor`` (``variables["scale_factor"]``, a float32 scalar) for a bit-exact re-export.
 """
 
 import pathlib
@@ -19,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from midms_jax.diffusion.schedule import DiffusionSchedule
 from midms_jax.errors import CheckpointError, first_line
 from midms_jax.interop import ldm_ema
 from midms_jax.interop.torch_names import reject_unexpected, variables_from_state_dict
@@ -34,9 +43,15 @@ UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 EMA_COUNTERS = {"decay": np.float32, "num_updates": np.int32}  # LitEma buffers beside the shadows
-# What an LDM state dict may hold beside the U-Net and first stage (``scale_factor`` only for scale_by_std
-# models; the official MIDMs code ignores it, see config midms.apply_scale_factor).
-LDM_IGNORABLE = SCHEDULE_BUFFERS + (EMA_PREFIX, "scale_factor")
+SCALE_FACTOR = "scale_factor"
+# What an LDM state dict may hold beside the U-Net and first stage: the schedule buffers (checked
+# against config.diffusion when the whole config is given), ``scale_factor`` (only scale_by_std
+# models store it; the official MIDMs code ignores it, see config midms.apply_scale_factor) and the
+# EMA shadows.
+LDM_IGNORABLE = SCHEDULE_BUFFERS + (EMA_PREFIX, SCALE_FACTOR)
+SCHEDULE_RTOL = 1e-6
+# Schedules a file's betas are fitted with (both are set by linear_start / linear_end alone).
+_FITTED_SCHEDULES = ("linear", "sqrt_linear")
 # Official MIDMs state dict: ``diffusion_sampler.*`` duplicates ``diff_model.*`` (plus DDIM buffers);
 # ``copied_*`` exist after ``set_copy()`` and are never used.
 MIDMS_IGNORABLE = ("diffusion_sampler.", "copied_diff_model.", "copied_diffusion_sampler.")
@@ -107,13 +122,98 @@ def _ema_counters(state: Mapping[str, np.ndarray], prefix: str, source: str) -> 
   return {name: np.asarray(state[prefix + name], dtype) for name, dtype in EMA_COUNTERS.items()}
 
 
-def _ldm_variables(state: Mapping[str, np.ndarray], model_cfg, *, prefix: str, use_ema: bool, keep_ema: bool,
-                   source: str):
+def _split_config(config) -> tuple[Any, Any]:
+  """``(model config, whole config or None)`` of what a loader was given."""
+  if "model" in config and "diffusion" in config:
+    return config["model"], config
+  return config, None
+
+
+def _short(value: float) -> str:
+  """The shortest decimal that reads back as the same float32 (``0.0155``, not
+  ``0.015500000305``)."""
+  return np.format_float_positional(np.float32(value), trim="-")
+
+
+def fit_schedule(betas: np.ndarray) -> dict[str, Any] | None:
+  """The ``config.diffusion`` fields (beta_schedule, timesteps, linear_start, linear_end) that
+  reproduce a file's float32 ``betas`` within ``SCHEDULE_RTOL``; None when no LDM ``linear`` or
+  ``sqrt_linear`` schedule does."""
+  betas = np.asarray(betas, np.float64)
+  if betas.ndim != 1 or betas.size < 2:
+    return None
+  for name in _FITTED_SCHEDULES:
+    start, end = float(_short(betas[0])), float(_short(betas[-1]))
+    made = DiffusionSchedule.make(name, betas.size, start, end).betas
+    if np.allclose(made, betas, rtol=SCHEDULE_RTOL, atol=0.0):
+      return dict(beta_schedule=name, timesteps=int(betas.size), linear_start=start,
+                  linear_end=end)
+  return None
+
+
+def _schedule_fix(betas: np.ndarray | None, diffusion_cfg) -> str:
+  """What to set so that ``config.diffusion`` gives the file's schedule."""
+  fitted = None if betas is None else fit_schedule(betas)
+  if fitted is None:
+    return ("the file's betas are no LDM linear / sqrt_linear schedule: is the file for this "
+            "config?")
+  changes = [f"--config.diffusion.{key}={_short(value) if isinstance(value, float) else value}"
+             for key, value in fitted.items() if value != diffusion_cfg.get(key)]
+  return "set " + " ".join(changes) + " (the file's schedule)"
+
+
+def check_schedule(state: Mapping[str, np.ndarray], config, *, prefix: str = "",
+                   source: str = "state dict") -> None:
+  """Raises ``CheckpointError`` when a schedule buffer (``prefix + 'betas'``, ...) of ``state``
+  differs from what ``config.diffusion`` gives, or ``config.midms.apply_scale_factor`` is on and the
+  file's ``scale_factor`` differs from ``config.model.first_stage.scale_factor``. Buffers the file
+  lacks are not checked."""
+  d = config.diffusion
+  expected = DiffusionSchedule.make(d.beta_schedule, d.timesteps, d.linear_start,
+                                    d.linear_end).buffers()
+  betas = state.get(prefix + "betas")
+  setting = (f"beta_schedule {d.beta_schedule}, timesteps {d.timesteps}, "
+             f"linear_start {d.linear_start}, linear_end {d.linear_end}")
+  for name in SCHEDULE_BUFFERS:
+    have = state.get(prefix + name)
+    if have is None:
+      continue
+    want, key = expected[name], prefix + name
+    if np.shape(have) != want.shape:
+      raise CheckpointError(
+          f"{source}: schedule buffer {key} has shape {tuple(np.shape(have))}, config.diffusion "
+          f"({setting}) gives {want.shape}: {_schedule_fix(betas, d)}")
+    have = np.asarray(have, np.float32)
+    bad = ~np.isclose(have, want, rtol=SCHEDULE_RTOL, atol=0.0)
+    if bad.any():
+      i = int(np.argmax(np.abs(have.astype(np.float64) - want) * bad))
+      raise CheckpointError(
+          f"{source}: schedule buffer {key} differs from config.diffusion ({setting} gives "
+          f"{name}[{i}]={want[i]:.6g}; the file has {have[i]:.6g}): {_schedule_fix(betas, d)}")
+  midms_cfg = config.get("midms")
+  scale = state.get(prefix + SCALE_FACTOR)
+  if scale is not None and midms_cfg is not None and midms_cfg.get("apply_scale_factor", False):
+    want = float(config.model.first_stage.get("scale_factor", 1.0))
+    if not np.isclose(float(scale), want, rtol=SCHEDULE_RTOL, atol=0.0):
+      have = _short(float(scale))
+      raise CheckpointError(
+          f"{source}: {prefix}{SCALE_FACTOR} is {have} but config.model.first_stage.scale_factor "
+          f"is {want} (config.midms.apply_scale_factor is on): set "
+          f"--config.model.first_stage.scale_factor={have}")
+
+
+def _ldm_variables(state: Mapping[str, np.ndarray], config, *, prefix: str, use_ema: bool,
+                   keep_ema: bool, source: str):
   """U-Net and first-stage variables from an LDM state dict whose keys start with ``prefix``.
 
-  ``keep_ema`` adds ``unet_ema`` (U-Net variables from the ``model_ema.*`` shadows) and
-  ``ema_counters`` (``decay`` float32, ``num_updates`` int32), so that an export can write them back.
+  ``keep_ema`` adds ``unet_ema`` (U-Net variables from the ``model_ema.*`` shadows),
+  ``ema_counters`` (``decay`` float32, ``num_updates`` int32) and the file's ``scale_factor``
+  (float32 scalar, if it has one), so that an export can write them back. ``config``: the model
+  config, or the whole config (then ``check_schedule`` runs first).
   """
+  model_cfg, whole = _split_config(config)
+  if whole is not None:
+    check_schedule(state, whole, prefix=prefix, source=source)
   abstract = dict(unet=build.abstract_unet(model_cfg["unet"]),
                   first_stage=build.abstract_first_stage(model_cfg["first_stage"]))
   ema_state = None
@@ -129,6 +229,8 @@ def _ldm_variables(state: Mapping[str, np.ndarray], model_cfg, *, prefix: str, u
     variables["unet_ema"], _ = variables_from_state_dict(ema_state, abstract["unet"], prefix=prefix + UNET_PREFIX,
                                                          source=source)
     variables["ema_counters"] = _ema_counters(state, prefix + EMA_PREFIX, source)
+    if prefix + SCALE_FACTOR in state:
+      variables[SCALE_FACTOR] = np.asarray(state[prefix + SCALE_FACTOR], np.float32)
   return variables, used_unet | used_first
 
 
@@ -136,7 +238,9 @@ def ldm_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, *, use_ema: 
                         keep_ema: bool = False, source: str = "state dict") -> dict[str, Any]:
   """``{'unet', 'first_stage'}`` variables from an LDM state dict (keys as in a Lightning ``.ckpt``).
 
-  ``keep_ema=True`` also returns ``unet_ema`` and ``ema_counters`` (see ``_ldm_variables``).
+  ``model_cfg``: ``config.model``, or the whole config (then the schedule buffers are checked
+  against ``config.diffusion``). ``keep_ema=True`` also returns ``unet_ema``, ``ema_counters`` and
+  ``scale_factor`` (see ``_ldm_variables``).
   """
   _require_prefix(state, UNET_PREFIX, source, "an LDM checkpoint")
   variables, used = _ldm_variables(state, model_cfg, prefix="", use_ema=use_ema, keep_ema=keep_ema, source=source)
@@ -147,9 +251,11 @@ def ldm_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, *, use_ema: 
 def load_ldm_checkpoint(path, model_cfg, *, use_ema: bool = False, keep_ema: bool = False) -> dict[str, Any]:
   """``{'unet': variables, 'first_stage': variables}`` from an LDM Lightning ``.ckpt``.
 
-  ``use_ema=True`` takes the U-Net from the ``model_ema.*`` shadows (LDM's own sampling scripts do;
-  the official MIDMs code does not). ``keep_ema=True`` adds the shadows as ``unet_ema`` (U-Net
-  variables) and their ``ema_counters``, for a bit-exact re-export (``torch_export``).
+  ``model_cfg``: ``config.model``, or the whole config, which also checks the file's schedule
+  buffers against ``config.diffusion`` (``check_schedule``). ``use_ema=True`` takes the U-Net from
+  the ``model_ema.*`` shadows (LDM's own sampling scripts do; the official MIDMs code does not).
+  ``keep_ema=True`` adds the shadows as ``unet_ema`` (U-Net variables), their ``ema_counters`` and
+  the file's ``scale_factor`` if it has one, for a bit-exact re-export (``torch_export``).
   """
   return ldm_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, use_ema=use_ema,
                              keep_ema=keep_ema, source=str(path))
@@ -173,11 +279,14 @@ def midms_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, source: st
                           keep_ema: bool = False) -> dict[str, Any]:
   """``{'unet', 'first_stage', 'correspondence'}`` variables from an official MIDMs state dict.
 
-  ``keep_ema=True`` also returns ``unet_ema`` and ``ema_counters`` (see ``_ldm_variables``).
+  ``model_cfg``: ``config.model``, or the whole config (then the ``diff_model.`` schedule buffers
+  are checked against ``config.diffusion``). ``keep_ema=True`` also returns ``unet_ema``,
+  ``ema_counters`` and ``scale_factor`` (see ``_ldm_variables``).
   """
   _require_prefix(state, "diff_model." + UNET_PREFIX, source, "an official MIDMs checkpoint")
   variables, used = _ldm_variables(state, model_cfg, prefix="diff_model.", use_ema=False, keep_ema=keep_ema,
                                    source=source)
+  model_cfg, _ = _split_config(model_cfg)
   abstract = build.abstract_correspondence(model_cfg["correspondence"], build.latent_size(model_cfg["first_stage"]))
   variables["correspondence"], used_corr = variables_from_state_dict(state, abstract, source=source)
   ignorable = tuple("diff_model." + p for p in LDM_IGNORABLE) + MIDMS_IGNORABLE
@@ -189,8 +298,10 @@ def load_midms_checkpoint(path, model_cfg, *, keep_ema: bool = False) -> dict[st
   """``{'unet', 'first_stage', 'correspondence'}`` variables from an official MIDMs ``.pth``.
 
   The U-Net is the fine-tuned raw one in ``diff_model.model.diffusion_model.*`` (MIDMs never updates
-  the EMA shadows it carries along). ``keep_ema=True`` adds those shadows as ``unet_ema`` (U-Net
-  variables) and their ``ema_counters``, for a bit-exact re-export (``torch_export``).
+  the EMA shadows it carries along). ``model_cfg``: ``config.model``, or the whole config, which
+  also checks the schedule buffers against ``config.diffusion``. ``keep_ema=True`` adds those
+  shadows as ``unet_ema`` (U-Net variables), their ``ema_counters`` and the file's
+  ``scale_factor`` if it has one, for a bit-exact re-export (``torch_export``).
   """
   return midms_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, source=str(path),
                                keep_ema=keep_ema)

@@ -84,6 +84,39 @@ def test_official_ldm_checkpoint_round_trips_bitwise(ldm_checkpoint_path, tmp_pa
   _assert_bitwise({k: v.numpy() for k, v in saved["state_dict"].items()}, original)
 
 
+def test_scale_factor_round_trips_bitwise(ldm_checkpoint_path, midms_checkpoint_path, tmp_path):
+  """A scale_by_std file's scale_factor (e.g. 0.2289) comes back bitwise through import -> export
+  -> import, for an LDM .ckpt and a MIDMs .pth (it is in diff_model. and the sampler's model)."""
+  scale = torch.tensor(0.2289)
+  ldm = torch.load(ldm_checkpoint_path, map_location="cpu", weights_only=True)
+  ldm["state_dict"]["scale_factor"] = scale
+  midms = torch.load(midms_checkpoint_path, map_location="cpu", weights_only=True)
+  midms["state_dict"].update({"diff_model.scale_factor": scale,
+                              SAMPLER + "model.scale_factor": scale})
+  for name, ckpt, load, export in [
+      ("ldm.ckpt", ldm, torch_import.load_ldm_checkpoint, torch_export.ldm_state_dict),
+      ("midms.pth", midms, torch_import.load_midms_checkpoint, torch_export.midms_state_dict)]:
+    torch.save(ckpt, tmp_path / name)
+    variables = load(tmp_path / name, CONFIG, keep_ema=True)  # the whole config: schedule checked
+    state = export(variables, CONFIG)
+    _assert_bitwise(state, ckpt["state_dict"])
+    saved = torch_export.save_ldm_ckpt(tmp_path / f"exported_{name}", state)
+    again = load(saved, CONFIG, keep_ema=True)["scale_factor"]
+    assert again.dtype == np.float32 and again.tobytes() == scale.numpy().tobytes()
+
+
+def test_export_writes_the_configs_schedule(ldm_checkpoint_path):
+  """The schedule buffers written are those of config.diffusion (here the churches' linear_end)."""
+  churches = celebahq.get_config("tiny")
+  churches.diffusion.linear_end = 0.0155
+  variables = torch_import.load_ldm_checkpoint(ldm_checkpoint_path, CONFIG)
+  state = torch_export.ldm_state_dict(variables, churches)
+  assert state["betas"][-1] == np.float32(0.0155)
+  torch_import.ldm_from_state_dict(state, churches)  # its own schedule passes the import's check
+  with pytest.raises(CheckpointError, match="set --config.diffusion.linear_end=0.0155"):
+    torch_import.ldm_from_state_dict(state, CONFIG)
+
+
 def test_official_first_stage_checkpoint_round_trips_bitwise(vq_checkpoint_path, tmp_path):
   original = _torch_state(vq_checkpoint_path)
   first_stage = torch_import.load_first_stage_checkpoint(vq_checkpoint_path, CONFIG.model.first_stage)

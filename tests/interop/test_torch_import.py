@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import celebahq, deepfashion
+from midms_jax.diffusion.schedule import DiffusionSchedule
 from midms_jax.errors import CheckpointError
 from midms_jax.interop import torch_import
 from midms_jax.models import build
@@ -174,3 +175,78 @@ def test_loaded_variables_run_under_jit(ldm_checkpoint_path):
   x = jax.numpy.zeros((1, 8, 8, 3))
   eps = jax.jit(unet.apply)(variables["unet"], x, jax.numpy.array([10]))
   assert eps.shape == (1, 8, 8, 3) and bool(jax.numpy.all(jax.numpy.isfinite(eps)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule buffers and scale_factor, checked against the whole config
+# ------------------------------------------------------------------------------------------------
+
+def test_schedule_buffers_that_match_the_config_load(ldm_checkpoint_path, midms_checkpoint_path):
+  config = celebahq.get_config("tiny")
+  torch_import.load_ldm_checkpoint(ldm_checkpoint_path, config)
+  variables = torch_import.load_midms_checkpoint(midms_checkpoint_path, config)
+  assert sorted(variables) == ["correspondence", "first_stage", "unet"]
+
+
+def test_schedule_of_another_config_is_named(ldm_checkpoint_path, midms_checkpoint_path):
+  config = celebahq.get_config("tiny")
+  config.diffusion.linear_end = 0.0155  # e.g. the LSUN-churches schedule
+  with pytest.raises(CheckpointError) as excinfo:
+    torch_import.load_ldm_checkpoint(ldm_checkpoint_path, config)
+  _assert_one_line_error(excinfo, ldm_checkpoint_path, "schedule buffer betas differs",
+                         "linear_end 0.0155 gives betas[999]=0.0155; the file has 0.0195",
+                         "set --config.diffusion.linear_end=0.0195")
+  with pytest.raises(CheckpointError) as excinfo:
+    torch_import.load_midms_checkpoint(midms_checkpoint_path, config)
+  _assert_one_line_error(excinfo, midms_checkpoint_path, "diff_model.betas differs")
+  torch_import.load_midms_checkpoint(midms_checkpoint_path, config.model)  # model config: unchecked
+  config.diffusion.update(dict(linear_end=0.0195, timesteps=500))
+  with pytest.raises(CheckpointError) as excinfo:
+    torch_import.load_ldm_checkpoint(ldm_checkpoint_path, config)
+  _assert_one_line_error(excinfo, ldm_checkpoint_path, "has shape (1000,)", "gives (500,)",
+                         "set --config.diffusion.timesteps=1000")
+
+
+def test_a_derived_buffer_is_checked_too(tmp_path, ldm_checkpoint_path):
+  ckpt = torch.load(ldm_checkpoint_path, weights_only=True)
+  ckpt["state_dict"]["posterior_mean_coef2"][10] *= 1.001
+  path = _save(tmp_path, "edited.ckpt", ckpt)
+  with pytest.raises(CheckpointError) as excinfo:
+    torch_import.load_ldm_checkpoint(path, celebahq.get_config("tiny"))
+  _assert_one_line_error(excinfo, path, "posterior_mean_coef2 differs", "posterior_mean_coef2[10]")
+
+
+def test_betas_of_no_ldm_schedule_are_reported(tmp_path, ldm_checkpoint_path):
+  ckpt = torch.load(ldm_checkpoint_path, weights_only=True)
+  cosine = DiffusionSchedule.make("cosine", 1000).betas
+  ckpt["state_dict"]["betas"] = torch.from_numpy(cosine.copy())
+  path = _save(tmp_path, "cosine.ckpt", ckpt)
+  with pytest.raises(CheckpointError) as excinfo:
+    torch_import.load_ldm_checkpoint(path, celebahq.get_config("tiny"))
+  _assert_one_line_error(excinfo, path, "betas differs", "no LDM linear / sqrt_linear schedule")
+
+
+def test_fit_schedule_recovers_the_config_values():
+  churches = DiffusionSchedule.make("linear", 1000, 0.0015, 0.0155).betas
+  assert torch_import.fit_schedule(churches) == dict(beta_schedule="linear", timesteps=1000,
+                                                     linear_start=0.0015, linear_end=0.0155)
+  ramp = DiffusionSchedule.make("sqrt_linear", 200, 1e-4, 0.02).betas
+  assert torch_import.fit_schedule(ramp)["beta_schedule"] == "sqrt_linear"
+  assert torch_import.fit_schedule(DiffusionSchedule.make("cosine", 1000).betas) is None
+
+
+def test_scale_factor_is_kept_and_checked_when_applied(tmp_path, ldm_checkpoint_path):
+  ckpt = torch.load(ldm_checkpoint_path, weights_only=True)
+  ckpt["state_dict"]["scale_factor"] = torch.tensor(0.2289)
+  path = _save(tmp_path, "scaled.ckpt", ckpt)
+  config = celebahq.get_config("tiny")
+  assert "scale_factor" not in torch_import.load_ldm_checkpoint(path, config)
+  kept = torch_import.load_ldm_checkpoint(path, config, keep_ema=True)["scale_factor"]
+  assert kept.dtype == np.float32 and kept.shape == () and kept == np.float32(0.2289)
+  config.midms.apply_scale_factor = True
+  with pytest.raises(CheckpointError) as excinfo:
+    torch_import.load_ldm_checkpoint(path, config)
+  _assert_one_line_error(excinfo, path, "scale_factor is 0.2289",
+                         "set --config.model.first_stage.scale_factor=0.2289")
+  config.model.first_stage.scale_factor = 0.2289
+  torch_import.load_ldm_checkpoint(path, config)
