@@ -128,17 +128,20 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(exported, tmp_path, 
 
 
 def _damaged_copy(run, root):
-  """A copy of the run's config, first stage and step-6 checkpoint, its largest data file
-  overwritten."""
+  """A copy of the run's config, first stage and step-6 checkpoint, every array data file
+  overwritten (the metadata stays readable: the restore fails in its array reads, whichever file
+  holds the model's arrays)."""
   import shutil  # pylint: disable=import-outside-toplevel
   copy = root / "damaged"
   copy.mkdir()
   shutil.copy(run / "config.json", copy / "config.json")
   shutil.copytree(run / "first_stage", copy / "first_stage")
   shutil.copytree(run / "checkpoints" / "6", copy / "checkpoints" / "6")
-  files = [p for p in (copy / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
-  largest = max(files, key=lambda p: p.stat().st_size)
-  largest.write_bytes(b"\0garbage" * 100)
+  state = copy / "checkpoints" / "6" / "state"
+  data = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data, sorted(str(p.relative_to(state)) for p in state.rglob("*"))
+  for path in data:
+    path.write_bytes(b"\0garbage" * 100)
   return copy
 
 
