@@ -232,6 +232,14 @@ def split_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str
   return rest, overrides
 
 
+def deferred_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str], list[str]]:
+  """``split_overrides(argv)`` when ``argv`` does not set ``--name`` itself (the overrides then apply
+  to a config the tool finds elsewhere), else ``(argv, [])``."""
+  if gives_flag(argv, name):
+    return list(argv), []
+  return split_overrides(argv, name)
+
+
 def apply_overrides(config: ConfigDict, overrides: Sequence[str],
                     name: str = "config") -> ConfigDict:
   """A copy of ``config`` with ``--name.<field>=<value>`` ``overrides`` applied as ml_collections

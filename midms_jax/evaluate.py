@@ -612,11 +612,7 @@ def run(argv: Sequence[str]) -> int:
   """In-process entry point (tests, notebooks) and the command's: ``argv`` with the program name
   first; returns the exit status. Without --config, the --config.<field> overrides apply to the
   --workdir's config.json."""
-  argv = list(argv)
-  overrides: list[str] = []
-  if not cli.gives_flag(argv, "config"):
-    argv, overrides = cli.split_overrides(argv)
-  _DEFERRED_OVERRIDES[:] = overrides
+  argv, _DEFERRED_OVERRIDES[:] = cli.deferred_overrides(argv)
   return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
 
 
