@@ -79,31 +79,9 @@ STRICT_NOTE = {
 }
 
 
-def _normal(value):
-  if isinstance(value, Mapping):
-    return {key: _normal(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_normal(item) for item in value)
-  return value
-
-
-def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
-def _as_dict(section) -> dict[str, Any]:
-  return _normal(section.to_dict() if hasattr(section, "to_dict") else dict(section))
-
-
 def field_differences(run: Mapping[str, Any], official: Mapping[str, Any], where: str) -> list[str]:
   """``'<where>.<field>: <run value> (official <value>)'`` for every field that differs."""
-  mine, theirs = _flat(_as_dict(run), where + "."), _flat(_as_dict(official), where + ".")
+  mine, theirs = workdir_lib.flat_fields(run, where + "."), workdir_lib.flat_fields(official, where + ".")
   missing = "<absent>"
   return [f"{key}: {mine.get(key, missing)!r} (official {theirs.get(key, missing)!r})"
           for key in sorted(mine.keys() | theirs.keys())

@@ -102,9 +102,14 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+def flat_fields(section: Any, prefix: str = "") -> dict[str, Any]:
+  """``{'<prefix><dotted field>': value}`` of a config (section), lists as tuples."""
+  return _flat(_tuples(section.to_dict() if hasattr(section, "to_dict") else dict(section)), prefix)
+
+
 def _normalised(config: ConfigDict) -> dict[str, Any]:
   """``config`` as ``read_config`` gives it back from ``config.json`` (JSON values, tuples, later fields)."""
-  return _flat(_with_later_fields(ConfigDict(_tuples(json.loads(config.to_json_best_effort())))).to_dict())
+  return flat_fields(_with_later_fields(ConfigDict(_tuples(json.loads(config.to_json_best_effort())))))
 
 
 def _moved_with_workdir(old: Any, new: Any, run_workdir: str | None) -> bool:
