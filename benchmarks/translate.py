@@ -36,7 +36,7 @@ def main(argv):
   del argv
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
-  model = MIDMs.from_config(config)
+  model = MIDMs.from_config(config, inference=True)
   variables, _ = jax.device_put(random_inputs.random_variables(config))
   res, channels = config.model.first_stage.resolution, config.model.correspondence.label_channels
   batch = _BATCH.value
@@ -45,7 +45,7 @@ def main(argv):
   translate = jax.jit(lambda v, c, e, ec, key: model.translate(v, c, e, ec, key, refine=not _NO_REFINE.value)["image"])
 
   call_flops = flops.count_flops(translate, variables, condition, exemplar, condition, jax.random.PRNGKey(3),
-                                 cond_fraction=len(config.midms.rewarp_steps) / config.midms.interleave_steps)
+                                 cond_fraction=len(model.settings.rewarp_steps) / len(model.loop.t))
   start = time.perf_counter()
   lowered = translate.lower(variables, condition, exemplar, condition, jax.random.PRNGKey(3))
   compiled = lowered.compile()

@@ -78,6 +78,10 @@ def midms() -> ml_collections.ConfigDict:
                                    # "none": the loop starts at sqrt(a_t) * x0, no draw (deterministic)
       loop_eta=0.0,                # DDIM eta of the loop (its x_prev is never used, only x0 and dir)
       rewarp_steps=(1, 2),         # loop indices that re-warp before the U-Net call
+      # The loop of translate, evaluate and the held-out scoring: the official inference always runs 16 DDIM
+      # steps / 4 loop steps from hijack step 12 (re-warps at 1, 2), whatever the four fields above trained.
+      inference=ml_collections.ConfigDict(dict(
+          ddim_steps=16, interleave_steps=4, loop_start_step=12, rewarp_steps=(1, 2))),
       temperature=0.005,           # softmax temperature of soft warps and flows
       fb_threshold=0.5,            # cycle-consistency threshold (normalised [-1, 1] units)
       fbcheck_true_backward=False,  # official: samples the forward flow twice (paper: backward flow)

@@ -74,9 +74,10 @@ def get_config(variant: str = ""):
   # the cycle is consistent within 2 latent pixels (fb_threshold 0.25, normalised units), and the re-warp gets a
   # perceptual term of its own (loss.rewarp) instead of learning only through the masked pixels. The official
   # eta=1 refinement re-noises to t=101, far above the loop: left out.
-  config.midms.update(dict(ddim_steps=200, loop_start_step=197, interleave_steps=3, rewarp_steps=(1,),
-                           first_step_noise="none", fbcheck_true_backward=True, fb_threshold=0.25,
-                           rewarp_support="matching"))
+  loop = dict(ddim_steps=200, loop_start_step=197, interleave_steps=3, rewarp_steps=(1,))
+  config.midms.update(dict(first_step_noise="none", fbcheck_true_backward=True, fb_threshold=0.25,
+                           rewarp_support="matching", **loop))
+  config.midms.inference.update(loop)  # translations run the loop the model was trained in
   # LDM pre-training on the timesteps the loop visits (t < 200; one-step x0 from held-out latents at t=21:
   # 28.0 -> 29.0 dB against all 1000 timesteps in the same 1200 steps).
   config.ldm.update(dict(num_steps=1200, batch_size=16, lr=6e-4, ema_decay=0.999, max_timestep=200, preview_t=100,

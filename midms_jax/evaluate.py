@@ -251,7 +251,7 @@ def translate_function(config: ConfigDict, refine: bool) -> Callable:
   model_config = {k: v for k, v in config.to_dict().items() if k not in NOT_MODEL_SECTIONS}
   cache_key = (json.dumps(model_config, sort_keys=True, default=str), refine)
   if cache_key not in _TRANSLATE_FUNCTIONS:
-    model = MIDMs.from_config(config)
+    model = MIDMs.from_config(config, inference=True)
 
     def one(variables, condition, exemplar, exemplar_condition, key):
       out = model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key,

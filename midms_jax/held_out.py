@@ -5,7 +5,8 @@ run ends if ``config.evaluate.results_pairs`` > 0. The first ``results_pairs`` r
 ``config.evaluate.split`` (each with its exemplar) are scored against their ground truth with PSNR and LPIPS
 (``metrics.translation_quality``): the model's translation, the exemplar copied as it is and the single-shot
 warp of the same model (initial matching only, no diffusion), and the model with each inference-time
-ablation of ``ABLATIONS`` (the same weights, one ``config.midms`` switch changed). Pair ``i`` draws its noise
+ablation of ``ABLATIONS`` (the same weights, one ``config.midms`` switch changed), all with the inference loop
+(``config.midms.inference``). Pair ``i`` draws its noise
 from ``fold_in(PRNGKey(config.evaluate.seed), i)``: the file depends only on the weights and the config.
 
 ``samples.png``: one row per pair (the first ``SAMPLE_ROWS`` scored ones), columns condition | exemplar | initial
@@ -27,8 +28,9 @@ from midms_jax.models.midms import MIDMs
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.png"
 SAMPLE_ROWS = 8
-# Inference-time ablations: config.midms overrides.
-ABLATIONS = {"no_confidence_masking": dict(confidence_masking=False), "no_rewarp": dict(rewarp_steps=())}
+# Inference-time ablations: config.midms overrides (merged into its sub-sections).
+ABLATIONS = {"no_confidence_masking": dict(confidence_masking=False),
+             "no_rewarp": dict(inference=dict(rewarp_steps=()))}
 
 
 def held_out_batches(config, pairs: int) -> list[dict[str, np.ndarray]]:
@@ -51,10 +53,10 @@ def held_out_batches(config, pairs: int) -> list[dict[str, np.ndarray]]:
 
 
 def variant(config, **midms_overrides) -> MIDMs:
-  """The model of ``config`` with ``config.midms`` fields replaced (inference-time switches)."""
+  """The inference model of ``config`` with ``config.midms`` fields replaced (inference-time switches)."""
   config = config.copy_and_resolve_references()
   config.midms.update(midms_overrides)
-  return MIDMs.from_config(config)
+  return MIDMs.from_config(config, inference=True)
 
 
 def _rounded(scores: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def results(config, variables: Mapping[str, Any], step: int) -> tuple[dict[str, 
     score = lambda model, keep=0: translation_quality.evaluate(
         model, variables, lpips_variables, batches, seed=config.evaluate.seed, refine=config.evaluate.refine,
         keep_images=keep, on_batch=lambda: bar.update(1))
-    full = score(MIDMs.from_config(config), keep=SAMPLE_ROWS)
+    full = score(variant(config), keep=SAMPLE_ROWS)
     ablations = {name: score(variant(config, **overrides))["midms"] for name, overrides in ABLATIONS.items()}
   scores = _rounded(dict(split=config.evaluate.split, pairs=full["pairs"], step=int(step), lpips="v0.1 vgg",
                          methods={m: full[m] for m in translation_quality.METHODS}, ablations=ablations))

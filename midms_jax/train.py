@@ -118,6 +118,12 @@ def check_config(config) -> None:
     _check_loop_settings(config[section], section, midms=section == "train")
   if config.train.fsdp < 1 or n_devices % config.train.fsdp:
     raise InputError(f"config.train.fsdp={config.train.fsdp} must divide the {n_devices} devices")
+  for inference in (False, True):  # the training loop, and the one translations of the run will use
+    try:
+      MIDMs.from_config(config, inference=inference)
+    except ValueError as e:
+      message = str(e)
+      raise InputError(message if message.startswith("config.") else f"config.{message}") from None
   for name in ("midms", "ldm", "first_stage"):
     path = config.checkpoints[name]
     if config.stage == "ldm+midms" and name == "ldm":

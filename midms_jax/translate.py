@@ -158,8 +158,8 @@ class Translator:
   """
 
   def __init__(self, config, refine: bool):
-    self.model = MIDMs.from_config(config)
-    rewarp = jnp.asarray(tuple(config.midms.rewarp_steps), jnp.int32)
+    self.model = MIDMs.from_config(config, inference=True)
+    rewarp = jnp.asarray(self.model.settings.rewarp_steps, jnp.int32)
 
     def one(variables, condition, exemplar, exemplar_condition, key):
       out = self.model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key,

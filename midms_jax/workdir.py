@@ -50,13 +50,20 @@ def _tuples(value: Any) -> Any:
   return value
 
 
-# Config fields newer than some workdirs, with the value that reproduces what those runs did.
+def _training_loop(config: ConfigDict) -> ConfigDict:
+  """The interleaved loop's training schedule, which runs before ``midms.inference`` existed translated with."""
+  return ConfigDict({k: config.midms[k] for k in ("ddim_steps", "interleave_steps", "loop_start_step",
+                                                  "rewarp_steps")})
+
+
+# Config fields newer than some workdirs, with the value that reproduces what those runs did (or the function
+# of the config that gives it).
 _FIELDS_ADDED_LATER = ((("stage",), "midms"), (("evaluate", "results_pairs"), 0), (("dtype",), "float32"),
                        (("remat",), "none"), (("midms", "warp_chunk"), 0),
                        (("midms", "first_step_noise"), "official"), (("ldm", "max_timestep"), 0),
                        (("midms", "rewarp_support"), "encoder"), (("loss", "rewarp"), 0.0),
                        (("ldm", "latent_cache"), ""), (("midms", "unroll_loop"), False),
-                       (("attention_chunk",), 0))
+                       (("attention_chunk",), 0), (("midms", "inference"), _training_loop))
 
 
 def _with_later_fields(config: ConfigDict) -> ConfigDict:
@@ -66,7 +73,7 @@ def _with_later_fields(config: ConfigDict) -> ConfigDict:
     for key in path[:-1]:
       section = section[key]
     if path[-1] not in section:
-      section[path[-1]] = default
+      section[path[-1]] = default(config) if callable(default) else default
   return config
 
 
@@ -93,7 +100,7 @@ RESUMABLE_FIELDS = (
     "train.keep_checkpoints", "train.profile", "train.collapse_ratio",
     "ldm.num_steps", "ldm.log_every", "ldm.image_every", "ldm.checkpoint_every", "ldm.keep_checkpoints",
     "ldm.preview_t", "ldm.latent_cache",
-    "data.data_dir", "data.worker_count", "compilation_cache", "evaluate.")
+    "data.data_dir", "data.worker_count", "compilation_cache", "evaluate.", "midms.inference.")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

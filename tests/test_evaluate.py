@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import configs
+from configs import celebahq
 from midms_jax import evaluate
 from midms_jax.data import images
 from midms_jax.metrics import inception, suite
@@ -151,3 +152,21 @@ def test_workdir_config_takes_overrides_without_config(synthetic_run, tmp_path):
   assert report["data"]["count"] == 2 and len(report["metrics"]["swd_levels"]) == 1  # the overrides
   assert report["metrics"]["style_relevance_colour"] == (
       "weights absent: config.evaluate.vgg_checkpoint is not set")
+
+
+def test_translations_run_the_inference_loop(monkeypatch):
+  """evaluate builds its model with config.midms.inference's loop, whatever training used."""
+  built, real = [], evaluate.MIDMs
+
+  class Spy:
+    @staticmethod
+    def from_config(config, inference=False):
+      built.append(inference)
+      return real.from_config(config, inference=inference)
+
+  config = celebahq.get_config("tiny")
+  config.midms.update(dict(ddim_steps=20, interleave_steps=5, loop_start_step=15))
+  monkeypatch.setattr(evaluate, "MIDMs", Spy)
+  monkeypatch.setattr(evaluate, "_TRANSLATE_FUNCTIONS", {})
+  evaluate.translate_function(config, refine=False)
+  assert built == [True]

@@ -195,6 +195,9 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
     (dict(train=dict(checkpoint_every=0)), r"config.train.checkpoint_every=0 must be >= 1"),
     (dict(ldm=dict(log_every=0)), r"config.ldm.log_every=0 must be >= 1"),
     (dict(train=dict(warmup_iter=-1)), r"config.train.warmup_iter=-1 must be >= 0"),
+    (dict(midms=dict(loop_start_step=0)), r"config.midms.loop_start_step=0 with interleave_steps=3 needs hijack"),
+    (dict(midms=dict(inference=dict(rewarp_steps=(3,)))),
+     r"config.midms.inference.rewarp_steps \[3\] outside the 3 loop steps"),
     (dict(evaluate=dict(results_pairs=10**6)), r"results_pairs=1000000, but the validation split has \d+ records"),
 ])
 def test_preflight_stops_before_writing_anything(tmp_path, overrides, message):

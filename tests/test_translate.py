@@ -96,6 +96,19 @@ def test_output_equals_midms_translate(files, single):
   assert expected.std() > 1
 
 
+def test_a_model_trained_with_another_loop_translates_with_the_inference_loop(files, single):
+  """Training at n = 5 (20 DDIM steps, 5 loop steps from 15) leaves the translation as it was: translate runs
+  config.midms.inference (the official 16 / 4 loop); changing that changes the picture."""
+  out, other = files["root"] / "single" / "trained_n5.png", files["root"] / "single" / "inference_n5.png"
+  pair = (f"--condition={files['c0']}", f"--exemplar={files['e0']}")
+  n5 = ("--config.midms.ddim_steps=20", "--config.midms.interleave_steps=5", "--config.midms.loop_start_step=15")
+  assert _run(*pair, f"--output={out}", *n5) == 0
+  assert out.read_bytes() == single.read_bytes()
+  inference_n5 = [f.replace("midms.", "midms.inference.") for f in n5]
+  assert _run(*pair, f"--output={other}", *inference_n5) == 0
+  assert np.abs(_pixels(other).astype(int) - _pixels(single)).mean() > 1
+
+
 def test_folder_mode_and_resume(files, single, capsys):
   out = files["root"] / "folder"
   args = (f"--condition={files['root'] / 'conditions'}", f"--exemplar={files['root'] / 'exemplars'}",

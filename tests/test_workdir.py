@@ -84,13 +84,16 @@ def test_cloud_storage_workdirs_stay_urls(tmp_path, monkeypatch):
 
 
 def test_configs_of_older_runs_get_the_fields_added_since(tmp_path):
-  """A config.json written before stage / dtype / remat / midms.warp_chunk existed loads with the values those
-  runs used."""
-  old = synthetic.get_config()
-  del old["stage"], old["dtype"], old["remat"], old.midms["warp_chunk"]
+  """A config.json written before stage / dtype / remat / midms.warp_chunk / midms.inference existed loads with
+  the values those runs used (they translated with their training loop)."""
+  old = celebahq.get_config("tiny")
+  old.midms.update(dict(ddim_steps=20, interleave_steps=5, loop_start_step=15, rewarp_steps=(1, 3)))
+  del old["stage"], old["dtype"], old["remat"], old.midms["warp_chunk"], old.midms["inference"]
   workdir.write_config(tmp_path, old)
   back = workdir.read_config(tmp_path)
   assert (back.stage, back.dtype, back.remat, back.midms.warp_chunk) == ("midms", "float32", "none", 0)
+  assert back.midms.inference.to_dict() == dict(ddim_steps=20, interleave_steps=5, loop_start_step=15,
+                                                rewarp_steps=(1, 3))
 
 
 def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path, capsys):

@@ -150,18 +150,25 @@ class MIDMs:
   remat_loop_steps: bool = False   # recompute each interleaved step from its carry in the backward pass
 
   @classmethod
-  def from_config(cls, config) -> "MIDMs":
-    """From a full config (``model``, ``diffusion``, ``midms`` sections); validates the loop schedule."""
+  def from_config(cls, config, inference: bool = False) -> "MIDMs":
+    """From a full config (``model``, ``diffusion``, ``midms`` sections); validates the loop schedule.
+
+    The interleaved loop runs the training schedule (``config.midms``'s ``ddim_steps``, ``interleave_steps``,
+    ``loop_start_step``, ``rewarp_steps``), or with ``inference`` the one translations use
+    (``config.midms.inference``: the official 16 / 4 steps whatever training used).
+    """
     m, d = config.midms, config.diffusion
+    loop_cfg, where = (m.inference, "midms.inference") if inference else (m, "midms")
     schedule = DiffusionSchedule.make(d.beta_schedule, d.timesteps, d.linear_start, d.linear_end)
-    loop_ddim = DDIMSchedule.make(schedule, m.ddim_steps, m.loop_eta)
-    last = m.loop_start_step + m.interleave_steps - 1
-    if m.loop_start_step < 1 or last > loop_ddim.total_steps - 1:
-      raise ValueError(f"midms.loop_start_step={m.loop_start_step} with interleave_steps={m.interleave_steps} "
-                       f"needs hijack steps 1..{loop_ddim.total_steps - 1} of the {m.ddim_steps}-step DDIM schedule")
-    bad = [i for i in m.rewarp_steps if not 0 <= i < m.interleave_steps]
+    loop_ddim = DDIMSchedule.make(schedule, loop_cfg.ddim_steps, m.loop_eta)
+    start, length = loop_cfg.loop_start_step, loop_cfg.interleave_steps
+    if start < 1 or start + length - 1 > loop_ddim.total_steps - 1:
+      raise ValueError(f"{where}.loop_start_step={start} with interleave_steps={length} needs hijack steps "
+                       f"1..{loop_ddim.total_steps - 1} of the {loop_cfg.ddim_steps}-step DDIM schedule")
+    rewarp_steps = tuple(loop_cfg.rewarp_steps)
+    bad = [i for i in rewarp_steps if not 0 <= i < length]
     if bad:
-      raise ValueError(f"midms.rewarp_steps {bad} outside the {m.interleave_steps} loop steps")
+      raise ValueError(f"{where}.rewarp_steps {bad} outside the {length} loop steps")
     if m.kl_latent not in ("sample", "mode"):
       raise ValueError(f"midms.kl_latent must be 'sample' or 'mode', got {m.kl_latent!r}")
     if m.first_step_noise not in FIRST_STEP_NOISE:
@@ -170,15 +177,14 @@ class MIDMs:
       raise ValueError(f"midms.rewarp_support must be one of {REWARP_SUPPORTS}, got {m.rewarp_support!r}")
     if m.warp_chunk < 0:
       raise ValueError(f"midms.warp_chunk must be >= 0 (0: dense correlation volume), got {m.warp_chunk}")
-    ks = np.arange(m.loop_start_step, m.loop_start_step + m.interleave_steps)
-    loop = _coefficients(schedule, loop_ddim, ks, [i in tuple(m.rewarp_steps) for i in range(m.interleave_steps)],
-                         m.first_step_noise)
+    loop = _coefficients(schedule, loop_ddim, np.arange(start, start + length),
+                         [i in rewarp_steps for i in range(length)], m.first_step_noise)
     refine_ddim = DDIMSchedule.make(schedule, m.refine_steps, m.refine_eta)
     refine_ks = np.arange(m.refine_hijack_step, refine_ddim.total_steps)
     refine = _coefficients(schedule, refine_ddim, refine_ks, [False] * len(refine_ks), m.first_step_noise)
     settings = MatchingSettings(
         temperature=m.temperature, fb_threshold=m.fb_threshold, fbcheck_true_backward=m.fbcheck_true_backward,
-        confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=tuple(m.rewarp_steps),
+        confidence_masking=m.confidence_masking, mask_block=m.mask_block, rewarp_steps=rewarp_steps,
         apply_scale_factor=m.apply_scale_factor, kl_latent=m.kl_latent, warp_chunk=m.warp_chunk,
         rewarp_support=m.rewarp_support, loop_start_noise=m.first_step_noise != "none", unroll_loop=m.unroll_loop)
     if config.remat not in REMAT_POLICIES:

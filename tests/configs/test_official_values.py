@@ -83,6 +83,9 @@ MIDMS_SAMPLING = dict(ddim_steps=16, interleave_steps=4, loop_start_step=12,
                       confidence_masking=True, mask_block=2, refine_steps=200, refine_eta=1.0,
                       refine_hijack_step=180, apply_scale_factor=False, kl_latent="sample",
                       rewarp_support="encoder")
+# M:models/midms.py MIDMs.forward with mode="inference": 16 DDIM steps and t_list 12..15 whatever
+# diffusion_iteratiom_num training used; re-warps at loop indices 1 and 2.
+MIDMS_INFERENCE = dict(ddim_steps=16, interleave_steps=4, loop_start_step=12, rewarp_steps=(1, 2))
 
 OFFICIAL = {
     "celebahq": dict(diffusion=DIFFUSION_CELEBAHQ, unet=UNET_VQ_F4, first_stage=VQ_F4,
@@ -136,6 +139,7 @@ def test_official_variants_equal_the_official_files(name, variant):
                            "model.correspondence")
   problems += _differences(config.data, official["data"], "data", exact_keys=False)
   problems += _differences(config.midms, MIDMS_SAMPLING, "midms", exact_keys=False)
+  problems += _differences(config.midms.inference, MIDMS_INFERENCE, "midms.inference")
   for key, default in UNET_UNSUPPORTED_DEFAULTS.items():
     if config.model.unet.get(key, default) != default:
       problems.append(f"model.unet.{key}: {config.model.unet[key]!r}, official {default!r}")

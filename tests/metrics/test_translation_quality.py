@@ -52,6 +52,18 @@ def test_scores_per_method_and_reproducible(trained):
   assert translation_quality.evaluate(model, variables, lpips_variables, batches, refine=False, seed=1) == result
 
 
+def test_held_out_scoring_runs_the_inference_loop(trained):
+  _, _, config = trained
+  config = config.copy_and_resolve_references()
+  config.midms.update(dict(ddim_steps=20, interleave_steps=5, loop_start_step=15, rewarp_steps=(1, 2, 3)))
+  loop = held_out.variant(config).loop
+  np.testing.assert_array_equal(loop.t, MIDMs.from_config(config, inference=True).loop.t)
+  assert len(loop.t) == config.midms.inference.interleave_steps != 5
+  no_rewarp = held_out.variant(config, **held_out.ABLATIONS["no_rewarp"])
+  assert no_rewarp.settings.rewarp_steps == () and not np.asarray(no_rewarp.loop.rewarp).any()
+  np.testing.assert_array_equal(no_rewarp.loop.t, loop.t)
+
+
 def test_no_pairs_is_an_error(trained):
   model, variables, _ = trained
   with pytest.raises(ValueError, match="no pairs"):

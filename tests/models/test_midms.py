@@ -207,6 +207,34 @@ def test_bad_loop_configs_are_refused():
     MIDMs.from_config(config)
 
 
+def test_bad_inference_loops_are_refused_and_leave_training_alone():
+  config = celebahq.get_config("tiny")
+  config.midms.inference.rewarp_steps = (1, 4)
+  with pytest.raises(ValueError, match=r"midms.inference.rewarp_steps \[4\] outside the 4 loop steps"):
+    MIDMs.from_config(config, inference=True)
+  assert MIDMs.from_config(config).settings.rewarp_steps == (1, 2)
+  config.midms.inference.update(dict(rewarp_steps=(1, 2), loop_start_step=14))
+  with pytest.raises(ValueError, match="midms.inference.loop_start_step=14 with interleave_steps=4"):
+    MIDMs.from_config(config, inference=True)
+
+
+def test_inference_runs_the_official_loop_whatever_training_used():
+  """The official code trains with 4n DDIM steps and n loop steps from hijack step 3n, and translates
+  with 16 / 4 from 12 (re-warps at loop indices 1 and 2) whatever n is. At n = 5 the training loop
+  is hijack steps 15..19 of the 20-step schedule (timesteps 951 ... 1, every 50th): U-Net at t = 201,
+  151, 101, 51, 1."""
+  config = celebahq.get_config("tiny")
+  config.midms.update(dict(ddim_steps=20, interleave_steps=5, loop_start_step=15))
+  training, inference = MIDMs.from_config(config), MIDMs.from_config(config, inference=True)
+  np.testing.assert_array_equal(training.loop.t, [201, 151, 101, 51, 1])
+  np.testing.assert_array_equal(training.loop.rewarp, [False, True, True, False, False])
+  official = MIDMs.from_config(celebahq.get_config("tiny"))
+  np.testing.assert_array_equal(inference.loop.t, [249, 187, 125, 63])
+  for got, want in zip(inference.loop, official.loop):
+    np.testing.assert_array_equal(got, want)
+  assert inference.settings == official.settings
+
+
 def test_rewarp_support_matching_correlates_with_the_initial_matching_features(io, setup):
   """"matching": the re-warp's query is correlated with the normalised phi-head features the initial matching
   used (the official "encoder" support, real_enc's raw features, is checked against the fixture above)."""
