@@ -8,7 +8,7 @@ devices (a (data, fsdp) mesh, global batch ``per_device_batch x devices``) from 
 and prints per step a JSON line with the count of each collective in the optimised program. A data-parallel
 step needs only reductions (gradients, metrics) and, with ``--fsdp``, parameter all-gathers; a
 collective-permute or all-to-all moves activations between devices and is a bug (``layers.join_batches``,
-``train_step.whole_parameters``). ``--list`` prints each collective other than a reduction with its shape.
+``sharding.whole_parameters``). ``--list`` prints each collective other than a reduction with its shape.
 """
 
 import os
@@ -28,8 +28,8 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 import random_inputs  # benchmarks/random_inputs.py  # pylint: disable=wrong-import-position
 from collective_census import activation_moves, collective_census  # pylint: disable=wrong-import-position
 from progress import progress  # benchmarks/progress.py  # pylint: disable=wrong-import-position
-from midms_jax import ldm, train_step  # pylint: disable=wrong-import-position
-from midms_jax.models.midms import MIDMs  # pylint: disable=wrong-import-position
+from midms_jax import ldm, platform_tuning, sharding, train_step  # pylint: disable=wrong-import-position
+from midms_jax.midms.model import MIDMs  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py:tiny", "model and training config")
 flags.DEFINE_integer("devices", 8, "simulated CPU devices (read before JAX starts)")
@@ -56,7 +56,7 @@ def ldm_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = train_step.data_mesh(fsdp=_FSDP.value)
+  mesh = sharding.data_mesh(fsdp=_FSDP.value)
   config.train.batch_size = _PER_DEVICE.value * mesh.size
   model = MIDMs.from_config(config)
   steps = (midms_steps if _STAGE.value == "midms" else ldm_steps)(model, config, mesh)
@@ -71,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

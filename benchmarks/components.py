@@ -36,12 +36,12 @@ from ml_collections import config_flags
 
 import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
 from progress import progress  # benchmarks/progress.py
-from midms_jax import flops
+from midms_jax import flops, platform_tuning
 from midms_jax.losses import vgg as vgg_lib
 from midms_jax.losses.midms_losses import midms_losses
 from midms_jax.models import build
 from midms_jax.models.layers import join_batches
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model and training config")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per step on the device")
@@ -88,8 +88,8 @@ def make_parts(model: MIDMs, config, variables, vgg_variables, batch) -> dict[st
   matched = _random_stand_in(matching, params, batch["label"], batch["label_ref"], exemplar_latent, gt_latent, seed=2)
 
   def loop(p, matched_, ex_latent, gt):
-    out, _, _ = model.interleaved_loop(with_params(p), spectral, matched_, ex_latent, noise, gt, update_stats=True)
-    return out
+    end, _ = model.interleaved_loop(with_params(p), spectral, matched_, ex_latent, noise, gt, update_stats=True)
+    return dict(pred_ref_x0=end.ref.x0, pred_src_x0=end.src.x0, loss_fb=end.loss_fb, seg=end.seg)
 
   first_t = int(jax.device_get(model.loop.t)[0])
 
@@ -189,4 +189,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

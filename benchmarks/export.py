@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import synthetic
-from midms_jax import optim, train_step, workdir as workdir_lib
+from midms_jax import optim, platform_tuning, train_step, workdir as workdir_lib
 from midms_jax.models import build
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model config")
@@ -99,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

@@ -27,6 +27,7 @@ import time
 
 from absl import app, flags
 
+from midms_jax import platform_tuning
 from midms_jax.data import fake_layouts, pipeline, prepare, sources
 
 _DATASETS = flags.DEFINE_list("datasets", list(sources.NAMES), "data sets to measure")
@@ -106,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

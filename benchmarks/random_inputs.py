@@ -15,6 +15,7 @@ import numpy as np
 
 from midms_jax import ldm, optim, train_step
 from midms_jax.losses import vgg
+from midms_jax.models import vgg as trunks
 from midms_jax.models import build
 
 
@@ -43,7 +44,7 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
 def abstract_variables(config) -> tuple[dict, dict]:
   """(model variables, loss-network variables or {} without one) of ``config``, as shapes."""
   net = vgg.loss_network(config.loss)
-  every_layer = (("r54",),) if isinstance(net, vgg.VGG19) else ()  # all 16 convolutions, as the loaded file has
+  every_layer = (("r54",),) if isinstance(net, trunks.VGG19) else ()  # all 16 convolutions, as the loaded file has
   loss_variables = {} if net is None else jax.eval_shape(
       lambda x: net.init(jax.random.PRNGKey(0), x, *every_layer), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
   return build.abstract_variables(config.model), loss_variables

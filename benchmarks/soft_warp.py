@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from midms_jax import matching
+from midms_jax.midms import matching, platform_tuning
 
 _SIZES = flags.DEFINE_list("sizes", ["32", "64", "128"], "latent side lengths (pixels = side^2)")
 _WIDTH = flags.DEFINE_integer("width", 256, "matching feature channels")
@@ -84,4 +84,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

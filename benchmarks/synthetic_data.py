@@ -12,6 +12,7 @@ import time
 
 from absl import app, flags
 
+from midms_jax import platform_tuning
 from midms_jax.data import synthetic
 
 _SIZE = flags.DEFINE_integer("image_size", 32, "image side")
@@ -34,4 +35,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

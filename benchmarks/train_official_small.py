@@ -18,7 +18,7 @@ import tempfile
 from absl import app, flags
 
 from configs import celebahq
-from midms_jax import train
+from midms_jax import platform_tuning, train
 from midms_jax.data import fake_layouts, prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,4 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

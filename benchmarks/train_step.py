@@ -24,8 +24,8 @@ from ml_collections import config_flags
 
 import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
 from progress import progress  # benchmarks/progress.py
-from midms_jax import flops, optim, train_step
-from midms_jax.models.midms import MIDMs
+from midms_jax import flops, optim, platform_tuning, sharding, train_step
+from midms_jax.midms.model import MIDMs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model and training config")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per device (global batch = this x devices)")
@@ -48,7 +48,7 @@ def step_inputs(config, mesh, global_batch: int, abstract: bool):
   variables, vgg_variables = random_inputs.random_variables(config)
   state = jax.jit(lambda v: train_step.create_train_state(v, tx))(variables)
   frozen = train_step.frozen_variables(variables, vgg_variables)
-  return train_step.replicate(state, mesh), train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch)
+  return sharding.replicate(state, mesh), sharding.replicate(frozen, mesh), sharding.global_batch(mesh, batch)
 
 
 def _memory(compiled) -> dict[str, int] | None:
@@ -86,7 +86,7 @@ def main(argv):
   progress(f"devices: {jax.devices()}")
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
-  mesh = train_step.data_mesh()
+  mesh = sharding.data_mesh()
   global_batch = _PER_DEVICE.value * mesh.size
   config.train.batch_size = global_batch
   model = MIDMs.from_config(config)
@@ -113,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

@@ -1,4 +1,5 @@
-"""Inference benchmark: images/s, compile time and XLA's peak-memory estimate of ``MIDMs.translate``.
+"""Inference benchmark: images/s, compile time and XLA's peak-memory estimate of the translation every tool runs
+(``inference.compiled``: each pair on its own, with its own key, in the inference loop).
 
     python benchmarks/translate.py --config=configs/celebahq.py --batch_size=4 --iters=5
     python benchmarks/translate.py --config=configs/celebahq.py:tiny --batch_size=2 --no_refine
@@ -20,9 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import random_inputs  # benchmarks/random_inputs.py: the script's own directory is on sys.path
-from midms_jax import flops
+from midms_jax import flops, inference, platform_tuning
 from midms_jax.models import build
-from midms_jax.models.midms import MIDMs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model config")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "images per call")
@@ -36,25 +36,25 @@ def main(argv):
   del argv
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   config = _CONFIG.value
-  model = MIDMs.from_config(config, inference=True)
+  model, translate = inference.compiled(config, refine=not _NO_REFINE.value)
   variables, _ = jax.device_put(random_inputs.random_variables(config))
   res, channels = config.model.first_stage.resolution, config.model.correspondence.label_channels
   batch = _BATCH.value
   condition = jax.random.uniform(jax.random.PRNGKey(1), (batch, res, res, channels))
   exemplar = jax.random.uniform(jax.random.PRNGKey(2), (batch, res, res, 3), minval=-1, maxval=1)
-  translate = jax.jit(lambda v, c, e, ec, key: model.translate(v, c, e, ec, key, refine=not _NO_REFINE.value)["image"])
+  keys = lambda seed: inference.pair_keys(seed, 0, batch)
 
-  call_flops = flops.count_flops(translate, variables, condition, exemplar, condition, jax.random.PRNGKey(3),
+  call_flops = flops.count_flops(translate, variables, condition, exemplar, condition, keys(3),
                                  cond_fraction=len(model.settings.rewarp_steps) / len(model.loop.t))
   start = time.perf_counter()
-  lowered = translate.lower(variables, condition, exemplar, condition, jax.random.PRNGKey(3))
+  lowered = translate.lower(variables, condition, exemplar, condition, keys(3))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   times = []
   for i in range(_ITERS.value + 1):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(variables, condition, exemplar, condition, jax.random.PRNGKey(4 + i)))
+    jax.block_until_ready(compiled(variables, condition, exemplar, condition, keys(4 + i)))
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
   peak = None
@@ -73,4 +73,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   app.run(main)

@@ -52,34 +52,25 @@ def get_config(variant: str = ""):
   # widths stay those of the fixture-sized vgg19_small.pth, for python -m midms_jax.evaluate's VGG19 scores.
   config.loss.vgg = "vgg16_imagenet"
   config.loss.vgg_widths = base.tiny_vgg_widths()
-  # What teaches the matching in a few hundred steps (docs/benchmarks.md, issue 6 experiments): the perceptual
-  # term of the warped exemplar at the VGG16 layer on the latent grid (relu2_2, 16x16; the official r42 is
-  # 4x4 here) at weight 1 (official 0.002 is for VGG19's feature scale), and a softer softmax (0.05: at the
-  # official 0.005 the warp of a barely trained matcher is noise-like, 13.9 dB against 17.0 after 300 steps).
-  # The contextual term (output vs exemplar statistics) at 0.1: at 1 it pulls the output towards the exemplar's
-  # textures wherever they are (0.5 dB, LPIPS 0.02 worse); the original-loss weight 100 puts the U-Net's own
-  # denoising term (an MSE of ~0.005 on latents) on the scale of the perceptual terms (~1).
+  # What makes the matching learn in minutes (measurements: docs/benchmarks.md, "The synthetic default"):
+  # the perceptual term at the VGG16 layer on the latent grid (relu2_2; the official r42 is 4x4 here) at a
+  # weight for VGG16's feature scale, a softer softmax, a weak contextual term (at 1 it pulls the output
+  # towards the exemplar's textures wherever they are), and the U-Net's own denoising term (an MSE on
+  # latents) brought to the scale of the perceptual terms.
   config.loss.update(dict(perc=1.0, perc_layer="r22", context=0.1, original=100.0, rewarp=1.0))
   config.midms.temperature = 0.05
-  # The loop joins the diffusion late, at small noise: U-Net steps at t = 11, 6, 1 of a 200-step schedule,
-  # re-warping before the second. first_step_noise="none": the chain starts from the warp itself, scaled to the
-  # first level with no Gaussian draw (DDIM with eta=0 is then deterministic): a U-Net trained for minutes does
-  # not remove a fresh draw cleanly even at t=11, and LPIPS sees the residual grain (one step from the ground
-  # truth at t=11 already costs 0.13 LPIPS), while started clean it learns to improve the warp. The paper's
-  # forward-backward check (fbcheck_true_backward): the official one marks every match farther than ~1/8 of the
-  # image unconfident, and objects here move farther. The re-warp matches against the phi-head features of the
-  # initial matching (rewarp_support): against real_enc's raw features, which carry no semantics, a re-warp
-  # trained for minutes scores 18 dB where the initial warp scores 23.5. It re-warps no better than the initial
-  # matching, while the U-Net's first step already improves on that: a re-warped pixel replaces x0 only where
-  # the cycle is consistent within 2 latent pixels (fb_threshold 0.25, normalised units), and the re-warp gets a
-  # perceptual term of its own (loss.rewarp) instead of learning only through the masked pixels. The official
-  # eta=1 refinement re-noises to t=101, far above the loop: left out.
+  # The loop joins the diffusion late, at small noise (U-Net at t = 11, 6, 1 of a 200-step schedule, a
+  # re-warp before the second) and starts from the warp itself, with no Gaussian draw (a U-Net trained for
+  # minutes leaves grain from a fresh draw that LPIPS sees). The paper's forward-backward check (the official
+  # one marks every match farther than ~1/8 of the image unconfident; objects here move farther) at a stricter
+  # threshold; the re-warp matched against the initial matching's features (real_enc's raw ones carry no
+  # semantics) and taught by a perceptual term of its own. The eta=1 refinement re-noises far above the loop:
+  # left out (config.evaluate.refine).
   loop = dict(ddim_steps=200, loop_start_step=197, interleave_steps=3, rewarp_steps=(1,))
   config.midms.update(dict(first_step_noise="none", fbcheck_true_backward=True, fb_threshold=0.25,
                            rewarp_support="matching", **loop))
   config.midms.inference.update(loop)  # translations run the loop the model was trained in
-  # LDM pre-training on the timesteps the loop visits (t < 200; one-step x0 from held-out latents at t=21:
-  # 28.0 -> 29.0 dB against all 1000 timesteps in the same 1200 steps).
+  # LDM pre-training on the timesteps the loop visits (t < 200).
   config.ldm.update(dict(num_steps=1200, batch_size=16, lr=6e-4, ema_decay=0.999, max_timestep=200, preview_t=100,
                          log_every=50, image_every=500, checkpoint_every=500))
   config.train.update(dict(batch_size=4, warmup_iter=100, num_steps=260, log_every=25, image_every=100,

@@ -1,7 +1,6 @@
-"""midms-jax: Matching Interleaved Diffusion Models (exemplar-based image translation) in JAX/Flax."""
+"""midms-jax: Matching Interleaved Diffusion Models (exemplar-based image translation) in JAX/Flax.
 
-from midms_jax import xla_flags as _xla_flags
-
-_xla_flags.set_default_flags()
+Importing the package has no side effect; platform tuning: ``midms_jax.platform_tuning``.
+"""
 
 __version__ = "0.1.0"

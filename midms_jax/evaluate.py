@@ -63,18 +63,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from configs import base
-from midms_jax import cli, logs, workdir as workdir_lib
+from midms_jax import cli, inference, logs, platform_tuning, workdir as workdir_lib
 from midms_jax.data import images, pipeline
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.metrics import batching, inception, suite, swd
-from midms_jax.models.midms import MIDMs
 
 IMAGES_DIR = "images"
 DIVERSITY_DIR = "diversity"
 STATS_DIR = "fid_stats"
 MODEL_SECTIONS = ("model", "diffusion", "midms")  # what a workdir's config.json decides
-NOT_MODEL_SECTIONS = ("data", "evaluate", "train", "checkpoints", "loss", "ldm", "stage",
-                      "compilation_cache")  # the rest shapes the translation
 INDEX_DIGITS = 6
 FILE_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 PROTOCOL = "CoCosNet: each record with its own condition and its first listed exemplar"
@@ -242,47 +239,25 @@ class References:
   exemplar_ids: np.ndarray | None
 
 
-_TRANSLATE_FUNCTIONS: dict[tuple[str, bool], Callable] = {}
-
-
-def translate_function(config: ConfigDict, refine: bool) -> Callable:
-  """``MIDMs.translate`` per pair (its own key), vmapped and jitted; one per model config and ``refine``, so
-  repeated in-process evaluations (tests, notebooks) compile once."""
-  model_config = {k: v for k, v in config.to_dict().items() if k not in NOT_MODEL_SECTIONS}
-  cache_key = (json.dumps(model_config, sort_keys=True, default=str), refine)
-  if cache_key not in _TRANSLATE_FUNCTIONS:
-    model = MIDMs.from_config(config, inference=True)
-
-    def one(variables, condition, exemplar, exemplar_condition, key):
-      out = model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key,
-                            refine=refine)
-      return out["image"][0]
-
-    _TRANSLATE_FUNCTIONS[cache_key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0)))
-  return _TRANSLATE_FUNCTIONS[cache_key]
-
-
 class Translator:
-  """Translates batches of pairs with ``translate_function``, split over the devices."""
+  """Translates batches of pairs with ``inference.compiled``'s function, split over the devices."""
 
   def __init__(self, config: ConfigDict, variables: Mapping[str, Any]):
-    self._translate = translate_function(config, bool(config.evaluate.refine))
+    _, self._translate = inference.compiled(config, bool(config.evaluate.refine))
     self._variables = batching.replicate(variables)
-    self._base_key = jax.random.PRNGKey(config.evaluate.seed)
+    self._seed = config.evaluate.seed
     self.batch_size = batching.rows_per_batch(config.evaluate.batch_size, config.evaluate.batch_size,
                                               jax.device_count())
 
   def key(self, *indices: int) -> np.ndarray:
-    """The key of a pair: the seed's key folded with the stream (0: main, 1: diversity) and record indices."""
-    key = self._base_key
-    for index in indices:
-      key = jax.random.fold_in(key, index)
-    return np.asarray(key)
+    """The key of a pair: ``inference.pair_key`` of the seed, the stream (0: main, 1: diversity) and the record
+    indices."""
+    return np.asarray(inference.pair_key(self._seed, *indices))
 
   def __call__(self, conditions: np.ndarray, exemplars: np.ndarray, exemplar_conditions: np.ndarray,
                keys: np.ndarray) -> np.ndarray:
     return batching.map_batches(self._translate, [conditions, exemplars, exemplar_conditions, keys],
-                                batch_size=self.batch_size, constants=[self._variables])
+                                batch_size=self.batch_size, constants=[self._variables])["image"]
 
 
 def main_pass(job: Job, count: int, translator: Translator | None) -> References:
@@ -617,4 +592,5 @@ def run(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   sys.exit(run(sys.argv))

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 from absl import flags, logging
 
-from midms_jax import cli, logs, workdir as workdir_lib
+from midms_jax import cli, logs, platform_tuning, workdir as workdir_lib
 from midms_jax.data import pipeline
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.interop import torch_export
@@ -263,4 +263,5 @@ def run(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   sys.exit(run(sys.argv))

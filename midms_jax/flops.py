@@ -5,8 +5,7 @@ XLA's ``cost_analysis`` counts the body of a ``while`` loop once, so it undercou
 ``dot_general`` and ``conv_general_dilated`` are counted (2 FLOPs per multiply-add), the usual basis of
 model FLOPs utilisation; element-wise work is left out. A ``cond`` counts as its cheapest branch plus
 ``cond_fraction`` times the difference to its most expensive one: MIDMs' only data-dependent conditional
-is the re-warp inside the loop, so ``cond_fraction = re-warp steps / loop steps`` makes the count exact
-(``lax.platform_dependent`` conditionals, resolved when compiling, count their costliest branch).
+is the re-warp inside the loop, so ``cond_fraction = re-warp steps / loop steps`` makes the count exact.
 Rematerialised code counts once more where the backward pass recomputes it (hardware FLOPs).
 """
 
@@ -51,8 +50,6 @@ def jaxpr_flops(jaxpr: jex_core.Jaxpr, cond_fraction: float = 1.0) -> float:
       total += _dot_general_flops(eqn)
     elif name == "conv_general_dilated":
       total += _conv_flops(eqn)
-    elif name == "cond" and eqn.params.get("branches_platforms"):  # lax.platform_dependent: one branch runs
-      total += max(jaxpr_flops(b.jaxpr, cond_fraction) for b in eqn.params["branches"])
     elif name == "cond":
       branches = [jaxpr_flops(b.jaxpr, cond_fraction) for b in eqn.params["branches"]]
       total += min(branches) + cond_fraction * (max(branches) - min(branches))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from midms_jax.data import images as images_lib, pipeline, synthetic
 from midms_jax.metrics import lpips, translation_quality
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.png"

@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from midms_jax import train_step as midms_train_step
+from midms_jax import sharding, train_step as midms_train_step
 from midms_jax.data import images as images_lib
-from midms_jax.models.midms import MIDMs
+from midms_jax.diffusion.ddim import predict_x0, q_sample
+from midms_jax.midms.model import MIDMs
 
 LATENT_KEY = "latent"  # a batch's cached first-stage latents (midms_jax.latent_cache), in place of "image"
 
@@ -67,14 +68,12 @@ def _levels(model: MIDMs, t: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def noised(model: MIDMs, latents: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """``q_sample``: ``sqrt(ā_t) z + sqrt(1 - ā_t) ε`` per sample."""
-  sqrt_ac, sqrt_1m_ac = _levels(model, t)
-  return sqrt_ac * latents + sqrt_1m_ac * noise
+  return q_sample(latents, *_levels(model, t), noise)
 
 
 def predicted_x0(model: MIDMs, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
   """``(x_t - sqrt(1 - ā_t) ε̂) / sqrt(ā_t)``: the clean latent the predicted noise implies."""
-  sqrt_ac, sqrt_1m_ac = _levels(model, t)
-  return (x_t - sqrt_1m_ac * eps) / sqrt_ac
+  return predict_x0(x_t, eps, *_levels(model, t))
 
 
 def _unet(model: MIDMs, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
@@ -100,12 +99,11 @@ def eps_loss(model: MIDMs, params: Any, latents: jax.Array, rng: jax.Array, max_
 
 
 def state_shardings(state: LDMState, mesh: Mesh) -> LDMState:
-  """As ``train_step.state_shardings``: parameters, their EMA and the AdamW moments split by ``fsdp_spec``."""
-  fsdp = mesh.shape[midms_train_step.FSDP_AXIS]
-  split = lambda tree: jax.tree_util.tree_map(
-      lambda leaf: NamedSharding(mesh, midms_train_step.fsdp_spec(np.shape(leaf), fsdp)), tree)
-  return LDMState(step=NamedSharding(mesh, PartitionSpec()), params=split(state.params),
-                  ema_params=split(state.ema_params), opt_state=split(state.opt_state))
+  """As ``train_step.state_shardings``: parameters, their EMA and the AdamW moments split by
+  ``sharding.fsdp_spec``."""
+  split = lambda tree: sharding.split_shardings(tree, mesh)
+  return LDMState(step=sharding.replicated(mesh), params=split(state.params), ema_params=split(state.ema_params),
+                  opt_state=split(state.opt_state))
 
 
 def batch_latents(model: MIDMs, frozen, batch, rng: jax.Array) -> jax.Array:
@@ -131,7 +129,7 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
     encode_key, loss_key = jax.random.split(rng)
     latents = batch_latents(model, frozen, batch, encode_key)
     loss, grads = jax.value_and_grad(lambda p: eps_loss(
-        model, midms_train_step.whole_parameters(p, mesh), latents, loss_key, ldm_cfg.max_timestep))(state.params)
+        model, sharding.whole_parameters(p, mesh), latents, loss_key, ldm_cfg.max_timestep))(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(ldm_cfg.ema_decay, state.step + 1)
@@ -142,12 +140,7 @@ def make_step(model: MIDMs, config, mesh: Mesh | None = None, state_sharding: An
                        learning_rate=jnp.float32(ldm_cfg.lr),
                        finite=midms_train_step.all_finite(loss, grad_norm, state.params, state.ema_params))
 
-  if mesh is None:
-    return jax.jit(step, donate_argnums=0)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = replicated if state_sharding is None else state_sharding
-  return jax.jit(step, in_shardings=(state, replicated, midms_train_step.batch_sharding(mesh)),
-                 out_shardings=(state, replicated), donate_argnums=0)
+  return sharding.jit_step(step, mesh, state_sharding)
 
 
 def make_preview(model: MIDMs, t: int) -> Callable:

@@ -47,13 +47,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from midms_jax import cli, held_out, latent_cache, ldm, logs, optim, train_step, workdir as workdir_lib, xla_flags
+from midms_jax import (cli, held_out, latent_cache, ldm, logs, optim, platform_tuning, sharding, train_step,
+                       workdir as workdir_lib)
 from midms_jax.data import images as images_lib, pipeline
 from midms_jax.errors import CheckpointError, InputError, first_line
 from midms_jax.interop import torch_export, torch_import
 from midms_jax.losses import vgg
 from midms_jax.models import build
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 STAGES = ("midms", "ldm", "ldm+midms")
 LDM_DIR = "ldm"                   # the LDM stage's workdir, inside the run's
@@ -470,7 +471,7 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
   if process == 0:
     workdir_lib.write_config(workdir, stage.config)
   shardings = stage.shardings(state, mesh)
-  state, frozen = jax.device_put(state, shardings), train_step.replicate(stage.frozen, mesh)
+  state, frozen = jax.device_put(state, shardings), sharding.replicate(stage.frozen, mesh)
   run_step = stage.run_step(shardings)
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=process > 0)
@@ -478,7 +479,7 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
   if process == 0 and stage.config.train.profile:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
   last_good = start if restored is not None else None  # the newest checkpoint verified finite
-  first_bad = train_step.replicate(np.int32(0), mesh)
+  first_bad = sharding.replicate(np.int32(0), mesh)
   metrics_np: dict[str, float] = {}
   stop = False
   bar = tqdm(total=stage.num_steps, initial=start, desc=stage.name, unit="step", file=sys.stderr,
@@ -494,7 +495,7 @@ def _run(stage: _Stage, iterator, mesh) -> dict[str, float]:
   with _sigterm_requests() as preemption, bar:
     for step in range(start, stage.num_steps):
       host_batch = next(iterator)
-      batch = train_step.global_batch(mesh, host_batch)
+      batch = sharding.global_batch(mesh, host_batch)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = run_step(step, state, frozen, batch)
       done = step + 1
@@ -726,7 +727,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_changes:
   # The first cross-host collective sets up the CPU collectives' (gloo) context, which waits only 30 s for
   # the other hosts: run one now, while the hosts are in step after jax.distributed.initialize.
   _on_every_process(True)
-  mesh = train_step.data_mesh(fsdp=config.train.fsdp)
+  mesh = sharding.data_mesh(fsdp=config.train.fsdp)
   metrics: dict[str, float] = {}
   for stage in pending:
     train = train_ldm if stage.name == "ldm" else train_midms
@@ -774,7 +775,7 @@ def main(argv, flag_holders: dict[str, flags.FlagHolder]) -> None:
     config = cli.config_value(flag_holders["config"], required=True)
     initialize_distributed(flag_holders["coordinator_address"].value, flag_holders["num_processes"].value,
                            flag_holders["process_id"].value)
-    for warning in xla_flags.slow_flag_warnings(os.environ.get("XLA_FLAGS", ""), jax.default_backend()):
+    for warning in platform_tuning.slow_flag_warnings(os.environ.get("XLA_FLAGS", ""), jax.default_backend()):
       logging.warning(warning)
     train_and_evaluate(config, flag_holders["workdir"].value, tuple(flag_holders["allow_config_changes"].value))
   except (InputError, CheckpointError) as e:
@@ -789,5 +790,6 @@ def main(argv, flag_holders: dict[str, flags.FlagHolder]) -> None:
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   _FLAGS = _define_flags()
   app.run(lambda argv: main(argv, _FLAGS), flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv))

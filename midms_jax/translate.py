@@ -44,7 +44,6 @@ import functools
 import os
 import pathlib
 import sys
-import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from absl import flags
@@ -55,11 +54,10 @@ import numpy as np
 from tqdm import tqdm
 
 import configs
-from midms_jax import cli, logs, workdir as workdir_lib
+from midms_jax import cli, inference, logs, platform_tuning, workdir as workdir_lib
 from midms_jax.data import conditions, images
 from midms_jax.errors import CheckpointError, InputError
 from midms_jax.interop import torch_import
-from midms_jax.models.midms import MIDMs
 
 DEFAULT_CONFIG = pathlib.Path(configs.__file__).with_name("celebahq.py")
 CONDITION_SUFFIXES = (".npy",) + images.IMAGE_SUFFIXES
@@ -137,11 +135,6 @@ def pair_name(condition: pathlib.Path, exemplar: pathlib.Path) -> str:
   return f"{condition.stem}__{exemplar.stem}"
 
 
-def pair_key(seed: int, name: str) -> jax.Array:
-  """The PRNG key of one pair: ``PRNGKey(seed)`` folded with the CRC32 of its name."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
-
-
 def debug_path(output: pathlib.Path) -> pathlib.Path:
   return output.with_name(f"{output.stem}_debug.png")
 
@@ -150,45 +143,28 @@ def debug_path(output: pathlib.Path) -> pathlib.Path:
 # The jitted model
 # ------------------------------------------------------------------------------------------------
 
-class Translator:
-  """``MIDMs.translate`` vmapped over pairs (each with its own key, batch of one inside) and jitted.
+# Per pair, with --debug: what the debug grid shows (``inference.OUTPUTS``).
+DEBUG_OUTPUTS = ("image", "initial_warp", "rewarp_new", "rewarp_mixed", "rewarp_mask")
 
-  Per pair it returns the image and the latents of the debug grid: ``initial_warp`` and, per
-  re-warp step, ``new`` / ``mixed`` latents and the confidence ``mask``.
-  """
 
-  def __init__(self, config, refine: bool):
-    self.model = MIDMs.from_config(config, inference=True)
-    rewarp = jnp.asarray(self.model.settings.rewarp_steps, jnp.int32)
-
-    def one(variables, condition, exemplar, exemplar_condition, key):
-      out = self.model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key,
-                                 refine=refine)
-      steps = out["steps"]
-      return dict(image=out["image"][0], initial_warp=out["initial_warp"][0],
-                  new=steps["pred_ref_x0_new"][rewarp, 0], mixed=steps["pred_ref_x0_mixed"][rewarp, 0],
-                  mask=steps["fb_mask"][rewarp, 0])
-
-    self.translate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0)))
-    self.decode = jax.jit(self.model.decode)
-
-  def debug_grids(self, variables, out: dict[str, Any]) -> np.ndarray:
-    """(B, H, W * tiles, 3) uint8 rows: initial warp, (new, mixed, mask) per re-warp step, output."""
-    b, k = out["new"].shape[:2]
-    new_mixed = jnp.stack([out["new"], out["mixed"]], axis=2).reshape((b, 2 * k) + out["new"].shape[2:])
-    latents = jnp.concatenate([out["initial_warp"][:, None], new_mixed], axis=1)  # init, new 1, mixed 1, ...
-    n = latents.shape[1]
-    decoded = images.to_uint8(self.decode(variables, latents.reshape((b * n,) + latents.shape[2:])))
-    decoded = decoded.reshape((b, n) + decoded.shape[1:])
-    outputs = images.to_uint8(out["image"])
-    height, width = outputs.shape[1:3]
-    masks = np.asarray(out["mask"])
-    masks = np.repeat(np.repeat(masks, height // masks.shape[2], axis=2), width // masks.shape[3], axis=3)
-    masks = np.broadcast_to((masks > 0.5).astype(np.uint8) * 255, masks.shape[:4] + (3,))
-    tiles = [decoded[:, 0]]
-    for i in range(k):
-      tiles += [decoded[:, 1 + 2 * i], decoded[:, 2 + 2 * i], masks[:, i]]
-    return np.concatenate(tiles + [outputs], axis=2)
+def debug_grids(decode: Callable, variables, out: dict[str, Any]) -> np.ndarray:
+  """(B, H, W * tiles, 3) uint8 rows: initial warp, (new, mixed, mask) per re-warp step, output."""
+  b, k = out["rewarp_new"].shape[:2]
+  new_mixed = jnp.stack([out["rewarp_new"], out["rewarp_mixed"]], axis=2)
+  new_mixed = new_mixed.reshape((b, 2 * k) + out["rewarp_new"].shape[2:])
+  latents = jnp.concatenate([out["initial_warp"][:, None], new_mixed], axis=1)  # init, new 1, mixed 1, ...
+  n = latents.shape[1]
+  decoded = images.to_uint8(decode(variables, latents.reshape((b * n,) + latents.shape[2:])))
+  decoded = decoded.reshape((b, n) + decoded.shape[1:])
+  outputs = images.to_uint8(out["image"])
+  height, width = outputs.shape[1:3]
+  masks = np.asarray(out["rewarp_mask"])
+  masks = np.repeat(np.repeat(masks, height // masks.shape[2], axis=2), width // masks.shape[3], axis=3)
+  masks = np.broadcast_to((masks > 0.5).astype(np.uint8) * 255, masks.shape[:4] + (3,))
+  tiles = [decoded[:, 0]]
+  for i in range(k):
+    tiles += [decoded[:, 1 + 2 * i], decoded[:, 2 + 2 * i], masks[:, i]]
+  return np.concatenate(tiles + [outputs], axis=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,17 +317,6 @@ class MemoryCheck:
       raise InputError(f"{pair.condition} with {pair.exemplar}: {problem}")
 
 
-_TRANSLATORS: dict[tuple[str, bool], Translator] = {}
-
-
-def translator(config, refine: bool) -> Translator:
-  """One ``Translator`` per (config, refine): repeated in-process runs (tests, notebooks) compile once."""
-  key = (config.to_json(), refine)
-  if key not in _TRANSLATORS:
-    _TRANSLATORS[key] = Translator(config, refine)
-  return _TRANSLATORS[key]
-
-
 # ------------------------------------------------------------------------------------------------
 # Inputs
 # ------------------------------------------------------------------------------------------------
@@ -462,14 +427,17 @@ def _batches(pairs: Iterable[Pair], inputs: Inputs, batch_size: int,
     yield batch
 
 
-def _run_batch(model: Translator, variables, batch: list[tuple[Pair, tuple]], batch_size: int, seed: int,
-               fmt: str, debug: bool) -> None:
+def _run_batch(translate_pairs: Callable, decode: Callable | None, variables, batch: list[tuple[Pair, tuple]],
+               batch_size: int, seed: int, fmt: str) -> None:
+  """Translates and writes one batch (padded to ``batch_size``: one compiled shape); with ``decode`` also the
+  debug grids."""
   padded = batch + [batch[-1]] * (batch_size - len(batch))
   stacked = [np.stack([arrays[i] for _, arrays in padded]) for i in range(3)]
-  keys = jnp.stack([pair_key(seed, pair.name) for pair, _ in padded])
-  out = model.translate(variables, *stacked, keys)
+  keys = jnp.stack([inference.pair_key(seed, inference.name_id(pair.name)) for pair, _ in padded])
+  out = translate_pairs(variables, *stacked, keys)
   outputs = np.asarray(out["image"])
-  grids = model.debug_grids(variables, out) if debug else None
+  debug = decode is not None
+  grids = debug_grids(decode, variables, out) if debug else None
   for i, (pair, _) in enumerate(batch):
     try:
       images.save_image(pair.output, outputs[i], fmt)
@@ -507,7 +475,7 @@ def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: 
   inputs = Inputs(config, images.downsampling_factor(config.model))
   batch_size = min(batch_size, len(pairs))
   memory = MemoryCheck(config, batch_size)
-  variables, model = None, None
+  variables = translate_pairs = decode = None
   written = 0
   with tqdm(total=len(pairs), unit="pair", disable=not progress, file=sys.stderr) as bar:
     def failed(pair, error):
@@ -516,11 +484,12 @@ def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: 
     for batch in _batches(pairs, inputs, batch_size, failed, memory):
       if variables is None:  # after the first inputs load: bad inputs are reported before the slow part
         try:
-          model = translator(config, refine)
+          model, translate_pairs = inference.compiled(config, refine, DEBUG_OUTPUTS if debug else ("image",))
         except ValueError as e:  # a config value out of range (MIDMs.from_config says which)
           raise InputError(f"the config: {cli.one_line(e)}") from None
+        decode = jax.jit(model.decode) if debug else None
         variables = weights.load(config)
-      _run_batch(model, variables, batch, batch_size, seed, fmt, debug)
+      _run_batch(translate_pairs, decode, variables, batch, batch_size, seed, fmt)
       written += len(batch)
       bar.update(len(batch))
   return written
@@ -650,4 +619,5 @@ def run(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   sys.exit(run(sys.argv))

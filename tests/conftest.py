@@ -18,11 +18,15 @@ if _OWN_CACHE_DIR:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
+from midms_jax import platform_tuning  # pylint: disable=wrong-import-position
+
+platform_tuning.set_xla_flags()  # as the command-line tools do; the subprocesses inherit them
+
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
-from midms_jax.models import midms  # pylint: disable=wrong-import-position
+from midms_jax.midms import model as midms  # pylint: disable=wrong-import-position
 
 # Parity tolerances assume exact float32 matmuls (TF32/bf16 on accelerators would not meet them).
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -154,19 +154,15 @@ def test_workdir_config_takes_overrides_without_config(synthetic_run, tmp_path):
       "weights absent: config.evaluate.vgg_checkpoint is not set")
 
 
-def test_translations_run_the_inference_loop(monkeypatch):
-  """evaluate builds its model with config.midms.inference's loop, whatever training used."""
-  built, real = [], evaluate.MIDMs
-
-  class Spy:
-    @staticmethod
-    def from_config(config, inference=False):
-      built.append(inference)
-      return real.from_config(config, inference=inference)
-
+def test_translations_run_through_the_shared_inference_function(monkeypatch):
+  """evaluate translates with ``inference.compiled`` (the inference loop, one key scheme)."""
+  calls = []
+  monkeypatch.setattr(evaluate.inference, "compiled", lambda config, refine, *rest: calls.append(refine) or (
+      None, lambda variables, *pairs: {"image": pairs[0][..., :3]}))
   config = celebahq.get_config("tiny")
-  config.midms.update(dict(ddim_steps=20, interleave_steps=5, loop_start_step=15))
-  monkeypatch.setattr(evaluate, "MIDMs", Spy)
-  monkeypatch.setattr(evaluate, "_TRANSLATE_FUNCTIONS", {})
-  evaluate.translate_function(config, refine=False)
-  assert built == [True]
+  translator = evaluate.Translator(config, {})
+  assert calls == [bool(config.evaluate.refine)]
+  key = translator.key(1, 4, 7)
+  np.testing.assert_array_equal(key, evaluate.inference.pair_key(config.evaluate.seed, 1, 4, 7))
+  conditions = np.zeros((3, 8, 8, 15), np.float32)
+  assert translator(conditions, conditions[..., :3], conditions, np.zeros((3, 2), np.uint32)).shape == (3, 8, 8, 3)

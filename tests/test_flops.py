@@ -46,14 +46,6 @@ def test_cond_is_weighted_between_its_branches():
   assert flops.count_flops(fn, pred, square, cond_fraction=0.0) == 0
 
 
-def test_platform_dependent_conditional_counts_its_costliest_branch_whatever_cond_fraction():
-  """A ``lax.platform_dependent`` branch is fixed when compiling: it counts whole, not by ``cond_fraction``."""
-  square = jax.ShapeDtypeStruct((16, 16), jnp.float32)
-  fn = lambda c: jax.lax.platform_dependent(c, cpu=lambda c: c @ c, default=lambda c: c @ c @ c)
-  for fraction in (0.0, 0.5, 1.0):
-    assert flops.count_flops(fn, square, cond_fraction=fraction) == 2 * 2 * 16 ** 3
-
-
 def test_convolution_gradient_counts_as_lax_does():
   """``models.conv``'s CPU backward pass (canonical-layout convolutions) does the work lax's gradient does."""
   x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)

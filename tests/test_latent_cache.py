@@ -9,7 +9,7 @@ import pytest
 from midms_jax import latent_cache, train
 from midms_jax.data import pipeline
 from midms_jax.errors import InputError
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 from tests.conftest import synthetic_train_config
 
 TRAIN_SIZE = 10

@@ -25,7 +25,7 @@ SLICE = ["--tpu_name=pod", "--zone=us-central1-a"]
 
 def _launch(script: str, *args: str, env: dict[str, str] | None = None, cwd: pathlib.Path = ROOT,
             timeout: float = 60) -> subprocess.CompletedProcess:
-  if env is None:  # the launchers pass XLA_FLAGS on: start from none (importing midms_jax set some here)
+  if env is None:  # the launchers pass XLA_FLAGS on: start from none (tests/conftest.py set some here)
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
   return subprocess.run([sys.executable, str(LAUNCH / script), *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)

@@ -8,7 +8,7 @@ import pytest
 from configs import synthetic
 from midms_jax import ldm
 from midms_jax.models import build
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from jax.sharding import PartitionSpec
 
 from benchmarks import collective_census, random_inputs
 from configs import celebahq
-from midms_jax import ldm, optim, train_step
+from midms_jax import ldm, optim, sharding, train_step
 from midms_jax.interop import torch_import
-from midms_jax.losses import vgg
-from midms_jax.models.midms import MIDMs
+from midms_jax.models import vgg
+from midms_jax.midms.model import MIDMs
 from tests.conftest import BackgroundJob, FIXTURES
 
 pytest.importorskip("torch")
@@ -51,11 +51,11 @@ def _one_main_step(n_devices: int, fsdp: int = 1) -> dict:
   parameter's share held by one device; ``activation_moves``: the compiled step's collectives that move
   data between devices along the batch (collective-permute, all-to-all), none in a data-parallel step."""
   config, model, variables, frozen, batch, tx = _setup(batch_size=DP_BATCH, lr=DP_LR)
-  mesh = train_step.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
+  mesh = sharding.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
   state = train_step.create_train_state(variables, tx)
   shardings = train_step.state_shardings(state, mesh)
   steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh, state_sharding=shardings)
-  args = jax.device_put(state, shardings), train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch)
+  args = jax.device_put(state, shardings), sharding.replicate(frozen, mesh), sharding.global_batch(mesh, batch)
   compiled = steps.main.lower(*args).compile()
   state, metrics = compiled(*args)
   largest = max(jax.tree_util.tree_leaves(state.params), key=lambda x: x.size)
@@ -72,7 +72,7 @@ def _activation_moves(compiled) -> int:
 def _ldm_step_activation_moves(n_devices: int, fsdp: int) -> int:
   """``_activation_moves`` of the LDM stage's step (global batch ``DP_BATCH``), compiled from shapes."""
   config = celebahq.get_config("tiny")
-  mesh = train_step.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
+  mesh = sharding.data_mesh(jax.devices()[:n_devices], fsdp=fsdp)
   state, frozen, batch = random_inputs.abstract_ldm_step_inputs(config, DP_BATCH)
   step = ldm.make_step(MIDMs.from_config(config), config, mesh, state_sharding=ldm.state_shardings(state, mesh))
   return _activation_moves(step.lower(state, frozen, batch).compile())
@@ -80,10 +80,10 @@ def _ldm_step_activation_moves(n_devices: int, fsdp: int) -> int:
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
   config, model, variables, frozen, batch, tx = _setup(batch_size=DP_BATCH, lr=DP_LR)  # DP test's programs
-  mesh = train_step.data_mesh()
+  mesh = sharding.data_mesh()
   steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh)
-  state = train_step.replicate(train_step.create_train_state(variables, tx), mesh)
-  frozen, batch = train_step.replicate(frozen, mesh), train_step.global_batch(mesh, batch)
+  state = sharding.replicate(train_step.create_train_state(variables, tx), mesh)
+  frozen, batch = sharding.replicate(frozen, mesh), sharding.global_batch(mesh, batch)
   unet_before = jax.tree_util.tree_map(np.asarray, state.params["unet"])
   corr_before = jax.tree_util.tree_map(np.asarray, state.params["correspondence"])
   spectral_before = jax.tree_util.tree_map(np.asarray, state.spectral)
@@ -151,11 +151,11 @@ def test_eight_devices_match_one_device(background):
 
 
 def test_fsdp_spec_splits_the_largest_divisible_dimension():
-  split = train_step.FSDP_AXIS
-  assert train_step.fsdp_spec((3, 3, 256, 512), 4) == PartitionSpec(None, None, None, split)
-  assert train_step.fsdp_spec((1024, 96), 64) == PartitionSpec(split, None)
-  assert train_step.fsdp_spec((1030, 97), 4) == PartitionSpec()  # no dimension divisible by 4: replicated
-  assert train_step.fsdp_spec((256,), 4) == PartitionSpec()  # too small to be worth splitting
-  assert train_step.fsdp_spec((3, 3, 256, 512), 1) == PartitionSpec()
+  split = sharding.FSDP_AXIS
+  assert sharding.fsdp_spec((3, 3, 256, 512), 4) == PartitionSpec(None, None, None, split)
+  assert sharding.fsdp_spec((1024, 96), 64) == PartitionSpec(split, None)
+  assert sharding.fsdp_spec((1030, 97), 4) == PartitionSpec()  # no dimension divisible by 4: replicated
+  assert sharding.fsdp_spec((256,), 4) == PartitionSpec()  # too small to be worth splitting
+  assert sharding.fsdp_spec((3, 3, 256, 512), 1) == PartitionSpec()
   with pytest.raises(ValueError, match="fsdp=2 must divide the 1 devices"):
-    train_step.data_mesh(jax.devices()[:1], fsdp=2)
+    sharding.data_mesh(jax.devices()[:1], fsdp=2)

@@ -19,10 +19,10 @@ from PIL import Image
 from skimage import data
 
 from configs import celebahq, lsun_church
-from midms_jax import translate
+from midms_jax import inference, translate
 from midms_jax.data import conditions, images
 from midms_jax.interop import torch_import
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 from tests.conftest import FIXTURES
 
 pytest.importorskip("torch")
@@ -88,7 +88,7 @@ def test_output_equals_midms_translate(files, single):
   exemplar = images.load_image(files["e0"])
   exemplar_condition = conditions.load_condition(files["e0"], config)
   key = jax.random.fold_in(jax.random.PRNGKey(0), zlib.crc32(b"c0__e0"))
-  np.testing.assert_array_equal(translate.pair_key(0, "c0__e0"), key)
+  np.testing.assert_array_equal(inference.pair_key(0, inference.name_id("c0__e0")), key)
   fn = jax.jit(lambda v, c, e, ec, k: model.translate(v, c, e, ec, k)["image"])
   expected = images.to_uint8(fn(variables, condition[None], exemplar[None], exemplar_condition[None], key)[0])
   diff = np.abs(_pixels(single).astype(int) - expected)
@@ -295,7 +295,7 @@ def test_a_pair_too_large_for_memory_is_refused_before_compiling(files, capsys, 
   compiled."""
   big = files["root"] / "big.png"
   Image.fromarray(np.asarray(Image.open(files["c0"]).resize((2048, 2048)))).save(big)
-  monkeypatch.setattr(translate, "translator", lambda *_: pytest.fail("compiled"))
+  monkeypatch.setattr(inference, "compiled", lambda *_: pytest.fail("compiled"))
   out = files["root"] / "big_out.png"
   assert _run(f"--condition={big}", f"--exemplar={big}", f"--output={out}") == 2
   line = _one_error_line(capsys)
@@ -337,12 +337,12 @@ def test_memory_estimate_is_below_xlas_own_analysis():
   """At 128x128 the tiny model's XLA temporaries are 10.5 MB, the estimate 10.49 MB (the first
   stage's attention): a lower bound, so the check never refuses what fits."""
   config = celebahq.get_config("tiny")
-  model = translate.translator(config, refine=True)
+  _, translate_pairs = inference.compiled(config, refine=True)
   variables = jax.eval_shape(lambda: torch_import.load_midms_checkpoint(CHECKPOINT, config.model))
   condition = jax.ShapeDtypeStruct((1, 128, 128, config.data.label_nc), jnp.float32)
   exemplar = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32)
   keys = jax.ShapeDtypeStruct((1, 2), jnp.uint32)
-  compiled = model.translate.lower(variables, condition, exemplar, condition, keys).compile()
+  compiled = translate_pairs.lower(variables, condition, exemplar, condition, keys).compile()
   xla = compiled.memory_analysis().temp_size_in_bytes
   estimate = translate.memory_estimate(config, 128, 128).total
   assert 0.9 * xla <= estimate <= xla, (estimate, xla)

@@ -3,9 +3,26 @@
 ``python -m midms_jax.data.prepare`` runs them; ``midms_jax.data.sources`` reads what they write. A builder
 reads the user's folder (TFDS ``manual_dir``) and the official exemplar lists and writes array_record files
 (random access) with the splits ``train`` and ``validation``, and ``exemplars`` when an exemplar list names
-an image that neither split lists (its records only serve as exemplars). Records are written in list order
-(CelebA-HQ, DeepFashion) or natural file-name order (LSUN church), so record ``i`` of a split is its list's
-``i``-th usable image.
+an image that neither split lists (its records only serve as exemplars).
+
+Record order is the official loader's index order: record ``i`` of a split is item ``i`` of the
+official data set (``evaluate`` names its outputs by this index). The official ``Pix2pixDataset``
+natural-sorts its paths (digit runs compared as numbers; a stable sort) unless the benchmark is
+``celebahq`` or ``deepfashion``; its CelebA-HQ benchmark is ``celebahqedge``, so only DeepFashion
+keeps its list order:
+
+* CelebA-HQ: the ids of ``train.txt`` / ``val.txt`` in natural order (equal ones such as ``12`` and
+  ``012`` in list order).
+* DeepFashion: ``train.txt`` / ``val.txt`` order.
+* LSUN church: the ``.jpg`` photos under ``training/`` / ``validation/`` (recursively) in natural
+  order of their paths, ties in text order (the official ``sorted`` comes first). The training
+  photos are those ``training/files.list`` names when it exists (the official file-list cache, read
+  for training only): one path per line as the official loader opens it (absolute, or relative to
+  the current folder), each in ``training/``, in natural order of the lines' text. Its other lines
+  (the ``.png`` label maps) are not needed: a photo's label map is the same-name ``.png`` beside
+  it, as the official pairing check demands.
+
+With ``skip_bad``, the records after a skipped one come earlier than in the official data set.
 
 What a record holds: the original files' bytes (no re-encoding) and the condition inputs in compact form;
 conditions are rendered when read, at the config's load size (``sources.py``). Exemplars are references
@@ -21,7 +38,9 @@ relative to ``manual_dir``), ``image`` (the photo's original bytes), and per exe
   whose CelebAMask-HQ PNG exists) and ``masks`` (the matching PNG files' bytes).
 * ``deepfashion``: ``pose_candidate`` (float64 ``(N, 2)``: the OpenPose candidates' x, y) and
   ``pose_subset`` (int32 ``(18,)``: each keypoint's candidate row, -1 = missing).
-* ``lsun_church``: ``label`` (the label-id PNG's bytes).
+* ``lsun_church``: ``label`` (the label-id PNG's bytes). Ids 0..150 or 255, as the official loader
+  reads them: 255 becomes 150, the "don't care" channel of the 151-channel one-hot; 151..254 are
+  refused (they have no channel).
 
 Exemplars follow the official lists (the builder's ``ref_list`` / ``ref_test_list``; by default
 ``<manual_dir>/<name>_ref.txt`` and ``<name>_ref_test.txt``): a line is ``key,candidate,...``. Easy / hard
@@ -57,7 +76,9 @@ from midms_jax.errors import InputError, first_line
 SPLITS = ("train", "validation", "exemplars")
 RECORD_SPLITS = SPLITS[:2]           # the splits with lists; ``exemplars`` holds what only exemplars need
 EXEMPLARS = ("ref", "ref_hard")      # easy and hard exemplar, named as in the pipeline's records
-LSUN_CLASSES = 150                   # ids 0..149; 255 = "don't care"
+LSUN_CLASSES = 150                   # official label_nc: ids 0..149; 150 (or 255): don't care
+LSUN_DONT_CARE_FILE_ID = 255         # the official loader maps it to LSUN_CLASSES
+FILES_LIST = "files.list"            # LSUN church: the official file-list cache (training only)
 CELEBAHQ_IMAGES, CELEBAHQ_MASKS = "CelebA-HQ-img", "CelebAMask-HQ-mask-anno"
 LSUN_FOLDERS = {"train": "training", "validation": "validation"}
 LIST_FILES = {"train": "train.txt", "validation": "val.txt"}
@@ -122,13 +143,20 @@ def read_bytes(path: pathlib.Path) -> bytes:
     raise InputError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
-def _read_lines(path: pathlib.Path) -> list[tuple[int, str]]:
-  """The non-empty lines of a text file, stripped, with their 1-based numbers."""
+def _read_lines(path: pathlib.Path, strip: bool = True) -> list[tuple[int, str]]:
+  """The non-empty lines of a text file, with their 1-based numbers: stripped, or as written."""
   try:
     text = read_bytes(path).decode("utf-8")
   except UnicodeDecodeError:
     raise InputError(f"{path}: not a UTF-8 text file") from None
-  return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+  lines = ((n, line.strip() if strip else line) for n, line in enumerate(text.splitlines(), 1))
+  return [(n, line) for n, line in lines if line.strip()]
+
+
+def natural_parts(name: str) -> tuple:
+  """The official ``natural_keys`` of ``name``: its text, digit runs as numbers; no tie-break (the
+  official ``list.sort`` is stable: names that differ only in leading zeros keep their order)."""
+  return images.natural_key(name)[0]
 
 
 def _random_other(keys: Sequence[str], i: int, rng: np.random.Generator) -> str:
@@ -170,8 +198,12 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
   def _split_keys(self, root: pathlib.Path, split: str, problems: _Problems) -> list[str]:
-    """The split's record keys in order (bad list lines go to ``problems``)."""
+    """The split's record keys in the official loader's order (bad lines go to ``problems``)."""
     raise NotImplementedError
+
+  def _split_source(self, root: pathlib.Path, split: str) -> str:
+    """What names the split's images (for messages)."""
+    return LIST_FILES[split]
 
   def _key_problem(self, key: str) -> str | None:
     """Why ``key`` cannot name an image of this data set (None: it can)."""
@@ -303,8 +335,9 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         else:
           records[split].append(key)
       if not records[split]:
-        raise InputError(f"{root}: no usable {split} record (see {LIST_FILES[split]}, the {split} exemplar list "
-                         "and the problems above)")
+        source = self._split_source(root, split)
+        raise InputError(f"{root}: no usable {split} record (see {source}, the {split} exemplar "
+                         "list and the problems above)")
     return self._resolve(records, wanted), problems.skipped
 
   def _resolve(self, records: Mapping[str, list[str]], wanted: Mapping[str, Mapping[str, tuple]]
@@ -386,7 +419,7 @@ class CelebAHQ(BenchmarkBuilder):
         keys.append(f"{line}.jpg")
       else:
         problems(split, line, f"{path}:{number}: {line!r} is not an image id")
-    return keys
+    return sorted(keys, key=natural_parts)  # the official natural sort (benchmark "celebahqedge")
 
   def _key_problem(self, key):
     return None if re.fullmatch(r"\d+\.jpg", key) else "not a CelebA-HQ image name (<id>.jpg)"
@@ -472,7 +505,8 @@ class LsunChurch(BenchmarkBuilder):
   DESCRIPTION = "LSUN church photos and 150-class segmentation maps for MIDMs segmentation-to-photo translation."
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   manual_dir/
-    training/**/<name>.jpg, <name>.png      photo and label-id map (ids 0..149, 255 = don't care)
+    training/**/<name>.jpg, <name>.png      photo and label-id map (ids 0..150; 255 read as 150)
+    training/files.list                     optional: the training files, one path per line
     validation/**/<name>.jpg, <name>.png
     lsun_church_ref.txt, lsun_church_ref_test.txt   exemplar lists (or pass their paths)
   """
@@ -484,8 +518,38 @@ class LsunChurch(BenchmarkBuilder):
     folder = root / LSUN_FOLDERS[split]
     if not folder.is_dir():
       raise InputError(f"{folder}: no such folder (the {split} photos and label maps)")
+    if self._files_list(root, split):
+      return self._listed_photos(root, problems)
     photos = [p.relative_to(root).as_posix() for p in folder.rglob("*.jpg") if p.is_file()]
-    return sorted(photos, key=images.natural_key)
+    return sorted(photos, key=images.natural_key)  # official: sorted(), then a stable natural sort
+
+  def _files_list(self, root: pathlib.Path, split: str) -> pathlib.Path | None:
+    """``training/files.list`` when the split is ``train`` and the file exists (the official loader
+    reads its file-list cache for training only), else None."""
+    path = root / LSUN_FOLDERS["train"] / FILES_LIST
+    return path if split == "train" and path.is_file() else None
+
+  def _split_source(self, root, split):
+    listing = self._files_list(root, split)
+    return listing.relative_to(root).as_posix() if listing else f"{LSUN_FOLDERS[split]}/"
+
+  def _listed_photos(self, root: pathlib.Path, problems: _Problems) -> list[str]:
+    """The training photos ``training/files.list`` names (module doc), in the official order."""
+    listing = root / LSUN_FOLDERS["train"] / FILES_LIST
+    folder = (root / LSUN_FOLDERS["train"]).resolve()
+    photos = [(n, line) for n, line in _read_lines(listing, strip=False) if line.endswith(".jpg")]
+    keys = []
+    for number, line in sorted(photos, key=lambda item: images.natural_key(item[1])):
+      path = pathlib.Path(line)
+      path = path if path.is_absolute() else pathlib.Path.cwd() / path
+      path = path.parent.resolve() / path.name  # linked folders resolved, as in ``folder``
+      if path.is_relative_to(folder):
+        keys.append(posixpath.join(LSUN_FOLDERS["train"], path.relative_to(folder).as_posix()))
+      else:
+        problems("train", line, f"{listing}:{number}: {line}: not a file in {folder} (files.list "
+                 "names the training files as the official loader opens them: absolute paths, or "
+                 "relative to the current folder)")
+    return keys
 
   def _key_problem(self, key):
     return None if key.endswith(".jpg") else "not a photo name (<name>.jpg)"
@@ -507,10 +571,11 @@ class LsunChurch(BenchmarkBuilder):
       raise InputError(f"{path}: label map must be a single-channel image of ids (mode L, P or I), found mode "
                        f"{label.mode}")
     ids = np.unique(np.asarray(label))
-    bad = ids[(ids < 0) | ((ids >= LSUN_CLASSES) & (ids != 255))]
-    if bad.size:
-      raise InputError(f"{path}: label ids must be 0..{LSUN_CLASSES - 1} or 255 (don't care), found "
-                       f"{', '.join(map(str, bad[:5]))}")
+    bad = ids[(ids < 0) | ((ids > LSUN_CLASSES) & (ids != LSUN_DONT_CARE_FILE_ID))]
+    if bad.size:  # the official one-hot has LSUN_CLASSES + 1 channels: a larger id has none
+      found = ", ".join(map(str, bad[:5]))
+      raise InputError(f"{path}: label ids must be 0..{LSUN_CLASSES} or {LSUN_DONT_CARE_FILE_ID} "
+                       f"(read as {LSUN_CLASSES}, don't care), found {found}")
 
 
 def lsun_label_key(key: str) -> str:

@@ -125,8 +125,9 @@ def one_hot_labels(image: Image.Image, path: str | pathlib.Path, channels: int,
   ids[ids == 255] = channels - 1
   bad = np.unique(ids[(ids < 0) | (ids >= channels)])
   if bad.size:
-    raise InputError(f"{path}: label ids must be 0..{channels - 2} or 255 (don't care), found "
-                     f"{', '.join(map(str, bad[:5]))}")
+    found = ", ".join(map(str, bad[:5]))
+    raise InputError(f"{path}: label ids must be 0..{channels - 1} or 255 (read as {channels - 1}, don't care), "
+                     f"found {found}")
   return np.eye(channels, dtype=np.float32)[ids]
 
 

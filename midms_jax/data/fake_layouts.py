@@ -9,6 +9,9 @@ sizes (CelebA-HQ 1024 px photos with 512 px masks, DeepFashion 256 x 176, LSUN c
 Content, drawn so that conditions are meaningful: CelebA-HQ a face (ellipses) whose parts are also the
 part masks; DeepFashion a person along a jittered standing skeleton, which is the pose file; LSUN church
 vertical stripes of label ids, the photo's grey a function of the id (``LSUN_STRIPE_IDS``, ``LSUN_GRAYS``).
+Options write the cases that the official loaders read in their own way: CelebA-HQ split lists in
+no order (``shuffle_lists``), LSUN label maps with another id in a corner (``label_patches``, e.g.
+150) and a ``training/files.list`` (``files_list``).
 ``texture`` blends a real photo into the drawing (scikit-image's bundled samples, a random crop per
 image): 0 keeps flat colours (tests assert them), 0.5 gives JPEG sizes and decode costs like real photos.
 
@@ -57,11 +60,12 @@ DEEPFASHION_VIEWS = ("1_front", "2_side", "3_back", "4_full")
 
 @dataclasses.dataclass(frozen=True)
 class FakeDataSet:
-  """A written fake data set: its folder (``manual_dir``), record keys per split as the builder names them,
-  in the order written (the split lists'; LSUN church's builder sorts them naturally), ``exemplars``: the
-  images only the exemplar lists name; the photo size ``(height, width)``; and per key the condition input
-  as written: CelebA-HQ the parts that have a mask (names), DeepFashion ``(candidate, subset)`` as in its
-  pose files, LSUN church the label ids ``(H, W)``."""
+  """A written fake data set: its folder (``manual_dir``), record keys per split as the builder
+  names them, in the order written (the split lists', LSUN church's ``names`` or ``files.list``;
+  the builders write them in the official loader's order, ``builders.py``), ``exemplars``: the
+  images only the exemplar lists name; the photo size ``(height, width)``; and per key the
+  condition input as written: CelebA-HQ the parts that have a mask (names), DeepFashion
+  ``(candidate, subset)`` as in its pose files, LSUN church the label ids ``(H, W)``."""
   root: pathlib.Path
   train: tuple[str, ...]
   validation: tuple[str, ...]
@@ -151,6 +155,12 @@ def _list_text(lines: ExemplarList, separator: str = "/") -> str:
   return "".join(",".join(n.replace("/", separator) for n in (name, *cands)) + "\n" for name, cands in lines.items())
 
 
+def _shuffled(values: Sequence[int], rng: np.random.Generator) -> list[int]:
+  """``values`` (ascending) in a random order that is not ascending (when there are two or more)."""
+  order = [int(v) for v in rng.permutation(values)]
+  return order[1:] + order[:1] if order == sorted(order) else order
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CelebA-HQ.
 
@@ -195,14 +205,16 @@ def _face_mask(face: Box, part: str, side: int) -> np.ndarray:
 def write_celebahq(root: str | pathlib.Path, n_train: int = 4, n_val: int = 2, *, image_size: int = 64,
                    mask_size: int | None = None, n_extra: int = 1, seed: int = 0, texture: float = 0.0,
                    quality: int = 95, refs: ExemplarList | None = None, test_refs: ExemplarList | None = None,
-                   unmasked: Collection[int] = ()) -> FakeDataSet:
+                   unmasked: Collection[int] = (), shuffle_lists: bool = False) -> FakeDataSet:
   """CelebA-HQ in CoCosNet's layout: ``train.txt`` ids ``0..n_train-1``, ``val.txt`` ids from the next
   multiple of 2000, ``n_extra`` images only the exemplar lists name (ids after the training ones); photos
   ``image_size`` px JPEG, part masks ``mask_size`` px (default half, as CelebAMask-HQ's 512 for 1024).
 
   ``refs`` / ``test_refs``: the exemplar lists' lines (default: the next records of the split; the last
   training candidate an extra image, the last test candidate a training image). ``unmasked``: ids written
-  without part masks (real faces all have them; a test of that case)."""
+  without part masks (real faces all have them; a test of that case). ``shuffle_lists``:
+  ``train.txt`` and ``val.txt`` in a random order drawn from ``seed``, never ascending (default:
+  ascending ids)."""
   root = pathlib.Path(root)
   mask_size = mask_size or image_size // 2
   extra_ids = list(range(n_train, n_train + n_extra))
@@ -220,6 +232,9 @@ def write_celebahq(root: str | pathlib.Path, n_train: int = 4, n_val: int = 2, *
     parts_of[key] = () if image_id in unmasked else parts
     for part in parts_of[key]:
       _write(builders.celebahq_mask_path(root, key, part), png_bytes(_face_mask(face, part, mask_size)))
+  if shuffle_lists:
+    ids = {split: _shuffled(listed, np.random.default_rng([seed, 2, k])) for k, (split, listed) in
+           enumerate(ids.items())}
   keys = {split: [f"{i}.jpg" for i in split_ids] for split, split_ids in ids.items()}
   for split, list_file in builders.LIST_FILES.items():
     _write(root / list_file, "".join(f"{i}\n" for i in ids[split]))
@@ -311,32 +326,58 @@ def lsun_stripes(k: int, shape: tuple[int, int]) -> np.ndarray:
 
 
 def lsun_gray(ids: np.ndarray) -> np.ndarray:
-  """The photo's grey (uint8) at each label id of ``LSUN_STRIPE_IDS``."""
+  """The photo's grey (uint8) at each label id of ``LSUN_STRIPE_IDS``; id 150 has the grey of 255
+  (the official loader reads both as the don't-care class 150); other ids are black."""
   table = np.zeros(256, np.uint8)
   table[list(LSUN_STRIPE_IDS)] = LSUN_GRAYS
+  table[builders.LSUN_CLASSES] = table[builders.LSUN_DONT_CARE_FILE_ID]
   return table[ids]
+
+
+def lsun_labels(k: int, shape: tuple[int, int], patch: int | None = None) -> np.ndarray:
+  """Label ids ``(H, W)`` of photo ``k``: ``lsun_stripes``, with a square of id ``patch`` in the
+  top-left corner (half the shorter side) when it is given."""
+  ids = lsun_stripes(k, shape)
+  if patch is not None:
+    side = max(1, min(shape) // 2)
+    ids[:side, :side] = patch
+  return ids
 
 
 def write_lsun_church(root: str | pathlib.Path, n_train: int = 3, n_val: int = 2, *,
                       image_shape: tuple[int, int] = (40, 40), seed: int = 0, texture: float = 0.0,
                       quality: int = 95, names: tuple[Sequence[str], Sequence[str]] | None = None,
-                      refs: ExemplarList | None = None, test_refs: ExemplarList | None = None) -> FakeDataSet:
+                      refs: ExemplarList | None = None, test_refs: ExemplarList | None = None,
+                      label_patches: Mapping[str, int] | None = None,
+                      files_list: Sequence[str] | None = None) -> FakeDataSet:
   """LSUN church in MIDMs' layout: ``training/`` and ``validation/`` each with ``<name>.jpg`` photos of
   ``image_shape`` (height, width) and ``<name>.png`` label-id maps. ``names``: (train, validation) photo
   names (default ``img1.jpg``, ... and ``val1.jpg``, ...), written in that order; photo ``k`` of
   train + validation has ``lsun_stripes(k)``. ``refs`` / ``test_refs``: exemplar list lines by name (default:
-  the next photos of the folder; the official exemplars sit beside their record's photo)."""
+  the next photos of the folder; the official exemplars sit beside their record's photo).
+
+  ``label_patches``: key (``<folder>/<name>``) -> a label id written in a square at the top-left
+  of its map (``lsun_labels``), e.g. 150. ``files_list``: names in ``training/`` (photos, label
+  maps) that ``training/files.list`` lists, in that order, as the official cache writes them:
+  ``<root>/training/<name>`` (absolute when ``root`` is); the training records are then its
+  photos."""
   root = pathlib.Path(root)
   train, val = names or ([f"img{i}.jpg" for i in range(1, n_train + 1)], [f"val{i}.jpg" for i in range(1, n_val + 1)])
+  patches = label_patches or {}
   labels = {}
   photos = [(builders.LSUN_FOLDERS["train"], name) for name in train]
   photos += [(builders.LSUN_FOLDERS["validation"], name) for name in val]
   for k, (folder, name) in enumerate(photos):
     key = f"{folder}/{name}"
-    ids = labels[key] = lsun_stripes(k, image_shape)
+    ids = labels[key] = lsun_labels(k, image_shape, patches.get(key))
     photo = _textured(np.repeat(lsun_gray(ids)[..., None], 3, -1), texture, _rng(seed, k, 1))
     _write(root / key, jpeg_bytes(photo, quality))
     _write(root / builders.lsun_label_key(key), png_bytes(ids))
+  if files_list is not None:
+    folder = f"{root}/{builders.LSUN_FOLDERS['train']}"  # the official dataroot + "/training"
+    _write(root / builders.LSUN_FOLDERS["train"] / builders.FILES_LIST,
+           "".join(f"{folder}/{name}\n" for name in files_list))
+    train = [name for name in files_list if name.endswith(".jpg")]
   _write(root / "lsun_church_ref.txt", _list_text(refs or _default_lists(train, ())))
   _write(root / "lsun_church_ref_test.txt", _list_text(test_refs or _default_lists(val, ())))
   keys = lambda folder, split_names: tuple(f"{folder}/{name}" for name in split_names)

@@ -16,7 +16,11 @@ its easy exemplar (and a random other image as the hard one): for it, ``--top_k=
       --images=CelebA-HQ-img/ --output=celebahq_ref.txt
 
 Names. A folder gives its image files (not its sub-folders) under their file names, which is how the
-CelebA-HQ and LSUN-church loaders look keys and exemplars up (in the key's own folder). A list gives
+CelebA-HQ and LSUN-church loaders look keys and exemplars up (in the key's own folder). A folder in
+the LSUN church layout, where label maps ``<name>.png`` lie beside the photos ``<name>.jpg``, gives
+only its ``.jpg`` photos, as the official LSUN loader takes them (its ``.png`` files are label maps,
+and no other file is a photo there); a note on stderr says so. So ``--images=<lsun>/training`` and
+``--images=<lsun>/validation`` write the lists ``prepare`` reads. A list gives
 its entries as written (one path per line, relative to the list's folder; blank lines and # comments
 ignored; ``\\`` read as ``/``, written as ``/``), which is how the DeepFashion loader names images
 (``train.txt`` entries relative to the data root, so pass ``DeepFashion/train.txt``). Candidate names
@@ -57,10 +61,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from midms_jax import cli, logs
+from midms_jax import cli, logs, platform_tuning
 from midms_jax.data import images as images_lib
 from midms_jax.errors import CheckpointError, InputError
-from midms_jax.losses import vgg as vgg_lib
+from midms_jax.models import vgg as vgg_lib
 
 LAYERS = ("r32", "r42", "r52")
 SIZE_MULTIPLE = 16  # relu5_x sits after four 2x2 max pools
@@ -101,11 +105,28 @@ class Entry:
   path: pathlib.Path
 
 
-def _folder_entries(folder: pathlib.Path) -> list[Entry]:
+LSUN_PHOTO, LSUN_LABEL_MAP = ".jpg", ".png"  # the official LSUN loader's split of a folder's files
+
+
+def label_map_layout(paths: Sequence[pathlib.Path]) -> bool:
+  """Whether a folder's image files are in the LSUN church layout: some ``<name>.png`` (a label map)
+  beside a ``<name>.jpg`` photo."""
+  photos = {p.with_suffix("") for p in paths if p.suffix == LSUN_PHOTO}
+  return any(p.suffix == LSUN_LABEL_MAP and p.with_suffix("") in photos for p in paths)
+
+
+def _folder_entries(folder: pathlib.Path, notes: list[str] | None) -> list[Entry]:
   paths = [p for p in folder.iterdir()
            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images_lib.IMAGE_SUFFIXES]
   if not paths:
     raise InputError(f"{folder}: no image files ({', '.join(images_lib.IMAGE_SUFFIXES)}) in this folder")
+  if label_map_layout(paths):  # its .png files are label maps: never exemplars
+    photos = [p for p in paths if p.suffix == LSUN_PHOTO]
+    if notes is not None:
+      notes.append(f"{folder} holds label maps beside its photos (<name>.png beside <name>.jpg, "
+                   f"the LSUN church layout): listing its {len(photos)} .jpg photos, not its "
+                   f"{len(paths) - len(photos)} other image files")
+    paths = photos
   return sorted((Entry(p.name, p) for p in paths), key=lambda e: images_lib.natural_key(e.name))
 
 
@@ -120,12 +141,13 @@ def _list_entries(path: pathlib.Path) -> list[Entry]:
   return [Entry(name, path.parent / pathlib.Path(name).expanduser()) for name in names]  # absolute stays absolute
 
 
-def list_images(source: str | pathlib.Path) -> list[Entry]:
-  """The entries of a folder (natural order) or a ``.txt`` list (its order); names must fit the format and
-  be unique, and no file may appear twice."""
+def list_images(source: str | pathlib.Path, notes: list[str] | None = None) -> list[Entry]:
+  """The entries of a folder (natural order; in the LSUN church layout its photos only, and a line
+  for ``notes`` says so) or a ``.txt`` list (its order); names must fit the format and be unique,
+  and no file may appear twice."""
   source = pathlib.Path(source).expanduser()
   if source.is_dir():
-    entries = _folder_entries(source)
+    entries = _folder_entries(source, notes)
   elif source.suffix.lower() == ".txt":
     entries = _list_entries(source)
   elif source.exists():
@@ -354,8 +376,8 @@ def _widths(values: Sequence[str]) -> tuple[int, ...]:
     widths = tuple(int(v) for v in values)
   except ValueError:
     widths = ()
-  if len(widths) != len(vgg_lib.BLOCK_SIZES) or min(widths) < 1:
-    raise InputError(f"--vgg_widths={','.join(values)}: need {len(vgg_lib.BLOCK_SIZES)} positive integers, "
+  if len(widths) != len(vgg_lib.VGG19_BLOCKS) or min(widths) < 1:
+    raise InputError(f"--vgg_widths={','.join(values)}: need {len(vgg_lib.VGG19_BLOCKS)} positive integers, "
                      f"e.g. {','.join(map(str, OFFICIAL_WIDTHS))}")
   return widths
 
@@ -372,8 +394,11 @@ def main(argv: Sequence[str]) -> int:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
     return 2
   try:
-    image_entries = list_images(_required(_IMAGES, "a folder or .txt list of images"))
-    candidate_entries = list_images(_CANDIDATES.value) if _CANDIDATES.value else None
+    notes = []
+    image_entries = list_images(_required(_IMAGES, "a folder or .txt list of images"), notes)
+    candidate_entries = list_images(_CANDIDATES.value, notes) if _CANDIDATES.value else None
+    for note in notes:  # before the features: a run on a large folder is long
+      print(f"note: {note}", file=sys.stderr)
     output = _required(_OUTPUT, "the list file to write")
     cli.check_writable(output, "--output")  # before the features are computed
     widths = _widths(_VGG_WIDTHS.value)
@@ -404,4 +429,5 @@ def run(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+  platform_tuning.set_xla_flags()
   sys.exit(run(sys.argv))

@@ -11,11 +11,17 @@ with a progress bar, then the records are written; at the end a summary: records
 skipped files with their reasons. When stderr is not a terminal (a log file, a pipe) the progress
 bars, TFDS's included, give way to a plain line per stage (checking, then writing each split).
 
-Bad data stops the run with exit status 2 and one ``error:`` line naming the file; ``--skip_bad``
-skips such records instead (and those that use them as exemplars) and lists them. So do an empty or
-missing ``--manual_dir`` and a ``--data_dir`` that cannot be written; a failed build leaves no empty
-folders behind. A data set already prepared in ``data_dir`` is kept (its summary is printed) unless
-``--overwrite`` is given. ``--library_logs`` shows TFDS's INFO lines.
+Records are written in the official loader's order (``builders.py``: CelebA-HQ and LSUN church
+natural-sorted, DeepFashion in list order; LSUN church training from ``training/files.list`` when
+it exists), so a record's index in its split, by which ``evaluate`` names its outputs, is its index
+in the official data set. LSUN label maps hold ids 0..150 or 255 (read as 150), as officially.
+
+Bad data stops the run with exit status 2 and one ``error:`` line naming the file, and so do an
+empty or missing ``--manual_dir`` and a ``--data_dir`` that cannot be written; a failed build
+leaves no empty folders behind. ``--skip_bad`` skips bad records instead (and those that use them
+as exemplars) and lists them, with a note that the records after them have lower indices than in
+the official data set. A data set already prepared in ``data_dir`` is kept (its summary is
+printed) unless ``--overwrite`` is given. ``--library_logs`` shows TFDS's INFO lines.
 """
 
 import contextlib
@@ -136,6 +142,8 @@ def summary(builder: builders.BenchmarkBuilder, built: bool) -> str:
     lines += [f"  {s['split']}: {s['reason']}" for s in skipped[:SKIPPED_SHOWN]]
     if len(skipped) > SKIPPED_SHOWN:
       lines.append(f"  ... and {len(skipped) - SKIPPED_SHOWN} more (all in {builder.data_dir}/metadata.json)")
+    lines.append("note: records after a skipped one have lower indices than in the official data "
+                 "set (evaluate names its files by index)")
   return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ official data sets do it:
 * ``label`` / ``label_ref`` / ``label_ref_hard``, float32 in [0, 1]: CelebA-HQ ``conditions.celebahq_condition``
   of the photo and its part masks (15 channels); DeepFashion ``conditions.deepfashion_condition`` of the
   pose, drawn at the photo's size (20); LSUN church ``conditions.one_hot_labels`` of the label map, ids
-  0..149 and 255 -> 150 (151).
+  0..150 and 255 -> 150, the don't-care channel (151).
 
 ``ref`` is the easy exemplar (with its own condition), ``ref_hard`` the hard one; both are other records
 of the data set (any split), rendered the same way. The crop, flip and exemplar choice are the pipeline's.

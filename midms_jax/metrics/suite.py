@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from midms_jax.errors import CheckpointError
-from midms_jax.losses import vgg as vgg_lib
+from midms_jax.models import vgg as vgg_lib
 from midms_jax.metrics import batching, fid, inception, lpips, swd, vgg_similarity
 
 METRICS = ("fid_sources", "fid_exemplars", "swd", "lpips_diversity", "style_relevance_colour",

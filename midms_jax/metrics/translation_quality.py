@@ -8,7 +8,7 @@ truth with PSNR (dB, on [-1, 1] images, ``image_quality.psnr``) and LPIPS (v0.1,
 * ``initial_warp``: the single-shot warp of the same model (initial matching only, decoded, no diffusion).
 
 A model that learnt exemplar-based translation beats both baselines. Pair ``i`` of the stream uses the key
-``fold_in(PRNGKey(seed), i)``, so the numbers are reproducible and independent of the batch size.
+``inference.pair_key(seed, i)``, so the numbers are reproducible and independent of the batch size.
 """
 
 import functools
@@ -18,27 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from midms_jax import inference
 from midms_jax.metrics.image_quality import psnr
 from midms_jax.metrics.lpips import LPIPS
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 METHODS = ("midms", "exemplar", "initial_warp")
 METRICS = ("psnr", "lpips")
-
-
-def translations(model: MIDMs, variables: Mapping[str, Any], batch: Mapping[str, jax.Array], keys: jax.Array, *,
-                 refine: bool = True) -> tuple[jax.Array, jax.Array]:
-  """(translation, decoded single-shot warp) of every pair of ``batch``, unclamped; pair ``i`` uses ``keys[i]``."""
-  def translate_one(condition, exemplar, exemplar_condition, key):
-    out = model.translate(variables, condition[None], exemplar[None], exemplar_condition[None], key, refine=refine)
-    return out["image"][0], model.decode(variables, out["initial_warp"])[0]
-
-  return jax.vmap(translate_one)(batch["label"], batch["ref"], batch["label_ref"], keys)
-
-
-def pair_keys(seed: int, start: int, count: int) -> jax.Array:
-  """The PRNG keys of pairs ``start .. start + count - 1``: ``fold_in(PRNGKey(seed), i)``."""
-  return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(start, start + count))
 
 
 def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
@@ -46,8 +32,10 @@ def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Map
                 refine: bool = True) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """(``{'<method>/<metric>': (B,)}``, the scored images ``{method: (B, H, W, 3)}``) for one batch; ``keys``
   ``(B, 2)``: one PRNG key per pair."""
-  output, warp = translations(model, variables, batch, keys, refine=refine)
-  images = dict(midms=jnp.clip(output, -1, 1), exemplar=batch["ref"], initial_warp=jnp.clip(warp, -1, 1))
+  out = inference.translate_pairs(model, variables, batch["label"], batch["ref"], batch["label_ref"], keys,
+                                  refine=refine, outputs=("image", "initial_warp_image"))
+  images = dict(midms=jnp.clip(out["image"], -1, 1), exemplar=batch["ref"],
+                initial_warp=jnp.clip(out["initial_warp_image"], -1, 1))
   truth = batch["image"]
   scores = {}
   for method, image in images.items():
@@ -69,7 +57,7 @@ def evaluate(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mappin
   count = 0
   for batch in batches:
     size = len(batch["image"])
-    keys = pair_keys(seed, count, size)
+    keys = inference.pair_keys(seed, count, size)
     scores, images = score(variables, lpips_variables, dict(batch), keys)
     for name, values in jax.device_get(scores).items():
       sums[name] += float(np.sum(np.asarray(values, np.float64)))

@@ -1,6 +1,6 @@
 """CoCosNet's style relevance and semantic consistency: cosine similarities of VGG19 features.
 
-The network is the loss network (``midms_jax.losses.vgg.VGG19``, CoCosNet's ``vgg19_conv.pth``, Caffe
+The network is the loss network (``midms_jax.models.vgg.VGG19``, CoCosNet's ``vgg19_conv.pth``, Caffe
 preprocessing of [-1, 1] images); ``rXY`` is relu X_Y.
 
 * Semantic consistency (output vs the ground truth of its condition): per high-level layer relu3_2, relu4_2,
@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from midms_jax.losses.vgg import VGG19
+from midms_jax.models.vgg import VGG19
 
 SEMANTIC_LAYERS = ("r32", "r42", "r52")
 STYLE_LAYERS = {"colour": "r12", "texture": "r22"}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from midms_jax.models.conv import conv_general_dilated
+from midms_jax.models.conv import Conv
 from midms_jax.models.layers import GroupNorm32, upsample_nearest_2x
 
 _ATTN_TYPES = ("vanilla", "none")
@@ -28,8 +28,7 @@ def _conv(features: int, kernel: int, name: str, dtype, stride: int = 1, padding
   """Conv2d with PyTorch-style symmetric zero padding ``kernel // 2`` unless ``padding`` is given."""
   if padding is None:
     padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name,
-                 conv_general_dilated=conv_general_dilated)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
 def _check_config(ch: int, ch_mult: Sequence[int], dropout: float, attn_type: str) -> None:

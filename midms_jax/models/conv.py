@@ -1,28 +1,28 @@
-"""``lax.conv_general_dilated`` whose backward pass stays on XLA:CPU's fast convolution path.
+"""``Conv``: the convolution of every model here, ``flax.linen.Conv`` with a backward pass tuned for XLA:CPU.
 
 XLA:CPU runs a convolution through Eigen only in the canonical layout (batch first and features last
 in the input and output, kernel ``spatial..., in, out``). Its canonicalisation pass rewrites the
 other layouts into that one, but only in the entry computation: the gradients JAX emits for a
 convolution inside a ``lax.scan`` / ``lax.cond`` body (``f01b_i01o->01bf`` for the kernel,
 ``01oi`` kernels for the input) stay as they are and run through a naive loop, 10 to 30x slower.
-MIDMs differentiates through every network inside its interleaved loop, where that made one
-training step of the small config take 29 s instead of ~2 s.
+MIDMs differentiates through every network inside its interleaved loop.
 
-``conv_general_dilated`` here computes the same convolution; on CPU its backward pass builds both
-gradients as canonical convolutions with explicit transposes, elsewhere it is JAX's own backward pass.
-The form is chosen when tracing, by ``jax.default_backend()`` (everything here runs on the default
-backend; both forms give the same gradients, so lowering for another platform is only slower there):
-tracing both behind ``lax.platform_dependent`` took a fifth of a training step's lowering time. Pass it
-to ``flax.linen.Conv(conv_general_dilated=...)`` or call it as ``lax.conv_general_dilated``. Cases it
-does not rewrite (grouped, dilated, other layouts) go to ``lax.conv_general_dilated`` untouched.
+Where ``platform_tuning.tuned("canonical_conv_backward")`` (on CPU), ``conv_general_dilated`` computes the
+same convolution with a backward pass that builds both gradients as canonical convolutions with explicit
+transposes, and none for an argument outside differentiation (a frozen network's kernel, a detached input).
+Elsewhere, and for the cases it does not rewrite (grouped, dilated, other layouts), it is
+``lax.conv_general_dilated`` itself. The form is chosen when tracing.
 """
 
 import functools
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from midms_jax import platform_tuning
 
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -68,20 +68,6 @@ class _Residuals:
     return cls(*children, *shapes)
 
 
-def _default_backward(strides, padding, residuals: _Residuals, grad):
-  """JAX's own transposes of the convolution in each argument (no forward recomputation)."""
-  lhs, rhs = residuals.lhs, residuals.rhs
-  conv = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_channels_last_numbers(a.ndim))
-  grad_lhs = grad_rhs = None
-  if rhs is not None:
-    lhs_spec = jax.ShapeDtypeStruct(residuals.lhs_shape, rhs.dtype)
-    (grad_lhs,) = jax.linear_transpose(lambda a: conv(a, rhs), lhs_spec)(grad)
-  if lhs is not None:
-    rhs_spec = jax.ShapeDtypeStruct(residuals.rhs_shape, lhs.dtype)
-    (grad_rhs,) = jax.linear_transpose(lambda b: conv(lhs, b), rhs_spec)(grad)
-  return grad_lhs, grad_rhs
-
-
 def _canonical_backward(strides, padding, residuals: _Residuals, grad):
   """The wanted gradients as channels-last convolutions (batch first, features last, kernel ``..., in, out``).
 
@@ -117,8 +103,7 @@ def _canonical_backward(strides, padding, residuals: _Residuals, grad):
 def _conv_bwd(strides, padding, residuals: _Residuals, grad):
   if isinstance(grad, jax.custom_derivatives.SymbolicZero):  # the output is not differentiated
     return None, None
-  backward = _canonical_backward if jax.default_backend() == "cpu" else _default_backward
-  return backward(strides, padding, residuals, grad)
+  return _canonical_backward(strides, padding, residuals, grad)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
@@ -135,9 +120,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   n = lhs.ndim - 2
   numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   unit = lambda d: d is None or all(v == 1 for v in d)
-  if (numbers != _channels_last_numbers(lhs.ndim) or feature_group_count != 1 or batch_group_count != 1
-      or not unit(lhs_dilation) or not unit(rhs_dilation) or precision is not None
+  if (not platform_tuning.tuned("canonical_conv_backward") or numbers != _channels_last_numbers(lhs.ndim)
+      or feature_group_count != 1 or batch_group_count != 1 or not unit(lhs_dilation) or not unit(rhs_dilation) or precision is not None
       or preferred_element_type is not None or lhs.dtype != rhs.dtype):
     return plain()
   strides = tuple(int(s) for s in window_strides) if window_strides else (1,) * n
   return _conv(lhs, rhs, strides, _explicit_padding(padding, lhs.shape, rhs.shape, strides))
+
+
+# flax.linen.Conv with ``conv_general_dilated``: every convolution of the models.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

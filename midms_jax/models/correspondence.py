@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from midms_jax.models.conv import conv_general_dilated
+from midms_jax import platform_tuning
+from midms_jax.models.conv import Conv, conv_general_dilated
 from midms_jax.models.layers import instance_norm, pad_hw, torch_nearest_resize
 
 SPECTRAL = "spectral"
@@ -43,9 +44,9 @@ def _torch_bias_init(fan_in: int) -> Callable:
 def _torch_conv(features: int, kernel_size: int, in_channels: int, name: str | None = None,
                 dtype=jnp.float32) -> nn.Conv:
   """Unpadded Conv2d with bias (callers pad explicitly, reflection or zero, as the official code)."""
-  return nn.Conv(features, (kernel_size, kernel_size), padding="VALID", kernel_init=_torch_kernel_init,
-                 dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated,
-                 bias_init=_torch_bias_init(in_channels * kernel_size ** 2), name=name)
+  return Conv(features, (kernel_size, kernel_size), padding="VALID", kernel_init=_torch_kernel_init,
+              dtype=dtype, param_dtype=jnp.float32, bias_init=_torch_bias_init(in_channels * kernel_size ** 2),
+              name=name)
 
 
 def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -129,9 +130,9 @@ class SPADE(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, segmap: jax.Array) -> jax.Array:
     channels = x.shape[-1]
-    # Materialised here (optimisation barrier): otherwise XLA:CPU fuses the map's producer into the convolution
-    # inputs of every SPADE that reads it, and the small config's training step takes 3.4-3.8 s instead of 3.0 s.
-    segmap = jax.lax.optimization_barrier(torch_nearest_resize(segmap, x.shape[1], x.shape[2]))
+    segmap = torch_nearest_resize(segmap, x.shape[1], x.shape[2])
+    if platform_tuning.tuned("spade_map_barrier"):  # materialised, not fused into every conv that reads it
+      segmap = jax.lax.optimization_barrier(segmap)
     shared = _torch_conv(self.hidden, 3, segmap.shape[-1], name="mlp_shared.1", dtype=self.dtype)
     actv = pad_hw(nn.relu(shared(pad_hw(segmap, 1, "reflect"))), 1, "reflect")
     gamma = _torch_conv(channels, 3, self.hidden, name="mlp_gamma", dtype=self.dtype)(actv)

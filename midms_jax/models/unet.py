@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from midms_jax import blockwise
-from midms_jax.models.conv import conv_general_dilated
+from midms_jax.models import blockwise
+from midms_jax.models.conv import Conv
 from midms_jax.models.layers import GroupNorm32, upsample_nearest_2x
 
 # PyTorch's default Conv/Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -56,9 +56,9 @@ def _conv(features: int, kernel: int, *, dtype, stride: int = 1, zero_init: bool
           name: str | None = None) -> nn.Conv:
   """Conv2d with PyTorch padding ``kernel // 2`` on every side (symmetric, also when strided)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated,
-                 kernel_init=nn.initializers.zeros if zero_init else _torch_default_init, name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+              dtype=dtype, param_dtype=jnp.float32,
+              kernel_init=nn.initializers.zeros if zero_init else _torch_default_init, name=name)
 
 
 def _avg_pool_2x(x: jax.Array) -> jax.Array:
@@ -178,8 +178,7 @@ class AttentionBlock(nn.Module):
     if self.num_heads < 1 or channels % self.num_heads:
       raise ValueError(f"AttentionBlock: {channels} channels cannot be split into {self.num_heads} heads")
     head_ch = channels // self.num_heads
-    conv1d = functools.partial(nn.Conv, kernel_size=(1,), dtype=self.dtype, param_dtype=jnp.float32,
-                               conv_general_dilated=conv_general_dilated)
+    conv1d = functools.partial(Conv, kernel_size=(1,), dtype=self.dtype, param_dtype=jnp.float32)
     tokens = x.reshape(batch, height * width, channels)
     qkv = conv1d(3 * channels, kernel_init=_torch_default_init, name="qkv")(GroupNorm32(name="norm")(tokens))
     if self.use_new_attention_order:

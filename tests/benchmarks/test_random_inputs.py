@@ -6,7 +6,7 @@ import numpy as np
 from benchmarks import random_inputs
 from configs import celebahq
 from midms_jax.models import build
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 
 def test_random_variables_have_init_shapes_and_give_a_finite_translation():

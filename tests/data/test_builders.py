@@ -104,7 +104,7 @@ def test_celebahq_records_keep_the_files_and_reference_their_exemplars(prepared)
   assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == dict(
       train=4, validation=2, exemplars=1)
   train, val, extra = (_stored(builder, s) for s in builders.SPLITS)
-  assert [_text(r["key"]) for r in train] == [f"{i}.jpg" for i in CELEBA_TRAIN]  # list order
+  assert [_text(r["key"]) for r in train] == [f"{i}.jpg" for i in CELEBA_TRAIN]  # natural order
   for record in train + val + extra:
     key = _text(record["key"])
     assert record["image"] == (manual_dir / "CelebA-HQ-img" / key).read_bytes()  # the original bytes
@@ -384,14 +384,17 @@ def test_bad_pose_files(tmp_path, damage, expected):
 def test_bad_lsun_label_maps(tmp_path):
   root = write_lsun(tmp_path / "lsun").root
   label = root / "training" / "img2.png"
-  label.write_bytes(fake_layouts.png_bytes(np.full((LSUN_SIDE, LSUN_SIDE), 200)))
-  assert _build_error("lsun_church", root, tmp_path / "a").startswith(
-      f"{label}: label ids must be 0..149 or 255 (don't care), found 200")
+  ids = np.full((LSUN_SIDE, LSUN_SIDE), 150)  # 150: the don't-care class, accepted (as 255)
+  ids[5:7, 5:7] = 151  # no channel of the official 151-channel one-hot
+  label.write_bytes(fake_layouts.png_bytes(ids))
+  assert _build_error("lsun_church", root, tmp_path / "a") == (
+      f"{label}: label ids must be 0..150 or 255 (read as 150, don't care), found 151")
   label.unlink()
   assert _build_error("lsun_church", root, tmp_path / "b") == f"{label}: no such file"
   # Skipping img2 skips every training record (each uses img2 or one that does as an exemplar).
   assert _build_error("lsun_church", root, tmp_path / "c", skip_bad=True) == (
-      f"{root}: no usable train record (see train.txt, the train exemplar list and the problems above)")
+      f"{root}: no usable train record (see training/, the train exemplar list and the problems "
+      "above)")
 
 
 def test_bad_list_lines(tmp_path):

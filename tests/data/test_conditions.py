@@ -89,7 +89,7 @@ def test_lsun_label_png_one_hot(tmp_path):
 
 def test_lsun_refuses_bad_ids_and_photos(tmp_path, photo):
   Image.fromarray(np.full((32, 32), 200, np.uint8), "L").save(tmp_path / "seg.png")
-  _expect_error(tmp_path / "seg.png", LSUN, "label ids must be 0..149 or 255 (don't care), found 200")
+  _expect_error(tmp_path / "seg.png", LSUN, "label ids must be 0..150 or 255 (read as 150, don't care), found 200")
   _expect_error(photo, LSUN, "lsun_church conditions cannot be computed from a photo", "label-id PNG",
                 "(H, W, 151) .npy")
 

@@ -10,9 +10,9 @@ from PIL import Image
 from skimage import data
 
 import configs.base
-from midms_jax.data import images, make_exemplar_lists as mel
+from midms_jax.data import fake_layouts, images, make_exemplar_lists as mel, prepare
 from midms_jax.errors import InputError
-from midms_jax.losses import vgg
+from midms_jax.models import vgg
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 VGG_FILE = FIXTURES / "vgg19_small.pth"
@@ -180,6 +180,51 @@ def test_corrupt_image_is_named_or_skipped(folder, variables, tmp_path):
   lists = _lists(mel.list_images(root), tmp_path / "ref.txt", variables, skip_bad=True, top_k=20)
   assert "broken.jpg" not in lists and all("broken.jpg" not in c for c in lists.values())
   assert len(lists) == 15 and all(len(c) == 14 for c in lists.values())
+
+
+def test_folder_with_label_maps_gives_its_photos(tmp_path):
+  """``<name>.png`` beside ``<name>.jpg`` (the LSUN church layout): the .png files are label
+  maps, and only the .jpg files are photos (as the official LSUN loader splits a folder); a note
+  says so."""
+  for name in ("b.jpg", "b.png", "a10.jpg", "a10.png", "a9.jpg", "c.jpeg"):
+    Image.new("RGB", (8, 8)).save(tmp_path / name)
+  notes = []
+  assert [e.name for e in mel.list_images(tmp_path, notes)] == ["a9.jpg", "a10.jpg", "b.jpg"]
+  assert notes == [f"{tmp_path} holds label maps beside its photos (<name>.png beside <name>.jpg, "
+                   "the LSUN church layout): listing its 3 .jpg photos, not its 3 other image "
+                   "files"]
+  (tmp_path / "b.jpg").rename(tmp_path / "d.jpg")  # no label map beside a photo: every image file
+  (tmp_path / "a10.jpg").unlink()
+  names = [e.name for e in mel.list_images(tmp_path)]
+  assert names == ["a9.jpg", "a10.png", "b.png", "c.jpeg", "d.jpg"]
+
+
+def test_official_lsun_folders_give_lists_prepare_reads(variables, tmp_path, capsys):
+  """``--images`` = an official LSUN church folder (photos and label maps side by side): no label
+  map in the lists, whose lines ``prepare`` accepts."""
+  fake = fake_layouts.write_lsun_church(tmp_path / "lsun", n_train=4, n_val=3,
+                                        image_shape=(SIDE, SIDE), texture=0.5)
+  lists = {"training": tmp_path / "lists" / "ref.txt",
+           "validation": tmp_path / "lists" / "ref_test.txt"}
+  common = [f"--vgg_checkpoint={VGG_FILE}", f"--vgg_widths={','.join(map(str, WIDTHS))}",
+            f"--image_size={FEATURE_SIZE}", "--top_k=3", "--batch_size=4", "--read_threads=2"]
+  for folder, output in lists.items():
+    status = mel.run(["make_exemplar_lists", f"--images={fake.root / folder}", f"--output={output}",
+                      *common])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert f"note: {fake.root / folder} holds label maps beside its photos" in err
+    assert ".png" not in output.read_text()
+    keys = fake.train if folder == "training" else fake.validation
+    photos = sorted(key.split("/")[1] for key in keys)
+    parsed = mel.read_list(output)
+    assert sorted(parsed) == photos and all(set(c) <= set(photos) for c in parsed.values())
+  status = prepare.run(["prepare", "--dataset=lsun_church", f"--manual_dir={fake.root}",
+                        f"--data_dir={tmp_path / 'tfds'}", f"--ref_list={lists['training']}",
+                        f"--ref_test_list={lists['validation']}"])
+  out = capsys.readouterr().out
+  assert status == 0, out
+  assert "  train             4 records\n  validation        3 records\n" in out
 
 
 def test_read_list_parses_the_official_files(tmp_path):

@@ -4,10 +4,11 @@ one ``error:`` line and exit status 2 for bad input, ``--skip_bad`` lists what i
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from configs import celebahq
-from midms_jax.data import pipeline, prepare
+from configs import celebahq, lsun_church
+from midms_jax.data import fake_layouts, pipeline, prepare
 from tests.data.test_builders import write_celebahq, write_lsun
 
 
@@ -58,6 +59,46 @@ def test_skip_bad_lists_the_skipped_files(tmp_path, capsys):
   assert f"  train: {bad}: not a readable image" in out
   status, out, _ = _run(capsys, *flags)  # the summary of a prepared data set still lists them
   assert status == 0 and "skipped 2 record(s):" in out
+
+
+def test_lsun_label_150_is_the_dont_care_channel(tmp_path, capsys):
+  """A validation label map holding a 20 x 20 square of id 150 (the official loader's don't-care
+  class, which 255 is mapped to) prepares, and the one-hot channel 150 is set there."""
+  key = "validation/val1.jpg"
+  fake = fake_layouts.write_lsun_church(tmp_path / "lsun", label_patches={key: 150})
+  ids = fake.condition_inputs[key]
+  assert (ids[:20, :20] == 150).all() and (ids == 150).sum() == 400
+  status, out, err = _run(capsys, "--dataset=lsun_church", f"--manual_dir={fake.root}",
+                          f"--data_dir={tmp_path / 'tfds'}")
+  assert status == 0, err
+  assert "  validation        2 records" in out and "skipped" not in out
+  data_cfg = lsun_church.get_config("tiny").data
+  data_cfg.update(dict(data_dir=str(tmp_path / "tfds"), eval_load_size=40))
+  label = pipeline.make_source(data_cfg, "validation")[0]["label"]  # val1: record 0
+  assert label.shape == (40, 40, 151)
+  np.testing.assert_array_equal(label[:20, :20, 150], 1.0)
+  np.testing.assert_array_equal(label.sum(-1), 1.0)
+  np.testing.assert_array_equal(np.argmax(label, -1), np.where(ids == 255, 150, ids))
+
+
+def test_skip_bad_reports_label_ids_without_a_channel(tmp_path, capsys):
+  """Id 151 has no one-hot channel: one error line naming the label map; --skip_bad lists the record
+  and the one that uses it as its exemplar."""
+  patches = {"training/img3.jpg": 151, "validation/val1.jpg": 150}
+  fake = fake_layouts.write_lsun_church(tmp_path / "lsun", label_patches=patches)
+  label = fake.root / "training" / "img3.png"
+  flags = ("--dataset=lsun_church", f"--manual_dir={fake.root}", f"--data_dir={tmp_path / 'tfds'}")
+  problem = f"{label}: label ids must be 0..150 or 255 (read as 150, don't care), found 151"
+  status, _, err = _run(capsys, *flags)
+  assert status == 2 and _error_line(err) == f"error: {problem}"
+  status, out, _ = _run(capsys, *flags, "--skip_bad")
+  assert status == 0
+  assert "  train             1 records\n  validation        2 records\n" in out
+  ref_list = fake.root / "lsun_church_ref.txt"
+  assert (f"skipped 2 record(s):\n"
+          f"  train: {ref_list}:2: exemplar img3.jpg of img2.jpg: {problem}\n"
+          f"  train: {problem}\n"
+          "note: records after a skipped one have lower indices than in the official data") in out
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from midms_jax.errors import CheckpointError
-from midms_jax.losses import contextual, midms_losses as midms_losses_lib, vgg
+from midms_jax.losses import contextual, midms_losses as midms_losses_lib
 from midms_jax.losses.midms_losses import midms_losses
+from midms_jax.models import vgg
 from tests.conftest import FIXTURES, assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
 pytest.importorskip("torch")
@@ -139,7 +140,7 @@ def test_rewarp_term_scores_each_unmasked_rewarp_against_the_ground_truth(setup,
 
   def loss_fn(v, b, n):
     outputs, _ = model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False, update_stats=False, noise=n,
-                                     original_index=jnp.asarray(io["train/rand_idx"]), capture=True,
+                                     original_index=jnp.asarray(io["train/rand_idx"]),
                                      decode_rewarps=True)  # the re-warps decoded with both paths' outputs
     rewarped = outputs.pop("rewarped_ref")
     official = midms_losses(outputs, b, features, config.loss, warmup=False, with_context=True)
@@ -147,7 +148,7 @@ def test_rewarp_term_scores_each_unmasked_rewarp_against_the_ground_truth(setup,
                                            warmup=False, with_context=True)
 
   outputs, (total0, terms0), (total, terms) = jax.jit(loss_fn)(variables, batch, forward_noise(io, "train", model))
-  news = np.asarray(outputs["steps"]["pred_ref_x0_new"])
+  news = np.asarray(outputs["steps"].rewarp.pred_ref_x0_new)
   np.testing.assert_array_equal(np.asarray(outputs["rewarped_ref_x0"]), news[[1, 2]])
   layer = config.loss.perc_layer
   gt = features(jnp.asarray(batch["image"]))[layer]

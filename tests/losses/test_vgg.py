@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from midms_jax.losses import vgg
-from midms_jax.metrics import lpips
+from midms_jax.models import vgg as trunks
 
 
 def _loss_cfg(name: str) -> ml_collections.ConfigDict:
@@ -19,7 +19,7 @@ def test_vgg16_loss_gives_the_imagenet_vgg16_relus_under_vgg19_names():
   variables = vgg.load_loss_network(_loss_cfg("vgg16_imagenet"))
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   features = jax.jit(lambda v, x: net.apply(v, x, ("r12", "r32", "r52")))(variables, images)
-  want = jax.jit(lambda x: lpips.VGG16Features().apply(lpips.load_vgg16_imagenet(), x,
+  want = jax.jit(lambda x: trunks.VGG16Features().apply(trunks.load_vgg16_imagenet(), x,
                                                        ("relu1_2", "relu3_2", "relu5_2")))(images)
   assert sorted(features) == ["r12", "r32", "r52"]
   for ours, theirs in (("r12", "relu1_2"), ("r32", "relu3_2"), ("r52", "relu5_2")):

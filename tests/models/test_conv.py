@@ -53,8 +53,8 @@ def test_values_and_gradients_equal_lax(shape, kernel, features, stride, padding
 
 
 @pytest.mark.parametrize("shape,kernel,features,stride,padding", CASES)
-def test_both_backward_branches_equal_lax(shape, kernel, features, stride, padding):
-  """The CPU branch and the other platforms' branch, called directly."""
+def test_the_canonical_backward_equals_lax(shape, kernel, features, stride, padding):
+  """The backward pass called directly, with and without each gradient."""
   x, w = _inputs(shape, kernel, features)
   n = x.ndim - 2
   pads = conv._explicit_padding(padding, x.shape, w.shape, (stride,) * n)  # pylint: disable=protected-access
@@ -62,16 +62,15 @@ def test_both_backward_branches_equal_lax(shape, kernel, features, stride, paddi
                                                            dimension_numbers=_numbers(x.ndim)), x, w)
   grad = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
   want = vjp(grad)
-  for backward in (conv._canonical_backward, conv._default_backward):  # pylint: disable=protected-access
-    for keep_input, keep_kernel in ((True, True), (True, False), (False, True)):
-      # pylint: disable-next=protected-access
-      residuals = conv._Residuals(x if keep_input else None, w if keep_kernel else None, x.shape, w.shape)
-      got_input, got_kernel = backward((stride,) * n, pads, residuals, grad)
-      for g, e, kept in ((got_input, want[0], keep_kernel), (got_kernel, want[1], keep_input)):
-        if kept:
-          np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
-        else:
-          assert g is None
+  for keep_input, keep_kernel in ((True, True), (True, False), (False, True)):
+    # pylint: disable-next=protected-access
+    residuals = conv._Residuals(x if keep_input else None, w if keep_kernel else None, x.shape, w.shape)
+    got_input, got_kernel = conv._canonical_backward((stride,) * n, pads, residuals, grad)  # pylint: disable=protected-access
+    for g, e, kept in ((got_input, want[0], keep_kernel), (got_kernel, want[1], keep_input)):
+      if kept:
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+      else:
+        assert g is None
 
 
 def _conv_count(fn, *args):
@@ -123,3 +122,14 @@ def test_other_convolutions_go_to_lax_unchanged():
     kwargs.setdefault("dimension_numbers", _numbers(4))
     jaxpr = jax.make_jaxpr(lambda a, b, kw=kwargs: conv.conv_general_dilated(a, b, (1, 1), "SAME", **kw))(inputs, kernel)
     assert [e.primitive.name for e in jaxpr.eqns] == ["conv_general_dilated"], kwargs
+
+
+def test_off_cpu_it_is_lax_itself(monkeypatch):
+  """The tuning applies only where platform_tuning says it helps: elsewhere JAX's own convolution and
+  backward pass (no custom_vjp in the program)."""
+  x, w = _inputs((2, 8, 8, 4), 3, 6)
+  call = lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=_numbers(4))
+  assert "custom_vjp_call" in str(jax.make_jaxpr(call)(x, w))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  elsewhere = lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=_numbers(4))
+  assert [e.primitive.name for e in jax.make_jaxpr(elsewhere)(x, w).eqns] == ["conv_general_dilated"]

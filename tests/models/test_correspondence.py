@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from midms_jax.interop.torch_names import expected_torch_keys, variables_from_state_dict
-from midms_jax.matching import normalize_features
+from midms_jax.midms.matching import normalize_features
 from midms_jax.models.correspondence import CorrespondenceNetworks, SpectralNormConv, spectral_normalized_kernel
 from tests.conftest import assert_close, load_fixture, nchw_to_nhwc, nhwc_to_nchw
 

@@ -7,7 +7,7 @@ import pytest
 
 from configs import celebahq
 from midms_jax.models import build
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 from tests.conftest import forward_inputs, forward_noise
 
 # Mean |bf16 - fp32| / mean |fp32| per stage on the official small checkpoint (measured ~0.8% to 2.5%;

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from midms_jax.models import build, pixel_shuffle
-from midms_jax.models.midms import MIDMs
+from midms_jax.midms.model import MIDMs
 from tests.conftest import nchw_to_nhwc, nhwc_to_nchw
 
 

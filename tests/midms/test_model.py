@@ -9,8 +9,8 @@ import pytest
 from flax import traverse_util
 
 from configs import celebahq, lsun_church
-from midms_jax import matching
-from midms_jax.models.midms import MIDMs, StepCoefficients
+from midms_jax.midms import matching
+from midms_jax.midms.model import MIDMs, StepCoefficients
 from tests.conftest import assert_close, forward_inputs, forward_noise, load_fixture, nchw_to_nhwc
 
 pytest.importorskip("torch")
@@ -42,8 +42,8 @@ def _check_loop(io, mode, steps, paths):
     for p in paths:
       for name, tol in LOOP_TOL.items():
         key = f"{mode}/loop{i}/{p}/{name}"
-        worst = max(worst, assert_close(steps[f"{p}/{name}"][i], _nhwc(io[key]), tol, key))
-      assert_close(steps[f"{p}/eps"][i], _nhwc(io[f"{mode}/loop{i}/{p}/eps"]),
+        worst = max(worst, assert_close(getattr(getattr(steps, p), name)[i], _nhwc(io[key]), tol, key))
+      assert_close(getattr(steps, p).eps[i], _nhwc(io[f"{mode}/loop{i}/{p}/eps"]),
                    1e-4 if mode == "train" else 5e-5, f"{mode}/loop{i}/{p}/eps")
   return worst
 
@@ -54,16 +54,16 @@ def _check_rewarps(io, mode, steps, names):
       key = f"{mode}/rewarp{k}/{name}"
       expected = io[key]
       if name == "corr_inter" or name == "src_corr_inter":
-        actual = steps[name][k]
+        actual = getattr(steps.rewarp, name)[k]
       elif name in EXACT_MASKS:
-        actual, expected = steps[name][k], nchw_to_nhwc(expected)
+        actual, expected = getattr(steps.rewarp, name)[k], nchw_to_nhwc(expected)
         np.testing.assert_array_equal(actual, expected, err_msg=key)
         continue
       else:
-        actual, expected = steps[name][k], _nhwc(expected)
+        actual, expected = getattr(steps.rewarp, name)[k], _nhwc(expected)
       assert_close(actual, expected, REWARP_TOL[name], key)
   for k in (0, 3):  # no re-warp at the first and last step
-    assert not np.any(np.asarray(steps["fb_mask"][k]))
+    assert not np.any(np.asarray(steps.rewarp.fb_mask[k]))
 
 
 def _unrolled(model: MIDMs) -> MIDMs:
@@ -78,8 +78,7 @@ def test_training_forward_matches_official(io, setup, unroll):
   x = forward_inputs(io)
   batch = dict(image=x["src_img"], ref=x["ref_img"], label=x["input_semantics"], label_ref=x["ref_semantics"])
   forward = jax.jit(lambda v, b, n, idx: model.train_forward(v, b, jax.random.PRNGKey(0), warmup=False,
-                                                             update_stats=False, noise=n, original_index=idx,
-                                                             capture=True))
+                                                             update_stats=False, noise=n, original_index=idx))
   out, _ = forward(variables, batch, forward_noise(io, "train", model), jnp.asarray(io["train/rand_idx"]))
   steps = out["steps"]
   np.testing.assert_array_equal(np.asarray(model.loop.t), [io[f"train/loop{i}/ref/t"] for i in range(4)])
@@ -90,7 +89,7 @@ def test_training_forward_matches_official(io, setup, unroll):
   _check_rewarps(io, "train", steps, list(REWARP_TOL) + list(EXACT_MASKS))
   idx = int(io["train/rand_idx"])
   for name, tol in (("x_noisy", 5e-4), ("eps", 1e-4), ("pred_x0", 5e-4)):
-    assert_close(steps["original"][name], _nhwc(io[f"train/loop{idx}/orig/{name}"]), tol, f"orig/{name}")
+    assert_close(out["original_sample"][name], _nhwc(io[f"train/loop{idx}/orig/{name}"]), tol, f"orig/{name}")
   for name, tol in (("warped_src", 5e-5), ("warped_ref", 5e-5), ("original_loss", 1e-6), ("loss_fb", 2e-5),
                     ("iter_warped_ref_seg", 1e-3)):
     assert_close(out[name], _nhwc(io[f"train/out/{name}"]), tol, f"train/out/{name}")
@@ -105,8 +104,7 @@ def test_inference_matches_official(io, setup, unroll):
   model, variables = setup
   model = _unrolled(model) if unroll else model
   x = forward_inputs(io)
-  translate = jax.jit(lambda v, c, e, ec, n: model.translate(v, c, e, ec, jax.random.PRNGKey(0), noise=n,
-                                                             capture=True))
+  translate = jax.jit(lambda v, c, e, ec, n: model.translate(v, c, e, ec, jax.random.PRNGKey(0), noise=n))
   out = translate(variables, x["input_semantics"], x["ref_img"], x["ref_semantics"], forward_noise(io, "infer", model))
   steps = out["steps"]
   _check_loop(io, "infer", steps, ("ref",))
@@ -124,15 +122,15 @@ def test_inference_matches_official(io, setup, unroll):
   np.testing.assert_array_equal(out["fb_mask"], nchw_to_nhwc(io["infer/out/fb_mask"]))
   # The debug stack: decoded [initial warp, 1 new, 1 mixed, 2 new, 2 mixed] latents, then the two masks.
   stack = _nhwc(io["infer/out/debug_stack"])
-  latents = [out["initial_warp"], steps["pred_ref_x0_new"][1], steps["pred_ref_x0_mixed"][1],
-             steps["pred_ref_x0_new"][2], steps["pred_ref_x0_mixed"][2]]
+  latents = [out["initial_warp"], steps.rewarp.pred_ref_x0_new[1], steps.rewarp.pred_ref_x0_mixed[1],
+             steps.rewarp.pred_ref_x0_new[2], steps.rewarp.pred_ref_x0_mixed[2]]
   for n, latent in enumerate(latents):
     decoded = model.decode(variables, latent)
     assert_close(decoded, stack[2 * n: 2 * n + 2], 1e-4, f"debug_stack decode {n}")
     _, _, indices = model.first_stage.apply(variables["first_stage"], latent, method=model.first_stage.quantize)
     np.testing.assert_array_equal(np.asarray(indices).reshape(-1), io[f"infer/decode{n + 2}/indices"])
   for n, k in enumerate((1, 2)):
-    mask = np.repeat(np.repeat(np.asarray(steps["fb_mask"][k]), 4, axis=1), 4, axis=2)
+    mask = np.repeat(np.repeat(np.asarray(steps.rewarp.fb_mask[k]), 4, axis=1), 4, axis=2)
     np.testing.assert_array_equal(np.broadcast_to(mask, mask.shape[:3] + (3,)), stack[10 + 2 * n: 12 + 2 * n])
 
 
@@ -246,16 +244,16 @@ def test_rewarp_support_matching_correlates_with_the_initial_matching_features(i
 
   def run(v, n):
     out = matching_model.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"], jax.random.PRNGKey(0),
-                                   refine=False, noise=n, capture=True)
+                                   refine=False, noise=n)
     matched, _ = matching_model.initial_matching(v, v["correspondence"]["spectral"], x["input_semantics"],
                                                  x["ref_semantics"], matching_model.encode(v, x["ref_img"]))
     return out["steps"], matched
 
   steps, matched = jax.jit(run)(variables, forward_noise(io, "infer", model))
   for support, matches in ((matched["ref_support_feats"], True), (matched["ref_matching_feats"], False)):
-    want = matching.correlation(matching.normalize_features(steps["iter_enc_ref"][1]),
+    want = matching.correlation(matching.normalize_features(steps.rewarp.iter_enc_ref[1]),
                                 matching.normalize_features(support))
-    assert np.allclose(np.asarray(steps["corr_inter"][1]), np.asarray(want), atol=1e-5) == matches
+    assert np.allclose(np.asarray(steps.rewarp.corr_inter[1]), np.asarray(want), atol=1e-5) == matches
 
 
 def test_matched_first_step_noises_to_the_unet_timestep(io, setup):
@@ -279,11 +277,11 @@ def test_matched_first_step_noises_to_the_unet_timestep(io, setup):
   x = forward_inputs(io)
   noise = forward_noise(io, "infer", model)
   out = jax.jit(lambda v, n: matched.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"],
-                                               jax.random.PRNGKey(0), refine=False, noise=n, capture=True))(
+                                               jax.random.PRNGKey(0), refine=False, noise=n))(
       variables, noise)
   ac = float(np.asarray(official.schedule.alphas_cumprod)[249])
   want = np.sqrt(ac) * np.asarray(out["initial_warp"]) + np.sqrt(1 - ac) * np.asarray(noise.loop_ref)
-  np.testing.assert_allclose(np.asarray(out["steps"]["ref/x_noisy"][0]), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["steps"].ref.x_noisy[0]), want, atol=1e-5)
 
 
 def test_noise_free_loop_start(io, setup):
@@ -300,10 +298,10 @@ def test_noise_free_loop_start(io, setup):
   x = forward_inputs(io)
   noise = forward_noise(io, "infer", model)
   run = jax.jit(lambda v, n: free.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"],
-                                            jax.random.PRNGKey(0), refine=False, noise=n, capture=True))
+                                            jax.random.PRNGKey(0), refine=False, noise=n))
   out = run(variables, noise)
   ac = float(np.asarray(free.schedule.alphas_cumprod)[249])
-  np.testing.assert_allclose(np.asarray(out["steps"]["ref/x_noisy"][0]), np.sqrt(ac) * np.asarray(out["initial_warp"]),
+  np.testing.assert_allclose(np.asarray(out["steps"].ref.x_noisy[0]), np.sqrt(ac) * np.asarray(out["initial_warp"]),
                              atol=1e-6)
   other = run(variables, noise._replace(loop_ref=noise.loop_ref + 1.0))
   np.testing.assert_array_equal(np.asarray(out["image"]), np.asarray(other["image"]))
@@ -323,11 +321,11 @@ def test_options_change_the_result_only_where_they_should(io, setup):
   config = celebahq.get_config("tiny")
   config.midms.confidence_masking = False
   unmasked = run(MIDMs.from_config(config))["steps"]
-  np.testing.assert_allclose(unmasked["pred_ref_x0_mixed"][1], unmasked["pred_ref_x0_new"][1], atol=1e-6)
+  np.testing.assert_allclose(unmasked.rewarp.pred_ref_x0_mixed[1], unmasked.rewarp.pred_ref_x0_new[1], atol=1e-6)
   config = celebahq.get_config("tiny")
   config.midms.fbcheck_true_backward = True
   official, backward = run(model), run(MIDMs.from_config(config))
-  assert not np.array_equal(official["steps"]["fb_ts"], backward["steps"]["fb_ts"])
+  assert not np.array_equal(official["steps"].rewarp.fb_ts, backward["steps"].rewarp.fb_ts)
   np.testing.assert_array_equal(official["initial_warp"], backward["initial_warp"])
 
 
@@ -389,10 +387,10 @@ def test_chunked_warps_give_the_dense_matching_and_gradient(io, setup):
       spectral = v["correspondence"]["spectral"]
       out, _ = m.initial_matching(v, spectral, x["input_semantics"], x["ref_semantics"], exemplar, gt)
       # pylint: disable-next=protected-access
-      ref, _ = m._rewarp(v, spectral, ref_x0, out["trg_matching_feats"], out["ref_matching_feats"], exemplar,
+      ref, _ = m._rewarp_path(v, spectral, ref_x0, out["trg_matching_feats"], out["ref_matching_feats"], exemplar,
                          out["exemplar_condition"], update_stats=False)
       # pylint: disable-next=protected-access
-      src, _ = m._rewarp(v, spectral, src_x0, out["trg_matching_feats"], out["src_matching_feats"], gt,
+      src, _ = m._rewarp_path(v, spectral, src_x0, out["trg_matching_feats"], out["src_matching_feats"], gt,
                          update_stats=False)
       out.update({f"rewarp_ref/{k}": ref[k] for k in ("new", "cycle", "seg")}, **ref["mask"],
                  **{f"rewarp_src/{k}": src[k] for k in ("new", "cycle")})
@@ -422,17 +420,16 @@ def test_chunked_warps_give_the_dense_translation(io, setup):
   x = forward_inputs(io)
   noise = forward_noise(io, "infer", model)
   run = lambda m: jax.jit(lambda v: m.translate(v, x["input_semantics"], x["ref_img"], x["ref_semantics"],
-                                                jax.random.PRNGKey(0), refine=False, noise=noise,
-                                                capture=True))(variables)
+                                                jax.random.PRNGKey(0), refine=False, noise=noise))(variables)
   dense, chunked = run(model), run(_chunked_model())
   assert "corr_ref" not in chunked["matched"] and "corr_ref" in dense["matched"]
-  assert set(dense["steps"]) - set(chunked["steps"]) == {"corr_inter"}
+  assert chunked["steps"].rewarp.corr_inter is None and dense["steps"].rewarp.corr_inter is not None
   for name in ("image", "latent", "initial_warp"):
     _assert_same(chunked[name], dense[name], name)
   for name in ("pred_ref_x0_new", "pred_ref_x0_mixed", "iter_warped_ref_seg", "fb_ts"):
-    _assert_same(chunked["steps"][name], dense["steps"][name], f"steps/{name}", 1e-4 if name == "fb_ts" else 2e-5)
+    _assert_same(getattr(chunked["steps"].rewarp, name), getattr(dense["steps"].rewarp, name), f"steps/{name}", 1e-4 if name == "fb_ts" else 2e-5)
   for name in ("fb_mask", "fb_mask_raw"):
-    np.testing.assert_array_equal(chunked["steps"][name], dense["steps"][name], err_msg=name)
+    np.testing.assert_array_equal(getattr(chunked["steps"].rewarp, name), getattr(dense["steps"].rewarp, name), err_msg=name)
 
 
 def test_joined_encoding_samples_each_batch_with_its_own_key():

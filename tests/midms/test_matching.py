@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midms_jax import matching
+from midms_jax.midms import matching
 from tests.conftest import assert_close, load_fixture, nchw_to_nhwc
 
 

@@ -5,15 +5,18 @@ diffusion schedules. Its methods are pure functions of ``variables``
 (``{'unet', 'first_stage', 'correspondence'}``, as ``interop.torch_import`` returns them), the
 inputs and explicit randomness, so they jit and differentiate as they are.
 
-The interleaved loop is one ``jax.lax.scan`` over the loop steps of the DDIM sub-schedule. Its carry
-holds each path's x0 prediction and the official ``ddim_param`` pair ``(sqrt(a_prev), dir_xt)``; the
-first step's ``q_sample`` noising has the same ``a * x0 + d`` form, so every step re-noises its x0
-with ``carry_a * x0 + carry_d`` (quirk 1 of the reference: the first step is noised one DDIM level
-higher than the U-Net is told). Re-warping happens under ``lax.cond`` at the configured loop
+The interleaved loop (``MIDMs.interleaved_loop``) is one ``jax.lax.scan`` over the loop steps of the DDIM
+sub-schedule, each step ``rewarp_and_mix`` (at the re-warp steps) then ``denoise_step``. Its carry
+(``LoopCarry``) holds each path's ``Chain``: the x0 prediction and the official ``ddim_param`` pair
+``(sqrt(a_prev), dir_xt)``; the first step's ``q_sample`` noising has the same ``a * x0 + d`` form, so
+every step re-noises its x0 with ``a * x0 + d`` (quirk 1 of the reference: the first step is noised one
+DDIM level higher than the U-Net is told). Re-warping happens under ``lax.cond`` at the configured loop
 indices (official: 1 and 2), before that step's U-Net call (with ``midms.unroll_loop`` the steps are
 traced one by one instead, the re-warps placed statically), and is confidence-masked on the
 exemplar (ref) path only. Inference skips the src (pseudo-GT) path and the original-loss sample,
-which the official code computes and discards, then runs the eta=1 refinement as a second scan.
+which the official code computes and discards, then runs the eta=1 refinement as a second scan. The
+per-step records (``StepRecord``) hold every intermediate the parity tests compare with the official
+code; what no caller reads is dead code under ``jit``.
 
 Every soft warp, cycle warp and flow goes through ``MIDMs._warp``: through the correlation volume
 (``midms.warp_chunk = 0``), or blockwise from the matching features (``matching.warp_by_features``,
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from midms_jax import matching
+from midms_jax.midms import matching
 from midms_jax.diffusion.ddim import ddim_update, q_sample
 from midms_jax.diffusion.schedule import DDIMSchedule, DiffusionSchedule
 from midms_jax.models import build
@@ -100,6 +103,59 @@ class StepCoefficients(NamedTuple):
   noise_sqrt_ac: jax.Array      # sqrt(ā) at time_range[k-1] (q_sample level if this step starts a chain)
   noise_sqrt_1m_ac: jax.Array
   rewarp: jax.Array             # bool: re-warp before this step's U-Net call
+
+
+class Chain(NamedTuple):
+  """One path's DDIM chain: its x0 prediction and the pair that re-noises it, ``x = a * x0 + d`` (first step:
+  ``q_sample``'s sqrt(ā) and noise part; then the previous step's ``sqrt(a_prev)`` and ``dir_xt``, the
+  official ``ddim_param``)."""
+  x0: jax.Array
+  a: jax.Array
+  d: jax.Array
+
+
+class LoopCarry(NamedTuple):
+  """What the interleaved loop carries from step to step."""
+  ref: Chain            # the exemplar path: the translation
+  src: Chain | None     # the ground-truth path (training only)
+  seg: jax.Array        # the exemplar's condition map warped by the newest re-warp
+  loss_fb: jax.Array    # the re-warps' cycle losses, summed
+  spectral: Any         # spectral-norm state of the correspondence networks
+
+
+class Rewarp(NamedTuple):
+  """One re-warp (``MIDMs.rewarp_and_mix``; zeros at loop steps that do not re-warp). Names: the official
+  ones. The volumes ``corr_inter`` / ``src_corr_inter`` exist only in dense mode (``midms.warp_chunk = 0``),
+  the ``src`` fields only in training."""
+  pred_ref_x0_new: jax.Array      # the exemplar latent warped by the re-matching
+  pred_ref_x0_mixed: jax.Array    # the re-warp where the cycle is consistent, the chain's x0 elsewhere
+  fb_mask: jax.Array              # confidence mask (B, h, w, 1)
+  fb_mask_raw: jax.Array
+  fb_ts: jax.Array                # forward-backward distances
+  iter_enc_ref: jax.Array         # the re-matching query (iter_enc of the x0 and condition features)
+  iter_warped_ref_seg: jax.Array  # the exemplar's condition warped by the re-matching
+  corr_inter: jax.Array | None
+  iter_enc_src: jax.Array | None
+  src_pred_ref_x0_new: jax.Array | None
+  src_corr_inter: jax.Array | None
+
+
+class DenoiseStep(NamedTuple):
+  """One path's DDIM step in the loop (the official ``one_step_sample``)."""
+  x0_in: jax.Array      # the x0 the step re-noises (after a re-warp's mix)
+  x_noisy: jax.Array    # a * x0_in + d
+  eps: jax.Array
+  pred_x0: jax.Array
+  dir_xt: jax.Array
+  sqrt_a_prev: jax.Array
+  x_prev: jax.Array
+
+
+class StepRecord(NamedTuple):
+  """Per loop step (stacked over the steps by the loop): the re-warp and each path's denoising step."""
+  rewarp: Rewarp
+  ref: DenoiseStep
+  src: DenoiseStep | None
 
 
 FIRST_STEP_NOISE = ("official", "matched", "none")
@@ -341,8 +397,8 @@ class MIDMs:
   # The interleaved loop
   # ----------------------------------------------------------------------------------------------
 
-  def _rewarp(self, variables, spectral, x0, condition_features, support_features, latent, support_condition=None,
-              *, update_stats):
+  def _rewarp_path(self, variables, spectral, x0, condition_features, support_features, latent,
+                   support_condition=None, *, update_stats):
     """Re-warp of one path: iter_enc(x0 | condition features) against the support features (spec 1.5).
 
     Returns ``iter_enc``, the warped ``latent`` (``new``), its ``cycle`` loss and in dense mode the
@@ -353,7 +409,7 @@ class MIDMs:
     query, spectral = self._corr_apply(variables, spectral, CorrespondenceNetworks.encode_iterate, x0,
                                        condition_features, update_stats=update_stats)
     match = self._match(matching.normalize_features(query), matching.normalize_features(support_features))
-    out = dict(iter_enc=query)
+    out = dict(iter_enc=query, corr=match.corr)
     if support_condition is None:
       (new,) = self._warp(match, [latent])
       (cycled,) = self._warp(match, [new], back=True)
@@ -363,101 +419,92 @@ class MIDMs:
       cycled, map_src = self._warp(match, [new, grid_q], back=True)
       out["mask"] = self._mask(map_trg, map_src)
     out.update(new=new, cycle=_l1(cycled, latent))
-    if match.corr is not None:
-      out["corr"] = match.corr
     return out, spectral
 
-  def interleaved_loop(self, variables: Variables, spectral, matched: Mapping[str, jax.Array], exemplar_latent,
-                       noise: Noise, gt_latent=None, *, update_stats: bool = False, capture: bool = False):
-    """The ``lax.scan`` over the loop steps. Returns (outputs, spectral, per-step records).
-
-    ``gt_latent`` None runs only the exemplar path (inference). Per-step records hold the re-warp's
-    latents and masks always (for ``--debug``), and with ``capture`` every intermediate the parity
-    tests compare (zeros at steps that do not re-warp; the volumes ``corr_inter`` / ``src_corr_inter``
-    only in dense mode, ``midms.warp_chunk = 0``).
-    """
+  def rewarp_and_mix(self, variables: Variables, carry: LoopCarry, matched: Mapping[str, jax.Array],
+                     exemplar_latent, gt_latent=None, *, update_stats: bool) -> tuple[LoopCarry, Rewarp]:
+    """Matching in the photo domain (spec 1.5): each path's x0 is re-matched against its support and the
+    support latent warped again; the exemplar path keeps the re-warp where the cycle is consistent (the
+    confidence mask) and its own x0 elsewhere. The cycle losses add to ``loss_fb``."""
     s = self.settings
-    with_src = gt_latent is not None
-    first = _at(self.loop, 0)
-    ref_x0 = matched["warped_ref_feat"]
-    first_a = jnp.broadcast_to(first.noise_sqrt_ac, ref_x0.shape[:1] + (1, 1, 1))
-    # The first step's noise part dir_xt: q_sample's draw, or none (the chain starts at sqrt(a_t) * x0).
-    first_d = lambda draw: first.noise_sqrt_1m_ac * draw if s.loop_start_noise else jnp.zeros_like(draw)
-    init = dict(ref_x0=ref_x0, ref_a=first_a, ref_d=first_d(noise.loop_ref),
-                seg=matched["warped_ref_seg"], loss_fb=jnp.zeros((), jnp.float32), spectral=spectral)
-    if with_src:
-      init.update(src_x0=matched["warped_src_feat"], src_a=first_a, src_d=first_d(noise.loop_src))
-
     support = "support_feats" if s.rewarp_support == "matching" else "matching_feats"
+    condition_features = matched["trg_matching_feats"]
+    ref, spectral = self._rewarp_path(variables, carry.spectral, carry.ref.x0, condition_features,
+                                      matched[f"ref_{support}"], exemplar_latent, matched["exemplar_condition"],
+                                      update_stats=update_stats)
+    mask = ref["mask"]["fb_mask"] if s.confidence_masking else jnp.ones_like(ref["mask"]["fb_mask"])
+    mixed = ref["new"] * mask + carry.ref.x0 * (1 - mask)
+    loss_fb, src = ref["cycle"], dict(iter_enc=None, new=None, corr=None)
+    if carry.src is not None:
+      src, spectral = self._rewarp_path(variables, spectral, carry.src.x0, condition_features,
+                                        matched[f"src_{support}"], gt_latent, update_stats=update_stats)
+      loss_fb = loss_fb + src["cycle"]
+    record = Rewarp(pred_ref_x0_new=ref["new"], pred_ref_x0_mixed=mixed, **ref["mask"], iter_enc_ref=ref["iter_enc"],
+                    iter_warped_ref_seg=ref["seg"], corr_inter=ref["corr"], iter_enc_src=src["iter_enc"],
+                    src_pred_ref_x0_new=src["new"], src_corr_inter=src["corr"])
+    carry = carry._replace(ref=carry.ref._replace(x0=mixed), seg=ref["seg"], loss_fb=carry.loss_fb + loss_fb,
+                           spectral=spectral)
+    return carry, record
 
-    def rewarp(carry):
-      carry = dict(carry)
-      ref, sp = self._rewarp(variables, carry["spectral"], carry["ref_x0"], matched["trg_matching_feats"],
-                             matched[f"ref_{support}"], exemplar_latent, matched["exemplar_condition"],
-                             update_stats=update_stats)
-      record = dict(pred_ref_x0_new=ref["new"], **ref["mask"])
-      mask = record["fb_mask"] if s.confidence_masking else jnp.ones_like(record["fb_mask"])
-      carry["ref_x0"] = ref["new"] * mask + carry["ref_x0"] * (1 - mask)
-      carry["seg"] = ref["seg"]
-      loss_fb = ref["cycle"]
-      if capture:
-        record.update(iter_enc_ref=ref["iter_enc"], iter_warped_ref_seg=carry["seg"])
-        if "corr" in ref:
-          record["corr_inter"] = ref["corr"]
-      if with_src:
-        src, sp = self._rewarp(variables, sp, carry["src_x0"], matched["trg_matching_feats"],
-                               matched[f"src_{support}"], gt_latent, update_stats=update_stats)
-        loss_fb = loss_fb + src["cycle"]
-        if capture:
-          record.update(iter_enc_src=src["iter_enc"], src_pred_ref_x0_new=src["new"])
-          if "corr" in src:
-            record["src_corr_inter"] = src["corr"]
-      record["pred_ref_x0_mixed"] = carry["ref_x0"]
-      carry["loss_fb"] = carry["loss_fb"] + loss_fb
-      carry["spectral"] = sp
-      return carry, record
+  def denoise_step(self, variables: Variables, carry: LoopCarry, coef: StepCoefficients) -> tuple[
+      LoopCarry, tuple[DenoiseStep, DenoiseStep | None]]:
+    """Each path's x0 re-noised (``a * x0 + d``), one U-Net call for both paths, one DDIM step (eta of the
+    loop; only x0 and the re-noising pair go on, official ``one_step_sample``)."""
+    chains = [carry.ref] if carry.src is None else [carry.ref, carry.src]
+    x = join_batches([chain.a * chain.x0 + chain.d for chain in chains])
+    eps = self._unet(variables, x, coef.t)
+    update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t)
+    per_path = zip(*(split_batches(v, len(chains)) for v in (x, eps, update.pred_x0, update.dir_xt,
+                                                             update.sqrt_a_prev, update.x_prev)))
+    steps = [DenoiseStep(chain.x0, *values) for chain, values in zip(chains, per_path)]
+    ref, src = [Chain(step.pred_x0, step.sqrt_a_prev, step.dir_xt) for step in steps] + [None] * (2 - len(steps))
+    return carry._replace(ref=ref, src=src), (steps[0], steps[1] if len(steps) == 2 else None)
 
-    record_shapes = jax.eval_shape(rewarp, init)[1]
+  def _loop_start(self, matched: Mapping[str, jax.Array], noise: Noise, spectral, with_src: bool) -> LoopCarry:
+    """Each chain starts at its first warp, noised as ``q_sample`` to the first step's level (or, with
+    ``first_step_noise`` "none", scaled to it without a draw)."""
+    first = _at(self.loop, 0)
+    start = lambda x0, draw: Chain(
+        x0, jnp.broadcast_to(first.noise_sqrt_ac, x0.shape[:1] + (1, 1, 1)),
+        first.noise_sqrt_1m_ac * draw if self.settings.loop_start_noise else jnp.zeros_like(draw))
+    return LoopCarry(ref=start(matched["warped_ref_feat"], noise.loop_ref),
+                     src=start(matched["warped_src_feat"], noise.loop_src) if with_src else None,
+                     seg=matched["warped_ref_seg"], loss_fb=jnp.zeros((), jnp.float32), spectral=spectral)
 
-    def skip(carry):
-      return carry, jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), record_shapes)
+  def interleaved_loop(self, variables: Variables, spectral, matched: Mapping[str, jax.Array], exemplar_latent,
+                       noise: Noise, gt_latent=None, *, update_stats: bool = False) -> tuple[LoopCarry, StepRecord]:
+    """The method's loop over the DDIM sub-schedule (``self.loop``): at each step re-warp and mix (at the
+    re-warp steps), then denoise. ``gt_latent`` None runs only the exemplar path (inference).
 
-    def step(carry, coef: StepCoefficients, rewarp_here: bool | None = None):
-      """One loop step; ``rewarp_here`` None decides the re-warp at run time (``lax.cond``), a bool statically."""
+    Returns the final carry and the per-step records stacked over the steps. One ``lax.scan`` (re-warps
+    under ``lax.cond``), or with ``midms.unroll_loop`` one traced copy per step with the re-warps placed
+    statically; with ``config.remat`` "full" each step is recomputed from its carry in the backward pass.
+    Records nobody reads cost nothing under ``jit`` (dead code).
+    """
+    rewarp = lambda carry: self.rewarp_and_mix(variables, carry, matched, exemplar_latent, gt_latent,
+                                               update_stats=update_stats)
+    init = self._loop_start(matched, noise, spectral, with_src=gt_latent is not None)
+    no_rewarp_record = jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), jax.eval_shape(rewarp, init)[1])
+
+    def step(carry: LoopCarry, coef: StepCoefficients, rewarp_here: bool | None = None):
+      """``rewarp_here`` None: decided at run time by ``coef.rewarp`` (``lax.cond``); a bool: statically."""
+      skip = lambda carry: (carry, no_rewarp_record)
       if rewarp_here is None:
-        carry, record = jax.lax.cond(coef.rewarp, rewarp, skip, carry)
+        carry, rewarped = jax.lax.cond(coef.rewarp, rewarp, skip, carry)
       else:
-        carry, record = rewarp(carry) if rewarp_here else skip(carry)
-      paths = ("ref", "src") if with_src else ("ref",)
-      x0_in = [carry[f"{p}_x0"] for p in paths]
-      x = join_batches([carry[f"{p}_a"] * x0 + carry[f"{p}_d"] for p, x0 in zip(paths, x0_in)])
-      eps = self._unet(variables, x, coef.t)
-      update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t)
-      carry = dict(carry)
-      for i, p in enumerate(paths):
-        part = lambda a, i=i: split_batches(a, len(paths))[i]
-        carry[f"{p}_x0"] = part(update.pred_x0)
-        carry[f"{p}_a"], carry[f"{p}_d"] = part(update.sqrt_a_prev), part(update.dir_xt)
-        if capture:
-          record.update({f"{p}/x0_in": x0_in[i], f"{p}/x_noisy": part(x), f"{p}/eps": part(eps),
-                         f"{p}/pred_x0": part(update.pred_x0), f"{p}/dir_xt": part(update.dir_xt),
-                         f"{p}/sqrt_a_prev": part(update.sqrt_a_prev), f"{p}/x_prev": part(update.x_prev)})
-      return carry, record
+        carry, rewarped = rewarp(carry) if rewarp_here else skip(carry)
+      carry, (ref, src) = self.denoise_step(variables, carry, coef)
+      return carry, StepRecord(rewarped, ref, src)
 
     if self.remat_loop_steps:
       step = jax.checkpoint(step, static_argnums=(2,))
-    if s.unroll_loop:  # no while loop: no stacked residuals, and no cond that stores both branches' residuals
-      carry, per_step = init, []
-      for i in range(self.loop.t.shape[0]):
-        carry, record = step(carry, _at(self.loop, i), i in s.rewarp_steps)
-        per_step.append(record)
-      records = jax.tree_util.tree_map(lambda *r: jnp.stack(r), *per_step)
-    else:
-      carry, records = jax.lax.scan(lambda c, coef: step(c, coef, None), init, self.loop)
-    out = dict(pred_ref_x0=carry["ref_x0"], iter_warped_ref_seg=carry["seg"], loss_fb=carry["loss_fb"])
-    if with_src:
-      out["pred_src_x0"] = carry["src_x0"]
-    return out, carry["spectral"], records
+    if not self.settings.unroll_loop:
+      return jax.lax.scan(lambda carry, coef: step(carry, coef, None), init, self.loop)
+    carry, records = init, []
+    for i in range(self.loop.t.shape[0]):  # no while loop: no stacked residuals, no cond keeping both branches'
+      carry, record = step(carry, _at(self.loop, i), i in self.settings.rewarp_steps)
+      records.append(record)
+    return carry, jax.tree_util.tree_map(lambda *r: jnp.stack(r), *records)
 
   def original_loss_sample(self, variables: Variables, gt_latent: jax.Array, noise: jax.Array, index: jax.Array):
     """The extra one-step denoise of the clean GT latent at loop step ``index`` (a traced int)."""
@@ -467,9 +514,10 @@ class MIDMs:
     update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t)
     return _mse(update.pred_x0, gt_latent), dict(x_noisy=x, eps=eps, pred_x0=update.pred_x0)
 
-  def refine_latent(self, variables: Variables, x0: jax.Array, noise: Noise, *, capture: bool = False):
+  def refine_latent(self, variables: Variables, x0: jax.Array, noise: Noise):
     """Inference refinement (official ``sample(200, eta=1, hijack_step=180)``): noise x0 one DDIM level
-    above the first step, run the stochastic DDIM steps, return the last x0 prediction."""
+    above the first step, run the stochastic DDIM steps. Returns the last x0 prediction and the per-step
+    ``x``, ``eps``, ``pred_x0``, ``x_prev``."""
     first = _at(self.refine, 0)
     x = q_sample(x0, first.noise_sqrt_ac, first.noise_sqrt_1m_ac, noise.refine_start)
 
@@ -477,11 +525,10 @@ class MIDMs:
       coef, step_noise = inputs
       eps = self._unet(variables, x, coef.t)
       update = ddim_update(x, eps, coef.a_t, coef.a_prev, coef.sigma, coef.sqrt_one_minus_a_t, step_noise)
-      record = dict(x=x, eps=eps, pred_x0=update.pred_x0, x_prev=update.x_prev) if capture else {}
-      return update.x_prev, (update.pred_x0, record)
+      return update.x_prev, dict(x=x, eps=eps, pred_x0=update.pred_x0, x_prev=update.x_prev)
 
-    _, (pred_x0s, records) = jax.lax.scan(step, x, (self.refine, noise.refine_steps))
-    return pred_x0s[-1], records
+    _, records = jax.lax.scan(step, x, (self.refine, noise.refine_steps))
+    return records["pred_x0"][-1], records
 
   # ----------------------------------------------------------------------------------------------
   # Entry points
@@ -489,13 +536,14 @@ class MIDMs:
 
   def translate(self, variables: Variables, condition: jax.Array, exemplar: jax.Array,
                 exemplar_condition: jax.Array, rng: jax.Array, *, refine: bool = True,
-                noise: Noise | None = None, capture: bool = False) -> dict[str, Any]:
+                noise: Noise | None = None) -> dict[str, Any]:
     """Inference: the image with ``condition``'s structure and ``exemplar``'s appearance.
 
     ``condition`` / ``exemplar_condition`` ``(B, H, W, label_channels)``, ``exemplar`` ``(B, H, W, 3)``
     in [-1, 1]. Returns ``image`` (unclamped, [-1, 1] nominal), ``latent``, ``fb_mask`` (mask of the
-    last re-warp) and ``steps`` (per loop step: ``pred_ref_x0_new``, ``pred_ref_x0_mixed``, ``fb_mask``
-    latents; zeros where a step does not re-warp). ``noise`` overrides the draws from ``rng``.
+    last re-warp), ``initial_warp``, ``loop_latent`` (before the refinement), ``steps`` (the loop's
+    ``StepRecord``), ``matched`` (``initial_matching``) and ``refine`` (the refinement's steps; empty
+    without it). ``noise`` overrides the draws from ``rng``.
     """
     encode_key, noise_key = jax.random.split(rng)
     exemplar_latent = self.encode(variables, exemplar, encode_key)
@@ -503,23 +551,19 @@ class MIDMs:
       noise = self.sample_noise(noise_key, exemplar_latent.shape)
     spectral = variables["correspondence"]["spectral"]
     matched, _ = self.initial_matching(variables, spectral, condition, exemplar_condition, exemplar_latent)
-    loop_out, _, steps = self.interleaved_loop(variables, spectral, matched, exemplar_latent, noise,
-                                               capture=capture)
-    latent = loop_out["pred_ref_x0"]
-    refine_records = {}
+    end, steps = self.interleaved_loop(variables, spectral, matched, exemplar_latent, noise)
+    latent, refine_records = end.ref.x0, {}
     if refine:
-      latent, refine_records = self.refine_latent(variables, latent, noise, capture=capture)
+      latent, refine_records = self.refine_latent(variables, latent, noise)
     last_rewarp = max(self.settings.rewarp_steps) if self.settings.rewarp_steps else None
-    fb_mask = steps["fb_mask"][last_rewarp] if last_rewarp is not None else None
-    out = dict(image=self.decode(variables, latent), latent=latent, fb_mask=fb_mask, steps=steps,
-               initial_warp=matched["warped_ref_feat"], loop_latent=loop_out["pred_ref_x0"])
-    if capture:
-      out.update(matched=matched, refine=refine_records)
-    return out
+    fb_mask = steps.rewarp.fb_mask[last_rewarp] if last_rewarp is not None else None
+    return dict(image=self.decode(variables, latent), latent=latent, fb_mask=fb_mask, steps=steps,
+                initial_warp=matched["warped_ref_feat"], loop_latent=end.ref.x0, matched=matched,
+                refine=refine_records)
 
   def train_forward(self, variables: Variables, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                     warmup: bool, update_stats: bool = True, noise: Noise | None = None,
-                    original_index: jax.Array | None = None, capture: bool = False, decode_rewarps: bool = False):
+                    original_index: jax.Array | None = None, decode_rewarps: bool = False):
     """Training forward (official ``mode="default"``): everything the losses need.
 
     ``batch``: ``image`` (GT photo of the condition), ``ref`` (exemplar), ``label`` (condition),
@@ -529,7 +573,8 @@ class MIDMs:
     correlation volumes ``corr_ref`` / ``corr_src`` only in dense mode (``midms.warp_chunk = 0``), and after
     warm-up ``rewarped_ref_x0`` (R, B, h, w, c): each re-warp of the exemplar path before masking, and with
     ``decode_rewarps`` (static; for ``loss.rewarp``) their images ``rewarped_ref`` (R, B, H, W, 3), decoded in the
-    same decoder call as both paths' outputs.
+    same decoder call as both paths' outputs. Also ``matched`` (``initial_matching``), and after warm-up
+    ``steps`` (the loop's ``StepRecord``) and ``original_sample`` (the original-loss step's values).
     """
     encode_key, noise_key, index_key = jax.random.split(rng, 3)
     gt_key, ex_key = jax.random.split(encode_key)
@@ -545,30 +590,25 @@ class MIDMs:
       out["original_loss"] = _mse(matched["warped_src_feat"], gt_latent)
       out["loss_fb"] = out["loss_fb_first_warp"]
       out["iter_warped_ref_seg"] = matched["warped_ref_seg"]
-      records = {}
     else:
       if noise is None:
         noise = self.sample_noise(noise_key, gt_latent.shape)
       if original_index is None:
         original_index = jax.random.randint(index_key, (), 0, self.loop.t.shape[0])
-      loop_out, spectral, records = self.interleaved_loop(variables, spectral, matched, exemplar_latent, noise,
-                                                          gt_latent, update_stats=update_stats, capture=capture)
-      pred_ref, pred_src = loop_out["pred_ref_x0"], loop_out["pred_src_x0"]
-      out["original_loss"], original = self.original_loss_sample(variables, gt_latent, noise.original,
-                                                                 original_index)
-      out["loss_fb"] = loop_out["loss_fb"]
-      out["iter_warped_ref_seg"] = loop_out["iter_warped_ref_seg"]
+      end, out["steps"] = self.interleaved_loop(variables, spectral, matched, exemplar_latent, noise, gt_latent,
+                                                update_stats=update_stats)
+      pred_ref, pred_src, spectral = end.ref.x0, end.src.x0, end.spectral
+      out["original_loss"], out["original_sample"] = self.original_loss_sample(variables, gt_latent, noise.original,
+                                                                               original_index)
+      out["loss_fb"], out["iter_warped_ref_seg"] = end.loss_fb, end.seg
       if self.settings.rewarp_steps:
-        out["rewarped_ref_x0"] = jnp.stack([records["pred_ref_x0_new"][i] for i in self.settings.rewarp_steps])
-      if capture:
-        records["original"] = original
+        news = out["steps"].rewarp.pred_ref_x0_new
+        out["rewarped_ref_x0"] = jnp.stack([news[i] for i in self.settings.rewarp_steps])
     # One decoder call for both paths (and the re-warps): the decoder's compiled code once (forward and backward).
     rewarps = list(out["rewarped_ref_x0"]) if decode_rewarps and "rewarped_ref_x0" in out else []
     decoded = split_batches(self.decode(variables, join_batches([pred_ref, pred_src, *rewarps])), 2 + len(rewarps))
     out["warped_ref"], out["warped_src"] = decoded[:2]
     if rewarps:
       out["rewarped_ref"] = jnp.stack(decoded[2:])
-    out["pred_ref_x0"], out["pred_src_x0"] = pred_ref, pred_src
-    if capture:
-      out.update(matched=matched, steps=records)
+    out["pred_ref_x0"], out["pred_src_x0"], out["matched"] = pred_ref, pred_src, matched
     return out, spectral

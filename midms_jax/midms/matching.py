@@ -18,7 +18,7 @@ the number of pixels (the memory-efficient-attention scheme, with MIDMs' clamp a
 import jax
 import jax.numpy as jnp
 
-from midms_jax import blockwise
+from midms_jax.models import blockwise
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

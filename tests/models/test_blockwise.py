@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midms_jax import blockwise
+from midms_jax.models import blockwise
 
 
 def _row_softmax_mix(rows: jax.Array, keys: jax.Array) -> jax.Array:
