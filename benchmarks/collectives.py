@@ -15,9 +15,11 @@ import os
 import sys
 
 _DEVICES_FLAG = "--devices="
-_devices = next((a[len(_DEVICES_FLAG):] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
+_devices = next((a[len(_DEVICES_FLAG) :] for a in sys.argv if a.startswith(_DEVICES_FLAG)), "8")
 # The simulated devices, before JAX starts its backends.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_devices}"
+)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # pylint: disable=wrong-import-position
@@ -31,18 +33,28 @@ from progress import progress  # benchmarks/progress.py  # pylint: disable=wrong
 from midms_jax import ldm, platform_tuning, sharding, train_step  # pylint: disable=wrong-import-position
 from midms_jax.midms.model import MIDMs  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py:tiny", "model and training config")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/celebahq.py:tiny", "model and training config"
+)
 flags.DEFINE_integer("devices", 8, "simulated CPU devices (read before JAX starts)")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "devices sharing each parameter (config.train.fsdp)")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 2, "examples per device")
 _STAGE = flags.DEFINE_enum("stage", "midms", ["midms", "ldm"], "which training stage's steps")
-_LIST = flags.DEFINE_bool("list", False, "print each collective-permute / all-to-all / all-gather with its shape")
+_LIST = flags.DEFINE_bool(
+    "list", False, "print each collective-permute / all-to-all / all-gather with its shape"
+)
+
 
 def midms_steps(model: MIDMs, config, mesh) -> dict[str, tuple]:
   """{phase: (jitted step, abstract arguments)} of the MIDMs stage."""
   state, frozen, batch = random_inputs.abstract_step_inputs(config, config.train.batch_size)
-  steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh,
-                                      state_sharding=train_step.state_shardings(state, mesh))
+  steps = train_step.make_train_steps(
+      model,
+      config,
+      steps_per_epoch=1000,
+      mesh=mesh,
+      state_sharding=train_step.state_shardings(state, mesh),
+  )
   return {phase: (getattr(steps, phase), (state, frozen, batch)) for phase in ("warmup", "main")}
 
 
@@ -63,9 +75,20 @@ def main(argv):
   for phase, (step, args) in steps.items():
     progress(f"{phase}: compiling for {mesh.size} devices ({dict(mesh.shape)})")
     counts, moving = collective_census(step.lower(*args).compile().as_text())
-    print(json.dumps(dict(config=config.data.name, phase=phase, devices=mesh.size, fsdp=_FSDP.value,
-                          global_batch=config.train.batch_size, collectives=counts,
-                          activation_moves=activation_moves(counts))), flush=True)
+    print(
+        json.dumps(
+            dict(
+                config=config.data.name,
+                phase=phase,
+                devices=mesh.size,
+                fsdp=_FSDP.value,
+                global_batch=config.train.batch_size,
+                collectives=counts,
+                activation_moves=activation_moves(counts),
+            )
+        ),
+        flush=True,
+    )
     if _LIST.value:
       print("\n".join(f"  {m}" for m in moving))
 

@@ -5,9 +5,9 @@ between releases, so a script meant for whatever jaxlib a machine has filters it
 
     XLA_FLAGS="$(python3 benchmarks/known_xla_flags.py --xla_gpu_autotune_level=1 --xla_gpu_foo=bar)"
 
-A flag is known when its name, as a NUL-terminated string, is in every XLA library installed (jaxlib's and
-any PJRT plugin's under ``jax_plugins``, which parses ``XLA_FLAGS`` itself for its platform). Reads the
-libraries (a few hundred MB) once; no backend is started.
+A flag is known when its name, as a NUL-terminated string, is in every XLA library installed
+(jaxlib's and any PJRT plugin's under ``jax_plugins``, which parses ``XLA_FLAGS`` itself for its
+platform). Reads the libraries (a few hundred MB) once; no backend is started.
 """
 
 import importlib.util

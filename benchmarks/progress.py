@@ -1,5 +1,6 @@
-"""Timestamped progress lines on stderr for the benchmarks: where a long run's minutes go (tracing, XLA
-compile, autotuning, each step), so that a run cut off by its time limit still says where it was."""
+"""Timestamped progress lines on stderr for the benchmarks: where a long run's minutes go (tracing,
+XLA compile, autotuning, each step), so that a run cut off by its time limit still says where it
+was."""
 
 import sys
 import time

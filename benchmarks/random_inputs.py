@@ -1,11 +1,13 @@
-"""Random inputs for the benchmarks: model variables made on the host from their shapes, and batches.
+"""Random inputs for the benchmarks: model variables made on the host from their shapes, and
+batches.
 
-``build.init_variables`` runs each network's Flax ``init``: it traces and compiles the whole forward pass,
-which takes minutes for the full configs on XLA:CPU and ~2 minutes on a GPU (a tenth of a device session).
-Speed does not depend on the values, only on their scale staying sane (no overflow, no denormals), so the
-benchmarks fill the abstract shapes (``jax.eval_shape``) with NumPy draws instead: weight tensors get
-``N(0, 1/fan_in)`` (fan-in: all but the last axis, Flax's kernel layout), vectors named ``scale`` ones,
-``bias`` zeros, other vectors (spectral-norm ``u``/``v``) unit-norm draws, scalars and integers zeros.
+``build.init_variables`` runs each network's Flax ``init``: it traces and compiles the whole forward
+pass, which takes minutes for the full configs on XLA:CPU and ~2 minutes on a GPU (a tenth of a
+device session). Speed does not depend on the values, only on their scale staying sane (no overflow,
+no denormals), so the benchmarks fill the abstract shapes (``jax.eval_shape``) with NumPy draws
+instead: weight tensors get ``N(0, 1/fan_in)`` (fan-in: all but the last axis, Flax's kernel
+layout), vectors named ``scale`` ones, ``bias`` zeros, other vectors (spectral-norm ``u``/``v``)
+unit-norm draws, scalars and integers zeros.
 """
 
 from typing import Any
@@ -36,7 +38,8 @@ def _fill(path, leaf: jax.ShapeDtypeStruct, rng: np.random.Generator) -> np.ndar
 
 
 def random_like(abstract: Any, seed: int = 0) -> Any:
-  """A pytree of NumPy arrays with the shapes and dtypes of ``abstract`` (``jax.ShapeDtypeStruct`` leaves)."""
+  """A pytree of NumPy arrays with the shapes and dtypes of ``abstract`` (``jax.ShapeDtypeStruct``
+  leaves)."""
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), abstract)
 
@@ -44,9 +47,17 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
 def abstract_variables(config) -> tuple[dict, dict]:
   """(model variables, loss-network variables or {} without one) of ``config``, as shapes."""
   net = vgg.loss_network(config.loss)
-  every_layer = (("r54",),) if isinstance(net, trunks.VGG19) else ()  # all 16 convolutions, as the loaded file has
-  loss_variables = {} if net is None else jax.eval_shape(
-      lambda x: net.init(jax.random.PRNGKey(0), x, *every_layer), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+  every_layer = (
+      (("r54",),) if isinstance(net, trunks.VGG19) else ()
+  )  # all 16 convolutions, as the loaded file has
+  loss_variables = (
+      {}
+      if net is None
+      else jax.eval_shape(
+          lambda x: net.init(jax.random.PRNGKey(0), x, *every_layer),
+          jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32),
+      )
+  )
   return build.abstract_variables(config.model), loss_variables
 
 
@@ -65,18 +76,28 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
 
 
 def abstract_step_inputs(config, global_batch: int) -> tuple[Any, dict, dict]:
-  """(train state, frozen variables, batch) of a MIDMs training step as shapes: all that lowering, compiling and
-  FLOP counting need."""
+  """(train state, frozen variables, batch) of a MIDMs training step as shapes: all that lowering,
+  compiling and FLOP counting need."""
   tx = optim.make_optimizer(config.train, freeze_unet=True)
   variables, vgg_variables = abstract_variables(config)
   state = jax.eval_shape(lambda v: train_step.create_train_state(v, tx), variables)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(config, global_batch).items()}
+  batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+      for k, v in random_batch(config, global_batch).items()
+  }
   return state, train_step.frozen_variables(variables, vgg_variables), batch
 
 
 def abstract_ldm_step_inputs(config, global_batch: int) -> tuple[Any, dict, dict]:
-  """(LDM train state, frozen first stage, image batch) of an LDM-stage step (``ldm.make_step``) as shapes."""
+  """(LDM train state, frozen first stage, image batch) of an LDM-stage step (``ldm.make_step``) as
+  shapes."""
   variables, _ = abstract_variables(config)
-  state = jax.eval_shape(lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"])
+  state = jax.eval_shape(
+      lambda p: ldm.create_state(p, ldm.make_optimizer(config.ldm)), variables["unet"]["params"]
+  )
   image = random_batch(config, global_batch)["image"]
-  return state, {"first_stage": variables["first_stage"]}, {"image": jax.ShapeDtypeStruct(image.shape, image.dtype)}
+  return (
+      state,
+      {"first_stage": variables["first_stage"]},
+      {"image": jax.ShapeDtypeStruct(image.shape, image.dtype)},
+  )

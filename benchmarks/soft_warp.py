@@ -27,7 +27,9 @@ _WIDTH = flags.DEFINE_integer("width", 256, "matching feature channels")
 _CHANNELS = flags.DEFINE_integer("channels", 3, "latent channels warped")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "samples")
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "query pixels per block of the chunked warps")
-_ITERS = flags.DEFINE_integer("iters", 0, "timed calls of the compiled step after a first one (0: compile only)")
+_ITERS = flags.DEFINE_integer(
+    "iters", 0, "timed calls of the compiled step after a first one (0: compile only)"
+)
 
 
 def _warp(query, support, values, chunk: int, back: bool = False) -> jax.Array:
@@ -40,7 +42,8 @@ def _warp(query, support, values, chunk: int, back: bool = False) -> jax.Array:
 
 
 def rewarp_loss(query, support, latent, chunk: int):
-  """The cycle loss plus the mean warped latent, with the fb distances and the mask as aux outputs."""
+  """The cycle loss plus the mean warped latent, with the fb distances and the mask as aux
+  outputs."""
   b, h, w, c = latent.shape
   grid = matching.batched_grid(b, h, w)
   forward = _warp(query, support, jnp.concatenate([latent, grid], axis=-1), chunk)
@@ -58,7 +61,11 @@ def measure(size: int, chunk: int) -> dict:
   query = jax.random.normal(keys[0], shape + (_WIDTH.value,))
   support = jax.random.normal(keys[1], shape + (_WIDTH.value,))
   latent = jax.random.normal(keys[2], shape + (_CHANNELS.value,))
-  step = jax.jit(jax.value_and_grad(lambda q, s, v: rewarp_loss(q, s, v, chunk), argnums=(0, 1, 2), has_aux=True))
+  step = jax.jit(
+      jax.value_and_grad(
+          lambda q, s, v: rewarp_loss(q, s, v, chunk), argnums=(0, 1, 2), has_aux=True
+      )
+  )
   start = time.perf_counter()
   compiled = step.lower(query, support, latent).compile()
   compile_s = time.perf_counter() - start
@@ -69,11 +76,19 @@ def measure(size: int, chunk: int) -> dict:
     jax.block_until_ready(compiled(query, support, latent))
     times.append(time.perf_counter() - start)
   pixels = size * size
-  return dict(backend=jax.default_backend(), mode="chunked" if chunk else "dense", latent=f"{size}x{size}",
-              pixels=pixels, chunk=min(chunk, pixels) if chunk else None, width=_WIDTH.value,
-              batch_size=_BATCH.value, compile_s=round(compile_s, 2), volume_bytes=_BATCH.value * pixels * pixels * 4,
-              xla_temp_bytes=None if memory is None else memory.temp_size_in_bytes,
-              median_step_s=round(statistics.median(times[1:]), 5) if times else None)
+  return dict(
+      backend=jax.default_backend(),
+      mode="chunked" if chunk else "dense",
+      latent=f"{size}x{size}",
+      pixels=pixels,
+      chunk=min(chunk, pixels) if chunk else None,
+      width=_WIDTH.value,
+      batch_size=_BATCH.value,
+      compile_s=round(compile_s, 2),
+      volume_bytes=_BATCH.value * pixels * pixels * 4,
+      xla_temp_bytes=None if memory is None else memory.temp_size_in_bytes,
+      median_step_s=round(statistics.median(times[1:]), 5) if times else None,
+  )
 
 
 def main(argv):

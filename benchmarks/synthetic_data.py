@@ -29,9 +29,17 @@ def main(argv):
   for index in range(_COUNT.value):
     source[index]
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-  print(json.dumps(dict(image_size=_SIZE.value, max_objects=_MAX_OBJECTS.value, samples=_COUNT.value,
-                        samples_per_s=round(_COUNT.value / wall, 1),
-                        samples_per_cpu_s=round(_COUNT.value / cpu, 1))))
+  print(
+      json.dumps(
+          dict(
+              image_size=_SIZE.value,
+              max_objects=_MAX_OBJECTS.value,
+              samples=_COUNT.value,
+              samples_per_s=round(_COUNT.value / wall, 1),
+              samples_per_cpu_s=round(_COUNT.value / cpu, 1),
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

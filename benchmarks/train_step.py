@@ -27,20 +27,29 @@ from progress import progress  # benchmarks/progress.py
 from midms_jax import flops, optim, platform_tuning, sharding, train_step
 from midms_jax.midms.model import MIDMs
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "model and training config")
-_PER_DEVICE = flags.DEFINE_integer("per_device_batch", 1, "examples per device (global batch = this x devices)")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/celebahq.py", "model and training config"
+)
+_PER_DEVICE = flags.DEFINE_integer(
+    "per_device_batch", 1, "examples per device (global batch = this x devices)"
+)
 _ITERS = flags.DEFINE_integer("iters", 5, "timed steps after the first (compiling) one")
-_PHASE = flags.DEFINE_enum("phase", "both", ["warmup", "main", "both"], "which compiled step to time")
+_PHASE = flags.DEFINE_enum(
+    "phase", "both", ["warmup", "main", "both"], "which compiled step to time"
+)
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile and report memory, do not run")
-_COUNT_FLOPS = flags.DEFINE_bool("count_flops", True, "trace the step once more to count its FLOPs (for MFU)")
-_PRECISION = flags.DEFINE_enum("matmul_precision", "default", ["default", "high", "highest"],
-                               "jax_default_matmul_precision")
+_COUNT_FLOPS = flags.DEFINE_bool(
+    "count_flops", True, "trace the step once more to count its FLOPs (for MFU)"
+)
+_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "default", ["default", "high", "highest"], "jax_default_matmul_precision"
+)
 
 
 def step_inputs(config, mesh, global_batch: int, abstract: bool):
-  """(state, frozen variables, batch) of random values on the devices (``random_inputs``: drawn on the host from
-  the shapes, since Flax's init compiles the whole forward pass); with ``abstract`` only their shapes, which is
-  all lowering, compiling and FLOP counting need."""
+  """(state, frozen variables, batch) of random values on the devices (``random_inputs``: drawn on
+  the host from the shapes, since Flax's init compiles the whole forward pass); with ``abstract``
+  only their shapes, which is all lowering, compiling and FLOP counting need."""
   if abstract:
     return random_inputs.abstract_step_inputs(config, global_batch)
   tx = optim.make_optimizer(config.train, freeze_unet=True)
@@ -48,14 +57,23 @@ def step_inputs(config, mesh, global_batch: int, abstract: bool):
   variables, vgg_variables = random_inputs.random_variables(config)
   state = jax.jit(lambda v: train_step.create_train_state(v, tx))(variables)
   frozen = train_step.frozen_variables(variables, vgg_variables)
-  return sharding.replicate(state, mesh), sharding.replicate(frozen, mesh), sharding.global_batch(mesh, batch)
+  return (
+      sharding.replicate(state, mesh),
+      sharding.replicate(frozen, mesh),
+      sharding.global_batch(mesh, batch),
+  )
 
 
 def _memory(compiled) -> dict[str, int] | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
     return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+  fields = (
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "temp_size_in_bytes",
+      "alias_size_in_bytes",
+  )
   return {f.replace("_size_in_bytes", "_mb"): round(getattr(analysis, f) / 2**20) for f in fields}
 
 
@@ -68,17 +86,30 @@ def time_phase(step, state, frozen, batch, iters: int) -> tuple[dict, object]:
   compile_s = time.perf_counter() - start
   progress(f"compiled in {compile_s - lower_s:.1f} s")
   if _COMPILE_ONLY.value:
-    return dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), memory=_memory(compiled)), state
+    return (
+        dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), memory=_memory(compiled)),
+        state,
+    )
   times = []
   for i in range(iters + 1):
     start = time.perf_counter()
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics["loss_total"])
     times.append(time.perf_counter() - start)
-    progress(f"step {i} took {times[-1]:.3f} s" + (" (first: includes transfers and warm-up)" if i == 0 else ""))
+    progress(
+        f"step {i} took {times[-1]:.3f} s"
+        + (" (first: includes transfers and warm-up)" if i == 0 else "")
+    )
   step_s = statistics.median(times[1:]) if iters else times[0]
-  return dict(compile_s=round(compile_s, 1), lower_s=round(lower_s, 1), step_s=round(step_s, 4),
-              memory=_memory(compiled)), state
+  return (
+      dict(
+          compile_s=round(compile_s, 1),
+          lower_s=round(lower_s, 1),
+          step_s=round(step_s, 4),
+          memory=_memory(compiled),
+      ),
+      state,
+  )
 
 
 def main(argv):
@@ -91,7 +122,11 @@ def main(argv):
   config.train.batch_size = global_batch
   model = MIDMs.from_config(config)
   state, frozen, batch = step_inputs(config, mesh, global_batch, abstract=_COMPILE_ONLY.value)
-  progress("state and batch shapes (--compile_only)" if _COMPILE_ONLY.value else "state and batch on the devices")
+  progress(
+      "state and batch shapes (--compile_only)"
+      if _COMPILE_ONLY.value
+      else "state and batch on the devices"
+  )
   steps = train_step.make_train_steps(model, config, steps_per_epoch=1000, mesh=mesh)
   phases = ("warmup", "main") if _PHASE.value == "both" else (_PHASE.value,)
   device = jax.devices()[0].device_kind
@@ -106,10 +141,27 @@ def main(argv):
     result, state = time_phase(step, state, frozen, batch, _ITERS.value)
     if "step_s" in result:
       result["images_per_s"] = round(global_batch / result["step_s"], 2)
-      result["mfu"] = round(step_flops / result["step_s"] / (peak * mesh.size), 4) if peak and step_flops else None
-    print(json.dumps(dict(config=config.data.name, phase=phase, dtype=config.dtype, remat=config.remat,
-                          devices=mesh.size, device=device, global_batch=global_batch,
-                          tflops_per_step=step_flops and round(step_flops / 1e12, 3), **result)), flush=True)
+      result["mfu"] = (
+          round(step_flops / result["step_s"] / (peak * mesh.size), 4)
+          if peak and step_flops
+          else None
+      )
+    print(
+        json.dumps(
+            dict(
+                config=config.data.name,
+                phase=phase,
+                dtype=config.dtype,
+                remat=config.remat,
+                devices=mesh.size,
+                device=device,
+                global_batch=global_batch,
+                tflops_per_step=step_flops and round(step_flops / 1e12, 3),
+                **result,
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/celebahq.py", "mode
 _BATCH = flags.DEFINE_integer("batch_size", 1, "images per call")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls after the first (compiling) one")
 _NO_REFINE = flags.DEFINE_bool("no_refine", False, "skip the eta=1 refinement")
-_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["default", "high", "highest"],
-                               "jax_default_matmul_precision (parity needs highest)")
+_PRECISION = flags.DEFINE_enum(
+    "matmul_precision",
+    "highest",
+    ["default", "high", "highest"],
+    "jax_default_matmul_precision (parity needs highest)",
+)
 
 
 def main(argv):
@@ -44,8 +48,15 @@ def main(argv):
   exemplar = jax.random.uniform(jax.random.PRNGKey(2), (batch, res, res, 3), minval=-1, maxval=1)
   keys = lambda seed: inference.pair_keys(seed, 0, batch)
 
-  call_flops = flops.count_flops(translate, variables, condition, exemplar, condition, keys(3),
-                                 cond_fraction=len(model.settings.rewarp_steps) / len(model.loop.t))
+  call_flops = flops.count_flops(
+      translate,
+      variables,
+      condition,
+      exemplar,
+      condition,
+      keys(3),
+      cond_fraction=len(model.settings.rewarp_steps) / len(model.loop.t),
+  )
   start = time.perf_counter()
   lowered = translate.lower(variables, condition, exemplar, condition, keys(3))
   compiled = lowered.compile()
@@ -59,17 +70,35 @@ def main(argv):
   step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
   peak = None
   if memory is not None:
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes)
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
   device = str(jax.devices()[0].device_kind)
   peak_flops = flops.peak_flops(device, config.dtype)
-  print(json.dumps(dict(
-      device=device, backend=jax.default_backend(), dtype=config.dtype, batch_size=batch,
-      resolution=res, refine=not _NO_REFINE.value, compile_s=round(compile_s, 2),
-      first_call_s=round(times[0], 3), median_call_s=round(step_s, 4), images_per_s=round(batch / step_s, 3),
-      tflops_per_call=round(call_flops / 1e12, 3), mfu=round(call_flops / step_s / peak_flops, 4) if peak_flops else None,
-      xla_peak_bytes=peak, xla_temp_bytes=None if memory is None else memory.temp_size_in_bytes,
-      params=sum(build.count_params(v) for v in variables.values()))))
+  print(
+      json.dumps(
+          dict(
+              device=device,
+              backend=jax.default_backend(),
+              dtype=config.dtype,
+              batch_size=batch,
+              resolution=res,
+              refine=not _NO_REFINE.value,
+              compile_s=round(compile_s, 2),
+              first_call_s=round(times[0], 3),
+              median_call_s=round(step_s, 4),
+              images_per_s=round(batch / step_s, 3),
+              tflops_per_call=round(call_flops / 1e12, 3),
+              mfu=round(call_flops / step_s / peak_flops, 4) if peak_flops else None,
+              xla_peak_bytes=peak,
+              xla_temp_bytes=None if memory is None else memory.temp_size_in_bytes,
+              params=sum(build.count_params(v) for v in variables.values()),
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

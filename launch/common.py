@@ -1,8 +1,9 @@
-"""What the launch scripts share: one-line argument errors, the ``--config.<field>=<value>`` overrides they pass
-through to training, and commands that are either printed (``--dry_run``) or run.
+"""What the launch scripts share: one-line argument errors, the ``--config.<field>=<value>``
+overrides they pass through to training, and commands that are either printed (``--dry_run``) or
+run.
 
-Standard library only: the scripts run where midms-jax is not installed (a laptop driving a TPU pod, a SLURM
-login node before the first job)."""
+Standard library only: the scripts run where midms-jax is not installed (a laptop driving a TPU pod,
+a SLURM login node before the first job)."""
 
 import argparse
 import dataclasses
@@ -16,7 +17,8 @@ TRAIN_MODULE = "midms_jax.train"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse with the project's CLI convention: a bad argument is one ``error:`` line and exit status 2."""
+  """argparse with the project's CLI convention: a bad argument is one ``error:`` line and exit
+  status 2."""
 
   def __init__(self, **kwargs):
     super().__init__(allow_abbrev=False, **kwargs)
@@ -26,22 +28,32 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
-  """``--config`` / ``--workdir`` of the training job and ``--dry_run``, the same in every script."""
-  parser.add_argument("--config", required=True, help="config file, optionally with a variant: configs/x.py:tiny")
+  """``--config`` / ``--workdir`` of the training job and ``--dry_run``, the same in every
+  script."""
+  parser.add_argument(
+      "--config", required=True, help="config file, optionally with a variant: configs/x.py:tiny"
+  )
   parser.add_argument("--workdir", required=True, help="training output directory")
-  parser.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
+  parser.add_argument(
+      "--dry_run", action="store_true", help="print the commands instead of running them"
+  )
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser,
-                         argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-  """Parses the script's own flags; what is left must be ``--config.<field>=<value>`` overrides for training
-  (``--config.<field> <value>`` too), anything else is an error."""
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+  """Parses the script's own flags; what is left must be ``--config.<field>=<value>`` overrides for
+  training (``--config.<field> <value>`` too), anything else is an error."""
   args, extra = parser.parse_known_args(argv)
   overrides: list[str] = []
   for arg in extra:
-    takes_value = bool(overrides) and overrides[-1].startswith("--config.") and "=" not in overrides[-1]
+    takes_value = (
+        bool(overrides) and overrides[-1].startswith("--config.") and "=" not in overrides[-1]
+    )
     if not (arg.startswith("--config.") or (takes_value and not arg.startswith("--"))):
-      parser.error(f"unrecognized argument {arg!r} (only --config.<field>=<value> overrides pass through)")
+      parser.error(
+          f"unrecognized argument {arg!r} (only --config.<field>=<value> overrides pass through)"
+      )
     overrides.append(arg)
   return args, overrides
 
@@ -56,7 +68,8 @@ def config_file(parser: argparse.ArgumentParser, spec: str) -> tuple[str, str]:
 
 
 def local_or_remote(path: str) -> str:
-  """A ``gs://`` (or other URL) path as it is, a local one made absolute (the job may start elsewhere)."""
+  """A ``gs://`` (or other URL) path as it is, a local one made absolute (the job may start
+  elsewhere)."""
   return path if "://" in path else os.path.abspath(path)
 
 
@@ -67,24 +80,30 @@ def train_argv(python: str, config: str, workdir: str, overrides: Sequence[str])
 @dataclasses.dataclass(frozen=True)
 class Command:
   """A program and the variables it gets on top of the caller's environment."""
+
   argv: tuple[str, ...]
   env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def line(self) -> str:
     """The command as one shell line (``NAME=value ... program args``) that a user can paste."""
-    return " ".join([f"{name}={shlex.quote(value)}" for name, value in self.env.items()] + [shlex.join(self.argv)])
+    return " ".join(
+        [f"{name}={shlex.quote(value)}" for name, value in self.env.items()]
+        + [shlex.join(self.argv)]
+    )
 
 
 def run_commands(commands: Sequence[Command], dry_run: bool) -> int:
-  """Prints every command (``--dry_run``) or runs them in order, stopping at the first failure; the exit
-  status."""
+  """Prints every command (``--dry_run``) or runs them in order, stopping at the first failure; the
+  exit status."""
   for command in commands:
     if dry_run:
       print(command.line())
       continue
     print(f"+ {command.line()}", file=sys.stderr, flush=True)
     try:
-      status = subprocess.run(command.argv, env={**os.environ, **command.env}, check=False).returncode
+      status = subprocess.run(
+          command.argv, env={**os.environ, **command.env}, check=False
+      ).returncode
     except FileNotFoundError:
       print(f"error: {command.argv[0]}: program not found", file=sys.stderr)
       return 127

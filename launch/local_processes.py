@@ -34,15 +34,29 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_commands(args: argparse.Namespace, command: Sequence[str], port: int) -> list[common.Command]:
+def process_commands(
+    args: argparse.Namespace, command: Sequence[str], port: int
+) -> list[common.Command]:
   """One command per process: the distributed flags appended, a CPU platform with k devices."""
-  xla_flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-               if not flag.startswith("--xla_force_host_platform_device_count")]
+  xla_flags = [
+      flag
+      for flag in os.environ.get("XLA_FLAGS", "").split()
+      if not flag.startswith("--xla_force_host_platform_device_count")
+  ]
   xla_flags.append(f"--xla_force_host_platform_device_count={args.devices_per_process}")
   env = dict(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(xla_flags), PYTHONUNBUFFERED="1")
-  return [common.Command((*command, f"--coordinator_address={args.host}:{port}",
-                          f"--num_processes={args.num_processes}", f"--process_id={i}"), env)
-          for i in range(args.num_processes)]
+  return [
+      common.Command(
+          (
+              *command,
+              f"--coordinator_address={args.host}:{port}",
+              f"--num_processes={args.num_processes}",
+              f"--process_id={i}",
+          ),
+          env,
+      )
+      for i in range(args.num_processes)
+  ]
 
 
 def _prefix_lines(index: int, stream: IO[str], lock: threading.Lock) -> None:
@@ -62,21 +76,32 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 
 
 def run_processes(commands: Sequence[common.Command]) -> int:
-  """Starts every command, streams their prefixed output and waits for all; the first failure's exit status."""
+  """Starts every command, streams their prefixed output and waits for all; the first failure's exit
+  status."""
   lock = threading.Lock()
   processes: list[subprocess.Popen] = []
   for command in commands:
     try:  # each in its own session: signals reach it only through this script
-      processes.append(subprocess.Popen(command.argv, env={**os.environ, **command.env}, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, errors="replace",
-                                        start_new_session=True))
+      processes.append(
+          subprocess.Popen(
+              command.argv,
+              env={**os.environ, **command.env},
+              stdout=subprocess.PIPE,
+              stderr=subprocess.STDOUT,
+              text=True,
+              errors="replace",
+              start_new_session=True,
+          )
+      )
     except OSError as e:
       for process in processes:
         _signal_group(process, signal.SIGKILL)
       print(f"error: {command.argv[0]}: {e.strerror}", file=sys.stderr)
       return 127
-  readers = [threading.Thread(target=_prefix_lines, args=(i, process.stdout, lock), daemon=True)
-             for i, process in enumerate(processes)]
+  readers = [
+      threading.Thread(target=_prefix_lines, args=(i, process.stdout, lock), daemon=True)
+      for i, process in enumerate(processes)
+  ]
   for reader in readers:
     reader.start()
 
@@ -98,7 +123,11 @@ def run_processes(commands: Sequence[common.Command]) -> int:
         running.discard(i)
         if returncode and not status:
           status = common.exit_status(returncode)
-          print(f"error: process {i} exited with status {status}; killing the others", file=sys.stderr, flush=True)
+          print(
+              f"error: process {i} exited with status {status}; killing the others",
+              file=sys.stderr,
+              flush=True,
+          )
           for process in processes:
             _signal_group(process, signal.SIGKILL)
       time.sleep(POLL_S)
@@ -111,13 +140,22 @@ def run_processes(commands: Sequence[common.Command]) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 usage="%(prog)s [flags] -- command [args ...]")
-  parser.add_argument("--num_processes", type=int, required=True, help="number of processes (simulated hosts)")
-  parser.add_argument("--devices_per_process", type=int, default=1, help="CPU devices of each process")
+  parser = common.ArgumentParser(
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      usage="%(prog)s [flags] -- command [args ...]",
+  )
+  parser.add_argument(
+      "--num_processes", type=int, required=True, help="number of processes (simulated hosts)"
+  )
+  parser.add_argument(
+      "--devices_per_process", type=int, default=1, help="CPU devices of each process"
+  )
   parser.add_argument("--host", default="localhost", help="address of the coordinator (process 0)")
   parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-  parser.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
+  parser.add_argument(
+      "--dry_run", action="store_true", help="print the commands instead of running them"
+  )
   return parser
 
 
@@ -125,9 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   split = argv.index("--") if "--" in argv else len(argv)
   parser = make_parser()
-  args, command = parser.parse_args(argv[:split]), argv[split + 1:]
+  args, command = parser.parse_args(argv[:split]), argv[split + 1 :]
   if not command:
-    parser.error("give the command to run after --, e.g. -- python -m midms_jax.train --config=... --workdir=...")
+    parser.error(
+        "give the command to run after --, e.g. -- python -m midms_jax.train --config=... "
+        "--workdir=..."
+    )
   for name in ("num_processes", "devices_per_process"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)} must be at least 1")

@@ -17,23 +17,36 @@ import common
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   common.add_training_flags(parser)
-  parser.add_argument("--gpus", help="comma-separated GPU indices, e.g. 0,1,2,3 (default: every GPU)")
-  parser.add_argument("--python", default=sys.executable, help="Python with midms-jax (default: this one)")
+  parser.add_argument(
+      "--gpus", help="comma-separated GPU indices, e.g. 0,1,2,3 (default: every GPU)"
+  )
+  parser.add_argument(
+      "--python", default=sys.executable, help="Python with midms-jax (default: this one)"
+  )
   return parser
 
 
-def training_command(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                     overrides: list[str]) -> common.Command:
+def training_command(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, overrides: list[str]
+) -> common.Command:
   env = {}
   if args.gpus is not None:
     if not all(index.isdigit() for index in args.gpus.split(",")):
       parser.error(f"--gpus={args.gpus}: expected comma-separated GPU indices, e.g. 0,1,2,3")
     env["CUDA_VISIBLE_DEVICES"] = args.gpus
   config, variant = common.config_file(parser, args.config)
-  return common.Command(tuple(common.train_argv(args.python, config + variant,
-                                                common.local_or_remote(args.workdir), overrides)), env)
+  return common.Command(
+      tuple(
+          common.train_argv(
+              args.python, config + variant, common.local_or_remote(args.workdir), overrides
+          )
+      ),
+      env,
+  )
 
 
 def main(argv: list[str] | None = None) -> int:

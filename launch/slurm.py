@@ -28,12 +28,24 @@ import common
 
 def sbatch_script(args: argparse.Namespace, train: list[str]) -> str:
   per_gpu = args.mode == "per_gpu"
-  directives = [f"--job-name={args.job_name}", f"--nodes={args.nodes}",
-                f"--ntasks-per-node={args.gpus_per_node if per_gpu else 1}", f"--gres=gpu:{args.gpus_per_node}",
-                f"--output={os.path.join(args.log_dir, '%x-%j.out')}", f"--signal=TERM@{args.term_before_end_s}"]
-  optional = dict(partition=args.partition, time=args.time, account=args.account, cpus_per_task=args.cpus_per_task)
+  directives = [
+      f"--job-name={args.job_name}",
+      f"--nodes={args.nodes}",
+      f"--ntasks-per-node={args.gpus_per_node if per_gpu else 1}",
+      f"--gres=gpu:{args.gpus_per_node}",
+      f"--output={os.path.join(args.log_dir, '%x-%j.out')}",
+      f"--signal=TERM@{args.term_before_end_s}",
+  ]
+  optional = dict(
+      partition=args.partition,
+      time=args.time,
+      account=args.account,
+      cpus_per_task=args.cpus_per_task,
+  )
   directives += [f"--{name.replace('_', '-')}={value}" for name, value in optional.items() if value]
-  lines = ["#!/bin/bash"] + [f"#SBATCH {directive}" for directive in directives] + ["set -euo pipefail"]
+  lines = (
+      ["#!/bin/bash"] + [f"#SBATCH {directive}" for directive in directives] + ["set -euo pipefail"]
+  )
   if not per_gpu:
     lines.append(f"export JAX_LOCAL_DEVICE_IDS={','.join(map(str, range(args.gpus_per_node)))}")
   lines.append(shlex.join(["srun", "--label", "--kill-on-bad-exit=1", *train]))
@@ -41,23 +53,38 @@ def sbatch_script(args: argparse.Namespace, train: list[str]) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   common.add_training_flags(parser)
   parser.add_argument("--nodes", type=int, default=1, help="number of nodes")
   parser.add_argument("--gpus_per_node", type=int, default=8, help="GPUs of each node to use")
-  parser.add_argument("--mode", choices=("per_gpu", "per_node"), default="per_gpu",
-                      help="one process per GPU, or one per node")
+  parser.add_argument(
+      "--mode",
+      choices=("per_gpu", "per_node"),
+      default="per_gpu",
+      help="one process per GPU, or one per node",
+  )
   parser.add_argument("--partition", help="SLURM partition (default: the cluster's)")
   parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
   parser.add_argument("--account", help="SLURM account to charge")
   parser.add_argument("--cpus_per_task", type=int, help="CPU cores per process (data loading)")
   parser.add_argument("--job_name", default="midms-jax")
-  parser.add_argument("--term_before_end_s", type=int, default=300,
-                      help="SIGTERM this many seconds before the time limit, to save a checkpoint")
+  parser.add_argument(
+      "--term_before_end_s",
+      type=int,
+      default=300,
+      help="SIGTERM this many seconds before the time limit, to save a checkpoint",
+  )
   parser.add_argument("--log_dir", default="slurm_logs", help="where SLURM writes the job's output")
-  parser.add_argument("--script", help="the sbatch script to write (default: <log_dir>/<job_name>.sbatch)")
-  parser.add_argument("--python", default=sys.executable,
-                      help="Python of the environment with midms-jax on the nodes (default: this one)")
+  parser.add_argument(
+      "--script", help="the sbatch script to write (default: <log_dir>/<job_name>.sbatch)"
+  )
+  parser.add_argument(
+      "--python",
+      default=sys.executable,
+      help="Python of the environment with midms-jax on the nodes (default: this one)",
+  )
   return parser
 
 
@@ -69,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
       parser.error(f"--{name}={getattr(args, name)} must be at least 1")
   config, variant = common.config_file(parser, args.config)
   args.log_dir = os.path.abspath(args.log_dir)
-  script_path = os.path.abspath(args.script or os.path.join(args.log_dir, f"{args.job_name}.sbatch"))
-  script = sbatch_script(args, common.train_argv(args.python, config + variant,
-                                                 common.local_or_remote(args.workdir), overrides))
+  script_path = os.path.abspath(
+      args.script or os.path.join(args.log_dir, f"{args.job_name}.sbatch")
+  )
+  script = sbatch_script(
+      args,
+      common.train_argv(
+          args.python, config + variant, common.local_or_remote(args.workdir), overrides
+      ),
+  )
   submit = common.Command(("sbatch", script_path))
   if args.dry_run:
     print(shlex.join(["mkdir", "-p", args.log_dir]))

@@ -1,5 +1,5 @@
-"""Command-line plumbing shared by the tools: absl flag errors as one ``error:`` line with exit status 2,
-and an in-process entry point (tests, notebooks) that parses a fresh argv every call.
+"""Command-line plumbing shared by the tools: absl flag errors as one ``error:`` line with exit
+status 2, and an in-process entry point (tests, notebooks) that parses a fresh argv every call.
 
 Config files (``config_flags.DEFINE_config_file``): a missing or broken config file and an
 override of a field the config does not have (``--config.train.nonexistent=1``) are one line too:
@@ -29,6 +29,7 @@ HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 # ------------------------------------------------------------------------------------------------
 # One-line messages
 # ------------------------------------------------------------------------------------------------
+
 
 def one_line(error: BaseException | str) -> str:
   """The message of ``error`` on one line: its first line, or for a message that carries a traceback
@@ -80,8 +81,10 @@ def override_problem(config: Any, field: str, name: str = "config") -> str | Non
     if not isinstance(key, str):  # an index into a tuple: ml_collections checks it
       return None
     if not isinstance(node, (ConfigDict, dict)):
-      return (f"--{name}.{field}: {'.'.join(walked)} is a value ({type(node).__name__}), not a "
-              "section of the config")
+      return (
+          f"--{name}.{field}: {'.'.join(walked)} is a value ({type(node).__name__}), not a "
+          "section of the config"
+      )
     if key not in node:
       where = f" in {'.'.join(walked)}" if walked else ""
       return f"--{name}.{field}: config has no field {key!r}{where}"
@@ -145,14 +148,17 @@ def config_error(flag_values: flags.FlagValues, argv: Sequence[str], error: Base
 # Parsing
 # ------------------------------------------------------------------------------------------------
 
-def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], doc: str | None = None) -> list[str]:
-  """Parses ``argv`` into ``flag_values``; a bad flag prints one ``error:`` line and exits with 2 (absl: 1).
+
+def parse_flags(
+    flag_values: flags.FlagValues, argv: Sequence[str], doc: str | None = None
+) -> list[str]:
+  """Parses ``argv`` into ``flag_values``; a bad flag prints one ``error:`` line and exits with 2
+  (absl: 1).
 
   Also one line: a config flag's file that does not exist or does not load, and an override of a
   field the config lacks (ml_collections raises AttributeError / KeyError / IOError for them while
-  parsing).
-  ``--help`` prints ``doc`` and the flags and exits with 0 (for a tool with its own ``FlagValues``, which
-  absl's help does not know). Usable as ``absl.app.run``'s ``flags_parser``.
+  parsing). ``--help`` prints ``doc`` and the flags and exits with 0 (for a tool with its own
+  ``FlagValues``, which absl's help does not know). Usable as ``absl.app.run``'s ``flags_parser``.
   """
   if doc is not None and any(arg in HELP_FLAGS for arg in argv[1:]):
     print(f"{doc.strip()}\n\nflags:\n{flag_values.get_help()}")
@@ -171,8 +177,10 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str], doc: str | N
 def _names_a_config_flag(flag_values: flags.FlagValues, error: flags.Error) -> bool:
   """Whether absl's ``error`` is about a config flag's file (its TypeError / ValueError)."""
   text = str(error)
-  return any(config_flags_lib.is_config_flag(flag_values[name])
-             and text.startswith(f"flag --{name}=") for name in list(flag_values))
+  return any(
+      config_flags_lib.is_config_flag(flag_values[name]) and text.startswith(f"flag --{name}=")
+      for name in list(flag_values)
+  )
 
 
 def config_value(holder: flags.FlagHolder, required: bool = False) -> ConfigDict | None:
@@ -186,8 +194,9 @@ def config_value(holder: flags.FlagHolder, required: bool = False) -> ConfigDict
   if value is None and holder.present:
     flag_values = getattr(holder, "_flagvalues", flags.FLAGS)  # pylint: disable=protected-access
     spec = config_flags.get_config_filename(flag_values[holder.name])
-    raise InputError(f"--{holder.name}={spec}: get_config() returned None (a missing return "
-                     "statement?)")
+    raise InputError(
+        f"--{holder.name}={spec}: get_config() returned None (a missing return " "statement?)"
+    )
   if value is None:
     if required:
       raise InputError(f"--{holder.name} is required (a config file, e.g. configs/synthetic.py)")
@@ -233,15 +242,16 @@ def split_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str
 
 
 def deferred_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str], list[str]]:
-  """``split_overrides(argv)`` when ``argv`` does not set ``--name`` itself (the overrides then apply
-  to a config the tool finds elsewhere), else ``(argv, [])``."""
+  """``split_overrides(argv)`` when ``argv`` does not set ``--name`` itself (the overrides then
+  apply to a config the tool finds elsewhere), else ``(argv, [])``."""
   if gives_flag(argv, name):
     return list(argv), []
   return split_overrides(argv, name)
 
 
-def apply_overrides(config: ConfigDict, overrides: Sequence[str],
-                    name: str = "config") -> ConfigDict:
+def apply_overrides(
+    config: ConfigDict, overrides: Sequence[str], name: str = "config"
+) -> ConfigDict:
   """A copy of ``config`` with ``--name.<field>=<value>`` ``overrides`` applied as ml_collections
   applies them to a config file (values parsed by the field's type; no new fields); ``config``
   itself when there are none. An ``InputError`` with one line for a field the config lacks or a
@@ -262,6 +272,7 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str],
 # ------------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------------
+
 
 def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
   """Why ``path`` (a file, or with ``folder`` a folder, to be written, its missing parents created)
@@ -307,8 +318,10 @@ def os_error_line(error: OSError, what: str = "") -> str:
 
 def _is_closed_loop_callback(unraisable: Any) -> bool:
   """Whether an unraisable exception is asyncio's "Event loop is closed" of a late callback."""
-  if not (isinstance(unraisable.exc_value, RuntimeError)
-          and str(unraisable.exc_value) == "Event loop is closed"):
+  if not (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"
+  ):
     return False
   frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
   return any(frame.name == "call_soon_threadsafe" for frame in frames) or not frames
@@ -334,13 +347,17 @@ def ignore_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
-def run_in_process(flag_values: flags.FlagValues, main: Callable[[list[str]], int], argv: Sequence[str],
-                   doc: str | None = None) -> int:
-  """Parses ``argv`` (program name first) afresh, every flag not given taking its default, runs ``main``
-  on the remaining arguments and returns its exit status.
+def run_in_process(
+    flag_values: flags.FlagValues,
+    main: Callable[[list[str]], int],
+    argv: Sequence[str],
+    doc: str | None = None,
+) -> int:
+  """Parses ``argv`` (program name first) afresh, every flag not given taking its default, runs
+  ``main`` on the remaining arguments and returns its exit status.
 
-  ``sys.argv`` is ``argv`` meanwhile: ml_collections reads ``--config.*`` overrides from there and defines a
-  flag for each, so the previous call's override flags are removed first.
+  ``sys.argv`` is ``argv`` meanwhile: ml_collections reads ``--config.*`` overrides from there and
+  defines a flag for each, so the previous call's override flags are removed first.
   """
   for name in [name for name in flag_values if name.startswith("config.")]:
     delattr(flag_values, name)

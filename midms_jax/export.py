@@ -42,20 +42,39 @@ from midms_jax.interop import torch_export
 
 FILES = ("midms.pth", "ldm.ckpt", "midms.safetensors", "ldm.safetensors", "export.json")
 
-# Its own flag set: the tool's --workdir / --step must not clash with translate's when both are imported.
+# Its own flag set: the tool's --workdir / --step must not clash with translate's when both are
+# imported.
 FLAGS = flags.FlagValues()
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir (config.json, first_stage/, checkpoints/).",
-                               flag_values=FLAGS)
-_STEP = flags.DEFINE_integer("step", None, "Which checkpoint of --workdir (default: the newest).", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "The training workdir (config.json, first_stage/, checkpoints/).",
+    flag_values=FLAGS,
+)
+_STEP = flags.DEFINE_integer(
+    "step", None, "Which checkpoint of --workdir (default: the newest).", flag_values=FLAGS
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "One checkpoint directory, <workdir>/checkpoints/<step>, instead of --workdir/--step.",
-    flag_values=FLAGS)
-_OUT = flags.DEFINE_string("out", None, "Output folder (created; files of an earlier export there are replaced).",
-                           flag_values=FLAGS)
+    "checkpoint",
+    None,
+    "One checkpoint directory, <workdir>/checkpoints/<step>, instead of --workdir/--step.",
+    flag_values=FLAGS,
+)
+_OUT = flags.DEFINE_string(
+    "out",
+    None,
+    "Output folder (created; files of an earlier export there are replaced).",
+    flag_values=FLAGS,
+)
 _LAYOUT = flags.DEFINE_enum(
-    "official_layout", "full", list(torch_export.LAYOUTS), "full: midms.pth also holds the diffusion_sampler.* "
-    "duplicates a trained official model has (official inference.py loads it as it is); minimal: without them.",
-    flag_values=FLAGS)
+    "official_layout",
+    "full",
+    list(torch_export.LAYOUTS),
+    "full: midms.pth also holds the diffusion_sampler.* "
+    "duplicates a trained official model has (official inference.py loads it as it is); minimal: "
+    "without them.",
+    flag_values=FLAGS,
+)
 _LIBRARY_LOGS = logs.define_flag(FLAGS)
 
 
@@ -67,25 +86,32 @@ OFFICIAL_LDM_CONFIGS = {
 }
 OFFICIAL_FIRST_STAGES = {"vq": "VQModelInterface", "kl": "AutoencoderKL"}
 # Model fields that change no key or shape of the state dict (the official load copies tensors).
-SHAPELESS_FIELDS = ("model.unet.dropout", "model.first_stage.dropout",
-                    "model.first_stage.scale_factor")
+SHAPELESS_FIELDS = (
+    "model.unet.dropout",
+    "model.first_stage.dropout",
+    "model.first_stage.scale_factor",
+)
 STRICT_NOTE = {
     "full": "load_state_dict(strict=True) into a freshly built official MIDMs fails (unexpected "
-            "keys: the 13 diffusion_sampler.* DDIM buffers exist there only after a sample has "
-            "run); inference.py uses strict=False",
+    "keys: the 13 diffusion_sampler.* DDIM buffers exist there only after a sample has "
+    "run); inference.py uses strict=False",
     "minimal": "load_state_dict(strict=True) into an official MIDMs fails (missing keys: "
-               "diffusion_sampler.model.*, the sampler's reference to diff_model); inference.py "
-               "uses strict=False, which loads the same weights through diff_model.*",
+    "diffusion_sampler.model.*, the sampler's reference to diff_model); inference.py "
+    "uses strict=False, which loads the same weights through diff_model.*",
 }
 
 
 def field_differences(run: Mapping[str, Any], official: Mapping[str, Any], where: str) -> list[str]:
   """``'<where>.<field>: <run value> (official <value>)'`` for every field that differs."""
-  mine, theirs = workdir_lib.flat_fields(run, where + "."), workdir_lib.flat_fields(official, where + ".")
+  mine, theirs = workdir_lib.flat_fields(run, where + "."), workdir_lib.flat_fields(
+      official, where + "."
+  )
   missing = "<absent>"
-  return [f"{key}: {mine.get(key, missing)!r} (official {theirs.get(key, missing)!r})"
-          for key in sorted(mine.keys() | theirs.keys())
-          if mine.get(key, missing) != theirs.get(key, missing)]
+  return [
+      f"{key}: {mine.get(key, missing)!r} (official {theirs.get(key, missing)!r})"
+      for key in sorted(mine.keys() | theirs.keys())
+      if mine.get(key, missing) != theirs.get(key, missing)
+  ]
 
 
 def official_loadability(config, layout: str = "full") -> dict[str, Any]:
@@ -101,12 +127,16 @@ def official_loadability(config, layout: str = "full") -> dict[str, Any]:
   first_stage_type = config.model.first_stage.get("type", "vq")
   common, differences, notes = [], [], []
   if first_stage_type not in OFFICIAL_FIRST_STAGES:
-    common.append(f"first stage {first_stage_type!r} is not an LDM autoencoder (official: "
-                  f"{' or '.join(OFFICIAL_FIRST_STAGES.values())})")
+    common.append(
+        f"first stage {first_stage_type!r} is not an LDM autoencoder (official: "
+        f"{' or '.join(OFFICIAL_FIRST_STAGES.values())})"
+    )
   official_file = None
   if name not in OFFICIAL_LDM_CONFIGS:
-    common.append(f"data set {name!r} has no official MIDMs model (official: "
-                  f"{', '.join(OFFICIAL_LDM_CONFIGS)})")
+    common.append(
+        f"data set {name!r} has no official MIDMs model (official: "
+        f"{', '.join(OFFICIAL_LDM_CONFIGS)})"
+    )
   else:
     official_file = f"configs/{name}.py"
     official = importlib.import_module(f"configs.{name}").get_config()
@@ -115,19 +145,26 @@ def official_loadability(config, layout: str = "full") -> dict[str, Any]:
     schedule = field_differences(config.diffusion, official.diffusion, "diffusion")
     differences += schedule
     if schedule:
-      notes.append("the file's schedule buffers replace the official yaml's on load: the official "
-                   "code runs this run's schedule (" + "; ".join(schedule) + ")")
-  structural = [d for d in differences
-                if not d.startswith("diffusion.") and d.split(":")[0] not in SHAPELESS_FIELDS]
+      notes.append(
+          "the file's schedule buffers replace the official yaml's on load: the official "
+          "code runs this run's schedule (" + "; ".join(schedule) + ")"
+      )
+  structural = [
+      d
+      for d in differences
+      if not d.startswith("diffusion.") and d.split(":")[0] not in SHAPELESS_FIELDS
+  ]
 
   def blockers(parts: tuple[str, ...]) -> list[str]:
     shapes = [d for d in structural if d.startswith(tuple(f"model.{part}." for part in parts))]
     if shapes:
       more = f"; ... ({len(shapes) - 6} more)" if len(shapes) > 6 else ""
       listed = "; ".join(shapes[:6]) + more
-      return common + [f"{len(shapes)} model field(s) differ from the official {official_file}, "
-                       f"whose model the official code builds (other modules, shapes or attention "
-                       f"heads): {listed}"]
+      return common + [
+          f"{len(shapes)} model field(s) differ from the official {official_file}, "
+          f"whose model the official code builds (other modules, shapes or attention "
+          f"heads): {listed}"
+      ]
     return list(common)
 
   yaml = OFFICIAL_LDM_CONFIGS.get(name, "")
@@ -135,29 +172,49 @@ def official_loadability(config, layout: str = "full") -> dict[str, Any]:
   why = blockers(("unet", "first_stage", "correspondence"))
   files["midms.pth"] = dict(loads=not why, notes=notes + [STRICT_NOTE[layout]])
   files["midms.pth"].update(
-      dict(why_not=why) if why else
-      dict(by=f"the official inference.py (MIDMs built from {yaml}, load_state_dict strict=False)"))
+      dict(why_not=why)
+      if why
+      else dict(
+          by=f"the official inference.py (MIDMs built from {yaml}, load_state_dict strict=False)"
+      )
+  )
   why = blockers(("unet", "first_stage"))
   files["ldm.ckpt"] = dict(loads=not why, notes=list(notes))
   files["ldm.ckpt"].update(
-      dict(why_not=why) if why else
-      dict(by=f"latent-diffusion's load_model_from_config and MIDMs' get_model with {yaml} "
-              "(strict=False)"))
+      dict(why_not=why)
+      if why
+      else dict(
+          by=f"latent-diffusion's load_model_from_config and MIDMs' get_model with {yaml} "
+          "(strict=False)"
+      )
+  )
   for stem in ("midms", "ldm"):
     files[f"{stem}.safetensors"] = dict(
-        loads=False, why_not=[f"the official code reads torch.save files only (the same tensors as "
-                              f"{'midms.pth' if stem == 'midms' else 'ldm.ckpt'})"])
+        loads=False,
+        why_not=[
+            f"the official code reads torch.save files only (the same tensors as "
+            f"{'midms.pth' if stem == 'midms' else 'ldm.ckpt'})"
+        ],
+    )
   return dict(data_set=name, official_config=official_file, differences=differences, files=files)
 
 
 def _warn_unloadable(out: pathlib.Path, loadability: Mapping[str, Any], written) -> None:
   """One ``warning:`` line when the official code cannot load an exported torch file."""
-  refused = {name: entry for name, entry in loadability["files"].items()
-             if name in written and not name.endswith(".safetensors") and not entry["loads"]}
+  refused = {
+      name: entry
+      for name, entry in loadability["files"].items()
+      if name in written and not name.endswith(".safetensors") and not entry["loads"]
+  }
   if refused:
     reasons = list(dict.fromkeys(r for entry in refused.values() for r in entry["why_not"]))
-    logging.warning("%s: the official PyTorch code cannot load %s: %s (export.json "
-                    "'official_code' lists why)", out, " or ".join(refused), "; ".join(reasons))
+    logging.warning(
+        "%s: the official PyTorch code cannot load %s: %s (export.json "
+        "'official_code' lists why)",
+        out,
+        " or ".join(refused),
+        "; ".join(reasons),
+    )
 
 
 def _torch_available() -> bool:
@@ -165,10 +222,12 @@ def _torch_available() -> bool:
 
 
 def completed_epochs(config, step: int) -> int:
-  """The ``epoch`` the official ``.pth`` records: whole epochs done at ``step`` (0 where the training data
-  set cannot be opened here, e.g. a data set that lives on the training machine)."""
+  """The ``epoch`` the official ``.pth`` records: whole epochs done at ``step`` (0 where the
+  training data set cannot be opened here, e.g. a data set that lives on the training machine)."""
   try:
-    steps_per_epoch = max(1, len(pipeline.make_source(config.data, "train")) // config.train.batch_size)
+    steps_per_epoch = max(
+        1, len(pipeline.make_source(config.data, "train")) // config.train.batch_size
+    )
   except (InputError, NotImplementedError, OSError, ValueError):
     return 0
   return step // steps_per_epoch
@@ -185,9 +244,16 @@ def _staging_folder(out: pathlib.Path) -> pathlib.Path:
   return staging
 
 
-def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
-           layout: str = "full", with_torch: bool | None = None) -> list[pathlib.Path]:
-  """Writes the files of the module doc for checkpoint ``step`` of ``workdir``; returns their paths."""
+def export(
+    workdir: str | pathlib.Path,
+    out: str | pathlib.Path,
+    *,
+    step: int | None = None,
+    layout: str = "full",
+    with_torch: bool | None = None,
+) -> list[pathlib.Path]:
+  """Writes the files of the module doc for checkpoint ``step`` of ``workdir``; returns their
+  paths."""
   out = pathlib.Path(out).expanduser()
   reason = cli.unwritable(out, folder=True)  # before the slow restore
   if reason:
@@ -202,16 +268,26 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | 
     written = {}
     if with_torch:
       written["midms.pth"] = torch_export.save_midms_pth(staging / "midms.pth", midms, epoch=epoch)
-      written["ldm.ckpt"] = torch_export.save_ldm_ckpt(staging / "ldm.ckpt", ldm, global_step=trained.step)
+      written["ldm.ckpt"] = torch_export.save_ldm_ckpt(
+          staging / "ldm.ckpt", ldm, global_step=trained.step
+      )
     metadata = {"step": str(trained.step)}
-    written["midms.safetensors"] = torch_export.save_safetensors(staging / "midms.safetensors", midms, metadata)
-    written["ldm.safetensors"] = torch_export.save_safetensors(staging / "ldm.safetensors", ldm, metadata)
+    written["midms.safetensors"] = torch_export.save_safetensors(
+        staging / "midms.safetensors", midms, metadata
+    )
+    written["ldm.safetensors"] = torch_export.save_safetensors(
+        staging / "ldm.safetensors", ldm, metadata
+    )
     contents = {name: midms if name.startswith("midms") else ldm for name in written}
     loadability = official_loadability(trained.config, layout)
     loadability["files"] = {k: v for k, v in loadability["files"].items() if k in written}
     written["export.json"] = torch_export.write_manifest(
-        staging / "export.json", trained.config, trained.step, contents,
-        extra={"official_code": loadability})
+        staging / "export.json",
+        trained.config,
+        trained.step,
+        contents,
+        extra={"official_code": loadability},
+    )
     final = []
     for name, path in written.items():
       final.append(out / name)
@@ -228,14 +304,19 @@ def main(argv: Sequence[str]) -> int:
   logs.configure(library_logs=_LIBRARY_LOGS.value)
   cli.ignore_closed_loop_callbacks()  # a damaged checkpoint: no orbax noise after the error line
   if len(argv) > 1:
-    print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
+    print(
+        f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)",
+        file=sys.stderr,
+    )
     return 2
   try:
     if not _OUT.value:
       raise InputError("--out is required (the folder for the exported files)")
     if _CHECKPOINT.value:
       if _WORKDIR.value or _STEP.value is not None:
-        raise InputError("--checkpoint names workdir and step itself: leave out --workdir and --step")
+        raise InputError(
+            "--checkpoint names workdir and step itself: leave out --workdir and --step"
+        )
       workdir, step = workdir_lib.split_checkpoint_path(_CHECKPOINT.value)
     elif _WORKDIR.value:
       workdir, step = pathlib.Path(_WORKDIR.value), _STEP.value
@@ -252,13 +333,16 @@ def main(argv: Sequence[str]) -> int:
   for path in paths:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
   if not with_torch:
-    print("note: torch is not installed, so midms.pth and ldm.ckpt were not written "
-          "(pip install 'midms-jax[torch]'); the .safetensors files hold the same tensors")
+    print(
+        "note: torch is not installed, so midms.pth and ldm.ckpt were not written "
+        "(pip install 'midms-jax[torch]'); the .safetensors files hold the same tensors"
+    )
   return 0
 
 
 def run(argv: Sequence[str]) -> int:
-  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status."""
+  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the
+  exit status."""
   return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
 
 

@@ -1,5 +1,5 @@
-"""The official optimiser: AdamW with separate learning rates for the correspondence networks and the
-U-Net, multi-step decay, and the U-Net frozen during warm-up.
+"""The official optimiser: AdamW with separate learning rates for the correspondence networks and
+the U-Net, multi-step decay, and the U-Net frozen during warm-up.
 
 Trainable parameters are ``{'correspondence': ..., 'unet': ...}`` (the first stage and the VGG loss
 network are never trained and are not in this tree). Official (``train.py``): AdamW(betas 0.9/0.999,
@@ -19,34 +19,52 @@ import optax
 GROUPS = ("correspondence", "unet")
 
 
-def lr_schedule(base_lr: float, milestones_epochs, gamma: float, steps_per_epoch: int) -> optax.Schedule:
-  """Multi-step decay: ``base_lr * gamma^k`` after the k-th milestone (epochs converted to steps)."""
+def lr_schedule(
+    base_lr: float, milestones_epochs, gamma: float, steps_per_epoch: int
+) -> optax.Schedule:
+  """Multi-step decay: ``base_lr * gamma^k`` after the k-th milestone (epochs converted to
+  steps)."""
   boundaries = {int(m) * steps_per_epoch: gamma for m in milestones_epochs}
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
-def cosine_epoch_schedule(base_lr: float, epochs: int, min_lr: float, steps_per_epoch: int) -> optax.Schedule:
-  """PyTorch ``CosineAnnealingLR(T_max=epochs, eta_min)`` stepped once per epoch (official ``--scheduler cosine``)."""
+def cosine_epoch_schedule(
+    base_lr: float, epochs: int, min_lr: float, steps_per_epoch: int
+) -> optax.Schedule:
+  """PyTorch ``CosineAnnealingLR(T_max=epochs, eta_min)`` stepped once per epoch (official
+  ``--scheduler cosine``)."""
+
   def schedule(step):
     epoch = jnp.asarray(step) // steps_per_epoch
     return min_lr + (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs)) / 2
+
   return schedule
 
 
 def lr_schedules(train_cfg, steps_per_epoch: int) -> dict[str, optax.Schedule]:
-  """Per-group schedules of the global step (official: both 3e-6, decayed x0.3 at epochs 10, 12, 14, 24)."""
+  """Per-group schedules of the global step (official: both 3e-6, decayed x0.3 at epochs 10, 12, 14,
+  24)."""
   base = dict(correspondence=train_cfg.lr, unet=train_cfg.lr_diff_backbone)
   if train_cfg.lr_schedule == "cosine":
-    return {group: cosine_epoch_schedule(base[group], train_cfg.epochs, train_cfg.lr_min, steps_per_epoch)
-            for group in GROUPS}
+    return {
+        group: cosine_epoch_schedule(
+            base[group], train_cfg.epochs, train_cfg.lr_min, steps_per_epoch
+        )
+        for group in GROUPS
+    }
   if train_cfg.lr_schedule != "step":
-    raise ValueError(f"config.train.lr_schedule must be 'step' or 'cosine', got {train_cfg.lr_schedule!r}")
-  return {group: lr_schedule(base[group], train_cfg.lr_milestones, train_cfg.lr_gamma, steps_per_epoch)
-          for group in GROUPS}
+    raise ValueError(
+        f"config.train.lr_schedule must be 'step' or 'cosine', got {train_cfg.lr_schedule!r}"
+    )
+  return {
+      group: lr_schedule(base[group], train_cfg.lr_milestones, train_cfg.lr_gamma, steps_per_epoch)
+      for group in GROUPS
+  }
 
 
 def frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``inner``'s state structure, but zero updates and an unchanged state (PyTorch requires_grad=False)."""
+  """``inner``'s state structure, but zero updates and an unchanged state (PyTorch
+  requires_grad=False)."""
 
   def update(updates, state, params=None):
     del params
@@ -60,8 +78,12 @@ def _adamw(train_cfg, base_lr: float) -> optax.GradientTransformation:
   # A strongly typed float32 learning rate: the value with_learning_rates writes has the same type,
   # so the state's type does not change after the first step (no recompilation).
   return optax.inject_hyperparams(optax.adamw)(
-      learning_rate=jnp.asarray(base_lr, jnp.float32), b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps,
-      weight_decay=train_cfg.weight_decay)
+      learning_rate=jnp.asarray(base_lr, jnp.float32),
+      b1=train_cfg.adam_b1,
+      b2=train_cfg.adam_b2,
+      eps=train_cfg.adam_eps,
+      weight_decay=train_cfg.weight_decay,
+  )
 
 
 def _labels(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,12 +99,17 @@ def make_optimizer(train_cfg, *, freeze_unet: bool) -> optax.GradientTransformat
   step before each update.
   """
   unet = _adamw(train_cfg, train_cfg.lr_diff_backbone)
-  return optax.multi_transform(dict(correspondence=_adamw(train_cfg, train_cfg.lr),
-                                    unet=frozen(unet) if freeze_unet else unet),
-                               param_labels=_labels)
+  return optax.multi_transform(
+      dict(
+          correspondence=_adamw(train_cfg, train_cfg.lr), unet=frozen(unet) if freeze_unet else unet
+      ),
+      param_labels=_labels,
+  )
 
 
-def with_learning_rates(opt_state: Any, step: jax.Array, schedules: Mapping[str, optax.Schedule]) -> Any:
+def with_learning_rates(
+    opt_state: Any, step: jax.Array, schedules: Mapping[str, optax.Schedule]
+) -> Any:
   """``opt_state`` with each group's learning rate set to its schedule at the global ``step``."""
   inner = dict(opt_state.inner_states)
   for group, schedule in schedules.items():
@@ -101,5 +128,6 @@ def learning_rates(opt_state: Any) -> dict[str, jax.Array]:
 
 
 def trainable(variables: Mapping[str, Any]) -> dict[str, Any]:
-  """The trainable ``params`` collections out of ``{'unet', 'first_stage', 'correspondence'}`` variables."""
+  """The trainable ``params`` collections out of ``{'unet', 'first_stage', 'correspondence'}``
+  variables."""
   return {group: variables[group]["params"] for group in GROUPS}

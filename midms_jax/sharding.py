@@ -1,12 +1,13 @@
-"""Where arrays live: the (``data``, ``fsdp``) device mesh, the shardings of batches and training states, and
-the one jitted-step helper both training stages (MIDMs and LDM) use.
+"""Where arrays live: the (``data``, ``fsdp``) device mesh, the shardings of batches and training
+states, and the one jitted-step helper both training stages (MIDMs and LDM) use.
 
-The mesh spans every device of every host; a batch is split over both axes (every device takes its rows).
-With ``fsdp`` = 1 parameters and optimiser state are replicated and GSPMD inserts the gradient all-reduce:
-plain data parallelism. With ``fsdp`` = k > 1 (``config.train.fsdp``) each parameter and its optimiser moments
-are split k ways along their largest dimension divisible by k (``split_shardings``), so a large model's state
-takes 1/k of the memory per device; a step gathers the parameters whole (``whole_parameters``) and GSPMD
-reduce-scatters their gradients (ZeRO-3 style).
+The mesh spans every device of every host; a batch is split over both axes (every device takes its
+rows). With ``fsdp`` = 1 parameters and optimiser state are replicated and GSPMD inserts the
+gradient all-reduce: plain data parallelism. With ``fsdp`` = k > 1 (``config.train.fsdp``) each
+parameter and its optimiser moments are split k ways along their largest dimension divisible by k
+(``split_shardings``), so a large model's state takes 1/k of the memory per device; a step gathers
+the parameters whole (``whole_parameters``) and GSPMD reduce-scatters their gradients (ZeRO-3
+style).
 """
 
 from typing import Any, Callable, Mapping
@@ -18,7 +19,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
-MIN_FSDP_ELEMENTS = 2**14  # smaller leaves (biases, norms) stay replicated: splitting them saves nothing
+MIN_FSDP_ELEMENTS = (
+    2**14
+)  # smaller leaves (biases, norms) stay replicated: splitting them saves nothing
 
 
 def data_mesh(devices=None, fsdp: int = 1) -> Mesh:
@@ -27,7 +30,9 @@ def data_mesh(devices=None, fsdp: int = 1) -> Mesh:
   devices = list(jax.devices() if devices is None else np.asarray(devices).reshape(-1))
   if fsdp < 1 or len(devices) % fsdp:
     raise ValueError(f"fsdp={fsdp} must divide the {len(devices)} devices")
-  return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES, (AxisType.Auto,) * 2, devices=devices)
+  return jax.make_mesh(
+      (len(devices) // fsdp, fsdp), BATCH_AXES, (AxisType.Auto,) * 2, devices=devices
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -54,34 +59,47 @@ def split_shardings(tree: Any, mesh: Mesh) -> Any:
   """Per-leaf ``NamedSharding`` of a (possibly abstract) tree of parameters or optimiser moments:
   ``fsdp_spec`` over the mesh's ``fsdp`` axis."""
   fsdp = mesh.shape[FSDP_AXIS]
-  return jax.tree_util.tree_map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp)), tree)
+  return jax.tree_util.tree_map(
+      lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp)), tree
+  )
 
 
 def whole_parameters(params: Any, mesh: Mesh | None) -> Any:
-  """``params`` gathered whole on every device of ``mesh`` (unchanged without one), for a step's forward and
-  backward pass: with ``fsdp`` split parameters, XLA would otherwise split layers along the parameters'
-  split axis and move activations between devices (all-to-all); the gradients are reduce-scattered back."""
+  """``params`` gathered whole on every device of ``mesh`` (unchanged without one), for a step's
+  forward and backward pass: with ``fsdp`` split parameters, XLA would otherwise split layers along
+  the parameters' split axis and move activations between devices (all-to-all); the gradients are
+  reduce-scattered back.
+  """
   return params if mesh is None else jax.lax.with_sharding_constraint(params, replicated(mesh))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree on every device of the mesh, as the steps' outputs are: the first call then hits the
-  same compiled step as every later one (an unplaced input would compile a second variant)."""
+  """Places a pytree on every device of the mesh, as the steps' outputs are: the first call then
+  hits the same compiled step as every later one (an unplaced input would compile a second
+  variant)."""
   return jax.device_put(tree, replicated(mesh))
 
 
 def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Assembles the global batch from this host's part (``jax.make_array_from_process_local_data``)."""
+  """Assembles the global batch from this host's part
+  (``jax.make_array_from_process_local_data``)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in local_batch.items()
+  }
 
 
 def jit_step(step: Callable, mesh: Mesh | None, state_sharding: Any = None) -> Callable:
-  """``step(state, frozen, batch) -> (state, metrics)`` jitted with the state donated. With a ``mesh``: the
-  batch split over all its devices, ``frozen`` and the metrics replicated, the state placed as
-  ``state_sharding`` (None: replicated); without one, plain ``jax.jit``."""
+  """``step(state, frozen, batch) -> (state, metrics)`` jitted with the state donated. With a
+  ``mesh``: the batch split over all its devices, ``frozen`` and the metrics replicated, the state
+  placed as ``state_sharding`` (None: replicated); without one, plain ``jax.jit``."""
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
   state = replicated(mesh) if state_sharding is None else state_sharding
-  return jax.jit(step, in_shardings=(state, replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=(state, replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+      step,
+      in_shardings=(state, replicated(mesh), batch_sharding(mesh)),
+      out_shardings=(state, replicated(mesh)),
+      donate_argnums=0,
+  )

@@ -62,56 +62,106 @@ from midms_jax.interop import torch_import
 DEFAULT_CONFIG = pathlib.Path(configs.__file__).with_name("celebahq.py")
 CONDITION_SUFFIXES = (".npy",) + images.IMAGE_SUFFIXES
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
-IMAGE_LIKE_SUFFIXES = images.IMAGE_SUFFIXES + (".gif", ".tif", ".tiff")  # an --output file, not a folder
+IMAGE_LIKE_SUFFIXES = images.IMAGE_SUFFIXES + (
+    ".gif",
+    ".tif",
+    ".tiff",
+)  # an --output file, not a folder
 
 FLAGS = flags.FLAGS
 # No default value here: ml_collections would parse a default and its --config.* overrides when the
 # module is imported; without --config, ``_config_and_weights`` loads DEFAULT_CONFIG, then them.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Model and data-set config file (its data.name decides how conditions are "
+    "config",
+    None,
+    "Model and data-set config file (its data.name decides how conditions are "
     "read), e.g. configs/lsun_church.py (default: configs/celebahq.py); overrides as "
-    "--config.midms.temperature=0.01 (with --workdir they change the workdir's config).")
+    "--config.midms.temperature=0.01 (with --workdir they change the workdir's config).",
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "midms_checkpoint", None, "Official MIDMs .pth ({'state_dict': ...} as the official train.py saves it). "
-    "Default: config.checkpoints.midms. For weights from a midms-jax training run use --workdir instead.")
+    "midms_checkpoint",
+    None,
+    "Official MIDMs .pth ({'state_dict': ...} as the official train.py saves it). "
+    "Default: config.checkpoints.midms. For weights from a midms-jax training run use --workdir "
+    "instead.",
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "A midms-jax training workdir: its config.json replaces --config, its newest checkpoint "
-    "(or --step) and its frozen first stage give the weights.")
+    "workdir",
+    None,
+    "A midms-jax training workdir: its config.json replaces --config, its newest checkpoint "
+    "(or --step) and its frozen first stage give the weights.",
+)
 _STEP = flags.DEFINE_integer(
-    "step", None, "With --workdir: the training step whose checkpoint to use (default: the newest).")
+    "step", None, "With --workdir: the training step whose checkpoint to use (default: the newest)."
+)
 _CONDITION = flags.DEFINE_string(
-    "condition", None, "Condition file or folder: .npy (H, W, C) arrays in [0, 1] as the data set builds "
-    "them, LSUN-church label-id PNGs (ids 0..149, 255 = don't care), or, for CelebA-HQ, RGB photos (their "
-    "Canny edge map is the condition).")
+    "condition",
+    None,
+    "Condition file or folder: .npy (H, W, C) arrays in [0, 1] as the data set builds "
+    "them, LSUN-church label-id PNGs (ids 0..149, 255 = don't care), or, for CelebA-HQ, RGB "
+    "photos (their "
+    "Canny edge map is the condition).",
+)
 _EXEMPLAR = flags.DEFINE_string(
-    "exemplar", None, "Exemplar RGB photo, folder of photos, or .txt list of photo paths (one per line, "
-    "relative to the list's folder; blank lines and # comments ignored).")
+    "exemplar",
+    None,
+    "Exemplar RGB photo, folder of photos, or .txt list of photo paths (one per line, "
+    "relative to the list's folder; blank lines and # comments ignored).",
+)
 _EXEMPLAR_CONDITION = flags.DEFINE_string(
-    "exemplar_condition", None, "The exemplars' own conditions: a file (one exemplar) or a folder holding "
-    "<exemplar-stem>.npy (or .png, ...) per exemplar. Default: computed from the exemplar photo, which only "
-    "CelebA-HQ allows.")
+    "exemplar_condition",
+    None,
+    "The exemplars' own conditions: a file (one exemplar) or a folder holding "
+    "<exemplar-stem>.npy (or .png, ...) per exemplar. Default: computed from the exemplar photo, "
+    "which only "
+    "CelebA-HQ allows.",
+)
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "An image file name (.png or .jpg, the extension decides the format) for a single "
-    "condition and exemplar file; otherwise the folder for <condition-stem>__<exemplar-stem>.<format> (folder "
-    "mode, existing outputs are skipped).")
+    "output",
+    None,
+    "An image file name (.png or .jpg, the extension decides the format) for a single "
+    "condition and exemplar file; otherwise the folder for "
+    "<condition-stem>__<exemplar-stem>.<format> (folder "
+    "mode, existing outputs are skipped).",
+)
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 8, "Pairs per jitted call; the last batch is padded so that one compilation serves all.",
-    lower_bound=1)
+    "batch_size",
+    8,
+    "Pairs per jitted call; the last batch is padded so that one compilation serves all.",
+    lower_bound=1,
+)
 _SEED = flags.DEFINE_integer(
-    "seed", 0, "Seed of the diffusion noise. A pair uses PRNGKey(seed) folded with the CRC32 of its name "
-    "<condition-stem>__<exemplar-stem>: the same seed gives the same output, in single-file and folder mode, "
-    "whatever the batch composition, folder contents or resuming (up to float rounding across batch sizes).")
+    "seed",
+    0,
+    "Seed of the diffusion noise. A pair uses PRNGKey(seed) folded with the CRC32 of its name "
+    "<condition-stem>__<exemplar-stem>: the same seed gives the same output, in single-file and "
+    "folder mode, "
+    "whatever the batch composition, folder contents or resuming (up to float rounding across "
+    "batch sizes).",
+)
 _FORMAT = flags.DEFINE_enum(
-    "format", "png", list(images.FORMATS), "Output format in folder mode: png (lossless) or jpg (PIL "
-    "quality 75, as torchvision's save_image). CoCosNet's evaluation protocol saved JPEGs, and the format "
-    "alone moves FID by about 2.6: use the format of the numbers you compare with.")
+    "format",
+    "png",
+    list(images.FORMATS),
+    "Output format in folder mode: png (lossless) or jpg (PIL "
+    "quality 75, as torchvision's save_image). CoCosNet's evaluation protocol saved JPEGs, and "
+    "the format "
+    "alone moves FID by about 2.6: use the format of the numbers you compare with.",
+)
 _DEBUG = flags.DEFINE_boolean(
-    "debug", False, "Also write <output-name>_debug.png next to each output: one row of tiles, left to "
-    "right: the decoded initial warp; per re-warp step the decoded new warp, the decoded mixed latent and "
-    "the confidence mask (white = re-warped, nearest up-sampled); the output.")
+    "debug",
+    False,
+    "Also write <output-name>_debug.png next to each output: one row of tiles, left to "
+    "right: the decoded initial warp; per re-warp step the decoded new warp, the decoded mixed "
+    "latent and "
+    "the confidence mask (white = re-warped, nearest up-sampled); the output.",
+)
 _NO_REFINE = flags.DEFINE_boolean(
-    "no_refine", False, "Skip the final stochastic refinement (official inference runs it: eta=1 DDIM "
-    "steps of a 200-step schedule from step 180).")
+    "no_refine",
+    False,
+    "Skip the final stochastic refinement (official inference runs it: eta=1 DDIM "
+    "steps of a 200-step schedule from step 180).",
+)
 _LIBRARY_LOGS = logs.define_flag(FLAGS)
 # --config.<field> overrides taken out of argv by ``run`` when --config is not given: they apply to
 # the default config or to the --workdir's config.json (``_config_and_weights``).
@@ -121,6 +171,7 @@ _DEFERRED_OVERRIDES: list[str] = []
 @dataclasses.dataclass(frozen=True)
 class Pair:
   """One translation. ``exemplar_condition`` None: computed from the exemplar photo."""
+
   condition: pathlib.Path
   exemplar: pathlib.Path
   exemplar_condition: pathlib.Path | None
@@ -152,14 +203,18 @@ def debug_grids(decode: Callable, variables, out: dict[str, Any]) -> np.ndarray:
   b, k = out["rewarp_new"].shape[:2]
   new_mixed = jnp.stack([out["rewarp_new"], out["rewarp_mixed"]], axis=2)
   new_mixed = new_mixed.reshape((b, 2 * k) + out["rewarp_new"].shape[2:])
-  latents = jnp.concatenate([out["initial_warp"][:, None], new_mixed], axis=1)  # init, new 1, mixed 1, ...
+  latents = jnp.concatenate(
+      [out["initial_warp"][:, None], new_mixed], axis=1
+  )  # init, new 1, mixed 1, ...
   n = latents.shape[1]
   decoded = images.to_uint8(decode(variables, latents.reshape((b * n,) + latents.shape[2:])))
   decoded = decoded.reshape((b, n) + decoded.shape[1:])
   outputs = images.to_uint8(out["image"])
   height, width = outputs.shape[1:3]
   masks = np.asarray(out["rewarp_mask"])
-  masks = np.repeat(np.repeat(masks, height // masks.shape[2], axis=2), width // masks.shape[3], axis=3)
+  masks = np.repeat(
+      np.repeat(masks, height // masks.shape[2], axis=2), width // masks.shape[3], axis=3
+  )
   masks = np.broadcast_to((masks > 0.5).astype(np.uint8) * 255, masks.shape[:4] + (3,))
   tiles = [decoded[:, 0]]
   for i in range(k):
@@ -187,9 +242,10 @@ class MemoryEstimate:
   """Bytes of the largest arrays of one jitted translate call (the whole batch) in its three phases:
   a lower bound of what XLA needs (``total``: the largest phase; on the tiny CelebA-HQ config within
   1% of XLA's temporaries from 128x128 up, where the first stage dominates)."""
+
   first_stage: int  # its attention at the latent grid (scores, softmax) + an image-size activation
   correlation: int  # the soft warps' correlation volume (midms.warp_chunk = 0) or one block of it
-  attention: int    # the largest U-Net attention score array (or block: config.attention_chunk)
+  attention: int  # the largest U-Net attention score array (or block: config.attention_chunk)
 
   @property
   def total(self) -> int:
@@ -215,7 +271,7 @@ def memory_estimate(config, height: int, width: int, batch: int = 1) -> MemoryEs
   attention = 0
   attention_chunk = config.get("attention_chunk", 0)
   for level, mult in enumerate(unet.channel_mult):
-    down = 2 ** level
+    down = 2**level
     if down not in tuple(unet.attention_resolutions):
       continue
     channels = unet.model_channels * mult
@@ -227,8 +283,9 @@ def memory_estimate(config, height: int, width: int, batch: int = 1) -> MemoryEs
     queries = min(attention_chunk, tokens) if attention_chunk > 0 else tokens
     attention = max(attention, heads * queries * tokens)
   scale = FLOAT_BYTES * batch
-  return MemoryEstimate((2 * first_attention + activation) * scale, correlation * scale,
-                        attention * scale)
+  return MemoryEstimate(
+      (2 * first_attention + activation) * scale, correlation * scale, attention * scale
+  )
 
 
 def memory_limit() -> tuple[int, str]:
@@ -244,6 +301,7 @@ def memory_limit() -> tuple[int, str]:
     return free, f"free on {device.device_kind}"
   try:
     import psutil  # pylint: disable=import-outside-toplevel  # optional
+
     return int(psutil.virtual_memory().available), "available host memory"
   except ImportError:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free host memory"
@@ -298,18 +356,22 @@ class MemoryCheck:
     ratio = 1.0
     while ratio > 0.01:
       ratio *= 0.9
-      h, w = (max(self.factor, int(side * ratio) // self.factor * self.factor)
-              for side in (height, width))
+      h, w = (
+          max(self.factor, int(side * ratio) // self.factor * self.factor)
+          for side in (height, width)
+      )
       if self._fits(self.config, h, w, self.batch_size, limit):
         ways.append(f"images of at most {w}x{h} (resize both)")
         break
     batch = f" for a batch of {self.batch_size}" if self.batch_size > 1 else ""
     way_out = f"try {' or '.join(ways)}" if ways else "this device cannot translate it"
-    return (f"size {width}x{height} needs at least {format_bytes(estimate.total)}{batch} to "
-            f"translate (first-stage attention {format_bytes(estimate.first_stage)}, correlation "
-            f"volume {format_bytes(estimate.correlation)}, U-Net attention "
-            f"{format_bytes(estimate.attention)}), more than the {format_bytes(limit)} {what}; "
-            f"{way_out}")
+    return (
+        f"size {width}x{height} needs at least {format_bytes(estimate.total)}{batch} to "
+        f"translate (first-stage attention {format_bytes(estimate.first_stage)}, correlation "
+        f"volume {format_bytes(estimate.correlation)}, U-Net attention "
+        f"{format_bytes(estimate.attention)}), more than the {format_bytes(limit)} {what}; "
+        f"{way_out}"
+    )
 
   def check(self, pair: "Pair", shape: tuple[int, ...]) -> None:
     problem = self.problem(shape[0], shape[1])
@@ -321,14 +383,18 @@ class MemoryCheck:
 # Inputs
 # ------------------------------------------------------------------------------------------------
 
+
 class Inputs:
   """Loads the arrays of pairs, caching recently used files; every problem is an ``InputError``."""
 
   def __init__(self, config, factor: int):
     self.rgb = functools.lru_cache(maxsize=1024)(lambda path: images.read_rgb(path, factor))
-    self.condition = functools.lru_cache(maxsize=64)(lambda path: conditions.load_condition(path, config, factor))
+    self.condition = functools.lru_cache(maxsize=64)(
+        lambda path: conditions.load_condition(path, config, factor)
+    )
     self.photo_condition = functools.lru_cache(maxsize=64)(
-        lambda path: conditions.from_photo(path, config, factor, self.rgb(path)))
+        lambda path: conditions.from_photo(path, config, factor, self.rgb(path))
+    )
 
   def arrays(self, pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(condition, exemplar in [-1, 1], exemplar condition), all of the exemplar's size."""
@@ -341,14 +407,19 @@ class Inputs:
     size = lambda a: f"{a.shape[1]}x{a.shape[0]}"
     for path, array in ((pair.condition, condition), (pair.exemplar_condition, exemplar_condition)):
       if array.shape[:2] != exemplar.shape[:2]:
-        raise InputError(f"{path}: size {size(array)} differs from the exemplar {pair.exemplar} "
-                         f"({size(exemplar)}); condition and exemplar must have the same size")
+        raise InputError(
+            f"{path}: size {size(array)} differs from the exemplar {pair.exemplar} "
+            f"({size(exemplar)}); condition and exemplar must have the same size"
+        )
     return condition, images.to_model_range(exemplar), exemplar_condition
 
 
 def _listing(folder: pathlib.Path, suffixes: tuple[str, ...], what: str) -> list[pathlib.Path]:
-  paths = sorted(p for p in folder.iterdir()
-                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
+  paths = sorted(
+      p
+      for p in folder.iterdir()
+      if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+  )
   if not paths:
     raise InputError(f"{folder}: no {what} files ({', '.join(suffixes)}) in this folder")
   return paths
@@ -362,32 +433,43 @@ def _exemplar_list(path: pathlib.Path) -> list[pathlib.Path]:
   entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
   if not entries:
     raise InputError(f"{path}: the exemplar list names no files")
-  return [pathlib.Path(e).expanduser() if pathlib.Path(e).expanduser().is_absolute() else path.parent / e
-          for e in entries]
+  return [
+      pathlib.Path(e).expanduser()
+      if pathlib.Path(e).expanduser().is_absolute()
+      else path.parent / e
+      for e in entries
+  ]
 
 
 def _unique_stems(paths: Iterable[pathlib.Path], what: str) -> None:
   seen: dict[str, pathlib.Path] = {}
   for path in paths:
     if path.stem in seen:
-      raise InputError(f"{path}: same name as {seen[path.stem]}; {what} file names (without extension) must "
-                       "be unique, they name the outputs")
+      raise InputError(
+          f"{path}: same name as {seen[path.stem]}; {what} file names (without extension) must "
+          "be unique, they name the outputs"
+      )
     seen[path.stem] = path
 
 
-def _exemplar_conditions(config, exemplars: list[pathlib.Path],
-                         source: pathlib.Path | None) -> list[pathlib.Path | None]:
-  """Each exemplar's condition file: from a folder by stem (``.npy`` first), the single file given, or
-  None (computed from the photo) where the data set allows it."""
+def _exemplar_conditions(
+    config, exemplars: list[pathlib.Path], source: pathlib.Path | None
+) -> list[pathlib.Path | None]:
+  """Each exemplar's condition file: from a folder by stem (``.npy`` first), the single file given,
+  or None (computed from the photo) where the data set allows it."""
   if source is None:
     if config.data.name not in conditions.PHOTO_DATA_SETS:
-      raise InputError(f"{exemplars[0]}: {config.data.name} conditions cannot be computed from exemplar photos; "
-                       f"pass --exemplar_condition ({conditions.hint(config)} per exemplar)")
+      raise InputError(
+          f"{exemplars[0]}: {config.data.name} conditions cannot be computed from exemplar photos; "
+          f"pass --exemplar_condition ({conditions.hint(config)} per exemplar)"
+      )
     return [None] * len(exemplars)
   if not source.is_dir():
     if len(exemplars) != 1:
-      raise InputError(f"{source}: --exemplar_condition is one file but there are {len(exemplars)} exemplars; "
-                       "pass a folder with <exemplar-stem>.npy (or .png, ...) per exemplar")
+      raise InputError(
+          f"{source}: --exemplar_condition is one file but there are {len(exemplars)} exemplars; "
+          "pass a folder with <exemplar-stem>.npy (or .png, ...) per exemplar"
+      )
     return [source]
   matched = []
   for exemplar in exemplars:
@@ -400,9 +482,14 @@ def _exemplar_conditions(config, exemplars: list[pathlib.Path],
 # Running
 # ------------------------------------------------------------------------------------------------
 
-def _batches(pairs: Iterable[Pair], inputs: Inputs, batch_size: int,
-             on_error: Callable[[Pair, InputError], None],
-             memory: MemoryCheck | None = None) -> Iterator[list[tuple[Pair, tuple]]]:
+
+def _batches(
+    pairs: Iterable[Pair],
+    inputs: Inputs,
+    batch_size: int,
+    on_error: Callable[[Pair, InputError], None],
+    memory: MemoryCheck | None = None,
+) -> Iterator[list[tuple[Pair, tuple]]]:
   """Loaded pairs in batches of equal array shapes (a new shape starts a new batch); a pair whose
   size does not fit in memory (``memory``) is an error like a bad file."""
   batch, shapes = [], None
@@ -427,10 +514,17 @@ def _batches(pairs: Iterable[Pair], inputs: Inputs, batch_size: int,
     yield batch
 
 
-def _run_batch(translate_pairs: Callable, decode: Callable | None, variables, batch: list[tuple[Pair, tuple]],
-               batch_size: int, seed: int, fmt: str) -> None:
-  """Translates and writes one batch (padded to ``batch_size``: one compiled shape); with ``decode`` also the
-  debug grids."""
+def _run_batch(
+    translate_pairs: Callable,
+    decode: Callable | None,
+    variables,
+    batch: list[tuple[Pair, tuple]],
+    batch_size: int,
+    seed: int,
+    fmt: str,
+) -> None:
+  """Translates and writes one batch (padded to ``batch_size``: one compiled shape); with ``decode``
+  also the debug grids."""
   padded = batch + [batch[-1]] * (batch_size - len(batch))
   stacked = [np.stack([arrays[i] for _, arrays in padded]) for i in range(3)]
   keys = jnp.stack([inference.pair_key(seed, inference.name_id(pair.name)) for pair, _ in padded])
@@ -449,8 +543,9 @@ def _run_batch(translate_pairs: Callable, decode: Callable | None, variables, ba
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-  """Where the weights come from: a training ``workdir`` (at ``step``, default newest), else an official
-  MIDMs ``.pth`` (``midms_checkpoint``, default ``config.checkpoints.midms``)."""
+  """Where the weights come from: a training ``workdir`` (at ``step``, default newest), else an
+  official MIDMs ``.pth`` (``midms_checkpoint``, default ``config.checkpoints.midms``)."""
+
   midms_checkpoint: str | None = None
   workdir: str | None = None
   step: int | None = None
@@ -462,15 +557,28 @@ class Weights:
       return jax.device_put(trained.variables)
     path = self.midms_checkpoint or config.checkpoints.get("midms", "")
     if not path:
-      raise CheckpointError("no weights: pass --midms_checkpoint (an official MIDMs .pth), --workdir (a "
-                            "midms-jax training run) or set config.checkpoints.midms")
+      raise CheckpointError(
+          "no weights: pass --midms_checkpoint (an official MIDMs .pth), --workdir (a "
+          "midms-jax training run) or set config.checkpoints.midms"
+      )
     # The whole config: the file's schedule buffers are checked against config.diffusion.
     path = pathlib.Path(path).expanduser()
     return jax.device_put(torch_import.load_midms_checkpoint(path, config))
 
 
-def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: int, fmt: str, debug: bool,
-         refine: bool, on_error: Callable[[Pair, InputError], None], progress: bool) -> int:
+def _run(
+    pairs: list[Pair],
+    config,
+    *,
+    weights: Weights,
+    batch_size: int,
+    seed: int,
+    fmt: str,
+    debug: bool,
+    refine: bool,
+    on_error: Callable[[Pair, InputError], None],
+    progress: bool,
+) -> int:
   """Translates ``pairs``; returns how many were written."""
   inputs = Inputs(config, images.downsampling_factor(config.model))
   batch_size = min(batch_size, len(pairs))
@@ -478,13 +586,19 @@ def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: 
   variables = translate_pairs = decode = None
   written = 0
   with tqdm(total=len(pairs), unit="pair", disable=not progress, file=sys.stderr) as bar:
+
     def failed(pair, error):
       on_error(pair, error)
       bar.update(1)
+
     for batch in _batches(pairs, inputs, batch_size, failed, memory):
-      if variables is None:  # after the first inputs load: bad inputs are reported before the slow part
+      if (
+          variables is None
+      ):  # after the first inputs load: bad inputs are reported before the slow part
         try:
-          model, translate_pairs = inference.compiled(config, refine, DEBUG_OUTPUTS if debug else ("image",))
+          model, translate_pairs = inference.compiled(
+              config, refine, DEBUG_OUTPUTS if debug else ("image",)
+          )
         except ValueError as e:  # a config value out of range (MIDMs.from_config says which)
           raise InputError(f"the config: {cli.one_line(e)}") from None
         decode = jax.jit(model.decode) if debug else None
@@ -495,28 +609,62 @@ def _run(pairs: list[Pair], config, *, weights: Weights, batch_size: int, seed: 
   return written
 
 
-def translate_single(config, *, condition: pathlib.Path, exemplar: pathlib.Path,
-                     exemplar_condition: pathlib.Path | None, output: pathlib.Path, weights: Weights = Weights(), seed: int = 0,
-                     debug: bool = False, refine: bool = True) -> None:
-  """One pair to ``output`` (.png/.jpg: the extension decides the format); raises on any bad input."""
+def translate_single(
+    config,
+    *,
+    condition: pathlib.Path,
+    exemplar: pathlib.Path,
+    exemplar_condition: pathlib.Path | None,
+    output: pathlib.Path,
+    weights: Weights = Weights(),
+    seed: int = 0,
+    debug: bool = False,
+    refine: bool = True,
+) -> None:
+  """One pair to ``output`` (.png/.jpg: the extension decides the format); raises on any bad
+  input."""
   fmt = OUTPUT_SUFFIXES.get(output.suffix.lower())
   if fmt is None:
     raise InputError(f"{output}: in single-file mode --output must be a .png or .jpg file")
   cli.check_writable(output, "--output")
-  pair = Pair(condition, exemplar, _exemplar_conditions(config, [exemplar], exemplar_condition)[0], output)
+  pair = Pair(
+      condition, exemplar, _exemplar_conditions(config, [exemplar], exemplar_condition)[0], output
+  )
   _make_folder(output.parent, output)
 
   def reraise(_, error):
     raise error
-  _run([pair], config, weights=weights, batch_size=1, seed=seed, fmt=fmt, debug=debug, refine=refine,
-       on_error=reraise, progress=False)
+
+  _run(
+      [pair],
+      config,
+      weights=weights,
+      batch_size=1,
+      seed=seed,
+      fmt=fmt,
+      debug=debug,
+      refine=refine,
+      on_error=reraise,
+      progress=False,
+  )
 
 
-def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_files: list[pathlib.Path],
-                     exemplar_condition: pathlib.Path | None, output: pathlib.Path,
-                     weights: Weights = Weights(), batch_size: int = 8, seed: int = 0, fmt: str = "png", debug: bool = False,
-                     refine: bool = True) -> int:
-  """Every condition x every exemplar into the ``output`` folder; returns the exit status (module doc)."""
+def translate_folder(
+    config,
+    *,
+    condition_files: list[pathlib.Path],
+    exemplar_files: list[pathlib.Path],
+    exemplar_condition: pathlib.Path | None,
+    output: pathlib.Path,
+    weights: Weights = Weights(),
+    batch_size: int = 8,
+    seed: int = 0,
+    fmt: str = "png",
+    debug: bool = False,
+    refine: bool = True,
+) -> int:
+  """Every condition x every exemplar into the ``output`` folder; returns the exit status (module
+  doc)."""
   if output.suffix.lower() in OUTPUT_SUFFIXES or (output.exists() and not output.is_dir()):
     raise InputError(f"{output}: in folder mode --output is a folder, not an image file")
   _unique_stems(condition_files, "condition")
@@ -524,10 +672,16 @@ def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_fi
   matched = _exemplar_conditions(config, exemplar_files, exemplar_condition)
   cli.check_writable(output, "--output", folder=True)
   _make_folder(output, output)
-  pairs = [Pair(c, e, ec, output / f"{pair_name(c, e)}.{fmt}") for c in condition_files
-           for e, ec in zip(exemplar_files, matched)]
+  pairs = [
+      Pair(c, e, ec, output / f"{pair_name(c, e)}.{fmt}")
+      for c in condition_files
+      for e, ec in zip(exemplar_files, matched)
+  ]
   todo = [p for p in pairs if not p.output.exists()]
-  print(f"{len(pairs)} pairs: skipping {len(pairs) - len(todo)} already in {output}, translating {len(todo)}")
+  print(
+      f"{len(pairs)} pairs: skipping {len(pairs) - len(todo)} already in {output}, translating "
+      f"{len(todo)}"
+  )
   reported: set[str] = set()
   failures = []
 
@@ -536,8 +690,23 @@ def translate_folder(config, *, condition_files: list[pathlib.Path], exemplar_fi
     if str(error) not in reported:
       reported.add(str(error))
       tqdm.write(f"error: {error}", file=sys.stderr)
-  written = _run(todo, config, weights=weights, batch_size=batch_size, seed=seed, fmt=fmt, debug=debug,
-                 refine=refine, on_error=report, progress=True) if todo else 0
+
+  written = (
+      _run(
+          todo,
+          config,
+          weights=weights,
+          batch_size=batch_size,
+          seed=seed,
+          fmt=fmt,
+          debug=debug,
+          refine=refine,
+          on_error=report,
+          progress=True,
+      )
+      if todo
+      else 0
+  )
   print(f"wrote {written}, skipped {len(pairs) - len(todo)} existing, failed {len(failures)}")
   return 2 if failures and not written else 0
 
@@ -556,7 +725,8 @@ def _required_path(flag: str, value: str | None) -> pathlib.Path:
 
 
 def _config_and_weights():
-  """The model config and weights source from --config / --midms_checkpoint, or --workdir / --step."""
+  """The model config and weights source from --config / --midms_checkpoint, or --workdir /
+  --step."""
   if not _WORKDIR.value:
     if _STEP.value is not None:
       raise InputError("--step needs --workdir (it picks a checkpoint of a training run)")
@@ -567,9 +737,13 @@ def _config_and_weights():
     config = cli.apply_overrides(config, _DEFERRED_OVERRIDES)
     return config, Weights(midms_checkpoint=_CHECKPOINT.value)
   if _CHECKPOINT.value:
-    raise InputError("--workdir and --midms_checkpoint exclude each other: pick one source of weights")
+    raise InputError(
+        "--workdir and --midms_checkpoint exclude each other: pick one source of weights"
+    )
   if FLAGS["config"].present:
-    raise InputError("--workdir and --config exclude each other: the workdir's config.json is the model's config")
+    raise InputError(
+        "--workdir and --config exclude each other: the workdir's config.json is the model's config"
+    )
   config = cli.apply_overrides(workdir_lib.read_config(_WORKDIR.value), _DEFERRED_OVERRIDES)
   return config, Weights(workdir=_WORKDIR.value, step=_STEP.value)
 
@@ -578,30 +752,56 @@ def main(argv: Sequence[str]) -> int:
   logs.configure(library_logs=_LIBRARY_LOGS.value)
   cli.ignore_closed_loop_callbacks()  # a damaged checkpoint: no orbax noise after the error line
   if len(argv) > 1:
-    print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
+    print(
+        f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)",
+        file=sys.stderr,
+    )
     return 2
   try:
     config, weights = _config_and_weights()
     condition = _required_path("condition", _CONDITION.value)
     exemplar = _required_path("exemplar", _EXEMPLAR.value)
     output = _required_path("output", _OUTPUT.value)
-    exemplar_condition = pathlib.Path(_EXEMPLAR_CONDITION.value).expanduser() if _EXEMPLAR_CONDITION.value else None
-    common = dict(weights=weights, seed=_SEED.value, debug=_DEBUG.value, refine=not _NO_REFINE.value)
+    exemplar_condition = (
+        pathlib.Path(_EXEMPLAR_CONDITION.value).expanduser() if _EXEMPLAR_CONDITION.value else None
+    )
+    common = dict(
+        weights=weights, seed=_SEED.value, debug=_DEBUG.value, refine=not _NO_REFINE.value
+    )
     is_list = exemplar.suffix.lower() == ".txt"
-    if (not condition.is_dir() and not exemplar.is_dir() and not is_list
-        and output.suffix.lower() in IMAGE_LIKE_SUFFIXES):
-      translate_single(config, condition=condition, exemplar=exemplar, exemplar_condition=exemplar_condition,
-                       output=output, **common)
+    if (
+        not condition.is_dir()
+        and not exemplar.is_dir()
+        and not is_list
+        and output.suffix.lower() in IMAGE_LIKE_SUFFIXES
+    ):
+      translate_single(
+          config,
+          condition=condition,
+          exemplar=exemplar,
+          exemplar_condition=exemplar_condition,
+          output=output,
+          **common,
+      )
       print(f"wrote {output}")
       return 0
-    condition_files = _listing(condition, CONDITION_SUFFIXES, "condition") if condition.is_dir() else [condition]
+    condition_files = (
+        _listing(condition, CONDITION_SUFFIXES, "condition") if condition.is_dir() else [condition]
+    )
     if exemplar.is_dir():
       exemplars = _listing(exemplar, images.IMAGE_SUFFIXES, "exemplar image")
     else:
       exemplars = _exemplar_list(exemplar) if is_list else [exemplar]
-    return translate_folder(config, condition_files=condition_files, exemplar_files=exemplars,
-                            exemplar_condition=exemplar_condition, output=output, batch_size=_BATCH_SIZE.value,
-                            fmt=_FORMAT.value, **common)
+    return translate_folder(
+        config,
+        condition_files=condition_files,
+        exemplar_files=exemplars,
+        exemplar_condition=exemplar_condition,
+        output=output,
+        batch_size=_BATCH_SIZE.value,
+        fmt=_FORMAT.value,
+        **common,
+    )
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

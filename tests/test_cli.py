@@ -47,6 +47,7 @@ def _tool():
       print(f"error: {e}", file=sys.stderr)
       return 2
     return 0
+
   return values, main, seen
 
 
@@ -56,27 +57,57 @@ def _error(capsys) -> str:
   return err.strip()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config={tmp}/nope.py"], "error: --config={tmp}/nope.py: no such config file"),
-    (["--config={tmp}/nope.py", "--config.train.lr=1"],
-     "error: --config={tmp}/nope.py: no such config file"),
-    (["--config={tmp}"], "error: --config={tmp}: not a config file (a folder?)"),
-    (["--config={file}", "--config.train.nonexistent=1"],
-     "error: --config.train.nonexistent: config has no field 'nonexistent' in train"),
-    (["--config={file}", "--config.nonexistent.x=1"],
-     "error: --config.nonexistent.x: config has no field 'nonexistent'"),
-    (["--config={file}", "--config.train.lr.x=1"],
-     "error: --config.train.lr.x: train.lr is a value (float), not a section of the config"),
-    (["--config={file}:large"],
-     "error: --config={file}:large: cannot load the config: ValueError: unknown variant 'large'"),
-    (["--config={tmp}/syntax.py"],
-     "error: --config={tmp}/syntax.py: cannot load the config: invalid syntax"),
-    (["--config={tmp}/none.py"], "error: --config={tmp}/none.py: get_config() returned None"),
-    (["--config={file}", "--config.train.batch_size=abc"],
-     "error: flag --config.train.batch_size=abc: invalid literal for int()"),
-    ([], "error: --config is required"),
-], ids=["missing", "missing-with-override", "folder", "unknown-field", "unknown-section",
-        "value-not-section", "variant", "syntax", "none", "bad-value", "required"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config={tmp}/nope.py"], "error: --config={tmp}/nope.py: no such config file"),
+        (
+            ["--config={tmp}/nope.py", "--config.train.lr=1"],
+            "error: --config={tmp}/nope.py: no such config file",
+        ),
+        (["--config={tmp}"], "error: --config={tmp}: not a config file (a folder?)"),
+        (
+            ["--config={file}", "--config.train.nonexistent=1"],
+            "error: --config.train.nonexistent: config has no field 'nonexistent' in train",
+        ),
+        (
+            ["--config={file}", "--config.nonexistent.x=1"],
+            "error: --config.nonexistent.x: config has no field 'nonexistent'",
+        ),
+        (
+            ["--config={file}", "--config.train.lr.x=1"],
+            "error: --config.train.lr.x: train.lr is a value (float), not a section of the config",
+        ),
+        (
+            ["--config={file}:large"],
+            "error: --config={file}:large: cannot load the config: ValueError: unknown variant "
+            "'large'",
+        ),
+        (
+            ["--config={tmp}/syntax.py"],
+            "error: --config={tmp}/syntax.py: cannot load the config: invalid syntax",
+        ),
+        (["--config={tmp}/none.py"], "error: --config={tmp}/none.py: get_config() returned None"),
+        (
+            ["--config={file}", "--config.train.batch_size=abc"],
+            "error: flag --config.train.batch_size=abc: invalid literal for int()",
+        ),
+        ([], "error: --config is required"),
+    ],
+    ids=[
+        "missing",
+        "missing-with-override",
+        "folder",
+        "unknown-field",
+        "unknown-section",
+        "value-not-section",
+        "variant",
+        "syntax",
+        "none",
+        "bad-value",
+        "required",
+    ],
+)
 def test_config_errors_are_one_line(config_file, tmp_path, capsys, args, message):
   (tmp_path / "syntax.py").write_text("def get_config(:\n")
   (tmp_path / "none.py").write_text("def get_config():\n  return None\n")
@@ -88,29 +119,47 @@ def test_config_errors_are_one_line(config_file, tmp_path, capsys, args, message
 
 def test_overrides_parse_by_the_fields_type(config_file, capsys):
   values, main, seen = _tool()
-  argv = ["tool", f"--config={config_file}:small", "--config.train.lr=0.25",
-          "--noconfig.train.flip", "--config.train.sizes=(3, 4)"]
+  argv = [
+      "tool",
+      f"--config={config_file}:small",
+      "--config.train.lr=0.25",
+      "--noconfig.train.flip",
+      "--config.train.sizes=(3, 4)",
+  ]
   assert cli.run_in_process(values, main, argv) == 0, capsys.readouterr().err
   train = seen["config"].train
   assert (train.batch_size, train.lr, train.flip, tuple(train.sizes)) == (2, 0.25, False, (3, 4))
 
 
 def test_split_and_apply_overrides():
-  argv = ["tool", "--workdir=w", "--config.train.lr=0.25", "--config.train.batch_size", "4",
-          "--noconfig.train.flip", "--out=o"]
+  argv = [
+      "tool",
+      "--workdir=w",
+      "--config.train.lr=0.25",
+      "--config.train.batch_size",
+      "4",
+      "--noconfig.train.flip",
+      "--out=o",
+  ]
   assert cli.gives_flag(argv, "config") is False
   assert cli.gives_flag(["tool", "--config=c.py"], "config")
   rest, overrides = cli.split_overrides(argv)
   assert rest == ["tool", "--workdir=w", "--out=o"]
-  assert overrides == ["--config.train.lr=0.25", "--config.train.batch_size", "4",
-                       "--noconfig.train.flip"]
+  assert overrides == [
+      "--config.train.lr=0.25",
+      "--config.train.batch_size",
+      "4",
+      "--noconfig.train.flip",
+  ]
   config = ConfigDict(dict(train=dict(lr=0.5, batch_size=8, flip=True)))
   applied = cli.apply_overrides(config, overrides)
   assert applied.train.to_dict() == dict(lr=0.25, batch_size=4, flip=False)
   assert config.train.lr == 0.5  # a copy
   assert cli.apply_overrides(config, []) is config
-  with pytest.raises(InputError, match=r"^--config.train.nonexistent: config has no field "
-                                       r"'nonexistent' in train$"):
+  with pytest.raises(
+      InputError,
+      match=r"^--config.train.nonexistent: config has no field " r"'nonexistent' in train$",
+  ):
     cli.apply_overrides(config, ["--config.train.nonexistent=1"])
   with pytest.raises(InputError, match=r"^flag --config.train.batch_size=x: invalid literal"):
     cli.apply_overrides(config, ["--config.train.batch_size=x"])
@@ -132,8 +181,9 @@ def test_unwritable_outputs(tmp_path, monkeypatch):
   assert cli.unwritable(a_file, folder=True) == "it is a file, not a folder"
   assert cli.unwritable(tmp_path) == "it is a folder, not a file"
   assert not list(tmp_path.glob("new*"))  # nothing created
-  with pytest.raises(InputError, match=rf"^{a_file}/out.png: cannot write --output there: "
-                                       rf"{a_file} is a file"):
+  with pytest.raises(
+      InputError, match=rf"^{a_file}/out.png: cannot write --output there: " rf"{a_file} is a file"
+  ):
     cli.check_writable(a_file / "out.png", "--output")
   # A read-only folder (chmod does not stop root, so the permission check is simulated).
   monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
@@ -142,8 +192,13 @@ def test_unwritable_outputs(tmp_path, monkeypatch):
 
 
 def _unraisable(error: BaseException) -> types.SimpleNamespace:
-  return types.SimpleNamespace(exc_type=type(error), exc_value=error,
-                               exc_traceback=error.__traceback__, err_msg=None, object=None)
+  return types.SimpleNamespace(
+      exc_type=type(error),
+      exc_value=error,
+      exc_traceback=error.__traceback__,
+      err_msg=None,
+      object=None,
+  )
 
 
 def test_closed_loop_callbacks_are_dropped_and_others_kept(monkeypatch):
@@ -167,7 +222,9 @@ def test_closed_loop_callbacks_are_dropped_and_others_kept(monkeypatch):
 def test_one_line():
   assert cli.one_line(ValueError("first\nsecond")) == "first"
   assert cli.one_line(ValueError("")) == "ValueError"
-  trace = ("Error whilst parsing config file:\n\nTraceback (most recent call last):\n  File x\n"
-           "KeyError: 'a'")
+  trace = (
+      "Error whilst parsing config file:\n\nTraceback (most recent call last):\n  File x\n"
+      "KeyError: 'a'"
+  )
   assert cli.one_line(ValueError(trace)) == "KeyError: 'a'"
   assert cli.one_line(f"flag --config=c.py: {trace}") == "flag --config=c.py: KeyError: 'a'"

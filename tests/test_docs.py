@@ -1,4 +1,5 @@
-"""The docs' case tables name tests that exist: a renamed or removed test fails here, not silently."""
+"""The docs' case tables name tests that exist: a renamed or removed test fails here, not
+silently."""
 
 import pathlib
 import re
@@ -19,4 +20,6 @@ def test_every_case_names_an_existing_test(doc):
   assert len(named) >= 10
   for path, name in named:
     source = (ROOT / path).read_text(encoding="utf-8")
-    assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{doc.name} names {path}::{name}, which does not exist"
+    assert re.search(
+        rf"^def {name}\(", source, re.MULTILINE
+    ), f"{doc.name} names {path}::{name}, which does not exist"

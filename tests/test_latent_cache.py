@@ -1,5 +1,5 @@
-"""``config.ldm.latent_cache``: the training split encoded once, reused while nothing it depends on changes,
-a checkpointable shuffled stream of it, and the LDM stage trained from it."""
+"""``config.ldm.latent_cache``: the training split encoded once, reused while nothing it depends on
+changes, a checkpointable shuffled stream of it, and the LDM stage trained from it."""
 
 import json
 
@@ -34,15 +34,33 @@ def _encoder(config):
   return model, encode, calls
 
 
-def test_cache_holds_the_unaugmented_training_latents_and_is_reused_until_the_data_changes(tmp_path):
+def test_cache_holds_the_unaugmented_training_latents_and_is_reused_until_the_data_changes(
+    tmp_path,
+):
   config = _config(tmp_path / "cache")
   model, encode, calls = _encoder(config)
-  latents = np.array(latent_cache.load_or_build(config, encode, {}))  # a copy: the file is rewritten below
-  images = np.concatenate([batch["image"] for batch in pipeline.make_dataset(
-      config.data, "train", seed=config.train.seed, batch_size=4, shard_index=0, shard_count=1, train=False,
-      num_epochs=1)])
+  latents = np.array(
+      latent_cache.load_or_build(config, encode, {})
+  )  # a copy: the file is rewritten below
+  images = np.concatenate(
+      [
+          batch["image"]
+          for batch in pipeline.make_dataset(
+              config.data,
+              "train",
+              seed=config.train.seed,
+              batch_size=4,
+              shard_index=0,
+              shard_count=1,
+              train=False,
+              num_epochs=1,
+          )
+      ]
+  )
   assert latents.shape == (TRAIN_SIZE, 16, 16, 12) and len(calls) == 3  # batches of 4, 4 and 2
-  np.testing.assert_array_equal(np.asarray(latents), np.asarray(model.encode({"first_stage": {}}, images)))
+  np.testing.assert_array_equal(
+      np.asarray(latents), np.asarray(model.encode({"first_stage": {}}, images))
+  )
   meta = json.loads((tmp_path / "cache" / "train_0of1.json").read_text())
   assert meta["shard"] == [0, 1] and meta["data"]["train_size"] == TRAIN_SIZE
 
@@ -58,7 +76,9 @@ def test_cache_holds_the_unaugmented_training_latents_and_is_reused_until_the_da
   assert len(calls) == 3 and not np.array_equal(np.asarray(changed), np.asarray(latents))
   calls.clear()
   other_weights = {"params": {"w": np.ones((2,), np.float32)}}
-  latent_cache.load_or_build(config, encode, other_weights)  # other first-stage weights: encoded again
+  latent_cache.load_or_build(
+      config, encode, other_weights
+  )  # other first-stage weights: encoded again
   assert len(calls) == 3
 
 
@@ -74,20 +94,46 @@ def test_cached_stream_reshuffles_every_epoch_and_resumes_exactly():
   iterator = iter(latent_cache.make_dataset(config, latents))
   next(iterator), next(iterator)
   resumed.set_state(pipeline.state_from_bytes(pipeline.state_to_bytes(iterator.get_state())))
-  np.testing.assert_array_equal(np.concatenate([next(resumed)["latent"].ravel() for _ in range(3)]), rows[8:])
-  images_state = pipeline.make_dataset(config.data, "train", seed=config.train.seed, batch_size=4, shard_index=0,
-                                       shard_count=1, train=True).__iter__().get_state()
-  with pytest.raises(ValueError, match="another stream"):  # a checkpoint of the image stream does not fit
+  np.testing.assert_array_equal(
+      np.concatenate([next(resumed)["latent"].ravel() for _ in range(3)]), rows[8:]
+  )
+  images_state = (
+      pipeline.make_dataset(
+          config.data,
+          "train",
+          seed=config.train.seed,
+          batch_size=4,
+          shard_index=0,
+          shard_count=1,
+          train=True,
+      )
+      .__iter__()
+      .get_state()
+  )
+  with pytest.raises(
+      ValueError, match="another stream"
+  ):  # a checkpoint of the image stream does not fit
     resumed.set_state(images_state)
-  images = iter(pipeline.make_dataset(config.data, "train", seed=config.train.seed, batch_size=4, shard_index=0,
-                                      shard_count=1, train=True))
+  images = iter(
+      pipeline.make_dataset(
+          config.data,
+          "train",
+          seed=config.train.seed,
+          batch_size=4,
+          shard_index=0,
+          shard_count=1,
+          train=True,
+      )
+  )
   with pytest.raises(ValueError, match="cached_latents"):  # nor the other way round
     images.set_state(resumed.get_state())
 
 
 def test_ldm_stage_trains_from_the_cache(tmp_path, monkeypatch):
-  """Two LDM stages of 4 steps: the first writes the cache (its image log, at steps 2 and 4, decodes cached
-  latents), the second, in another workdir, reads it back without encoding and takes the same steps."""
+  """Two LDM stages of 4 steps: the first writes the cache (its image log, at steps 2 and 4, decodes
+  cached latents), the second, in another workdir, reads it back without encoding and takes the same
+  steps.
+  """
   config = _config(tmp_path / "cache")
   metrics = train.train_and_evaluate(config, tmp_path / "first")
   assert np.isfinite(metrics["loss_total"])

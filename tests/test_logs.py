@@ -1,4 +1,5 @@
-"""What the tools print on stderr: this project's INFO lines, the libraries' hidden, warnings as one line."""
+"""What the tools print on stderr: this project's INFO lines, the libraries' hidden, warnings as one
+line."""
 
 import io
 import logging
@@ -28,8 +29,10 @@ def configured():
 
 @pytest.fixture
 def stderr(monkeypatch) -> io.StringIO:
-  """What absl's handler prints: it writes to its stream, or to ``sys.stderr`` before absl's flags are
-  parsed; both are one buffer here (other tests' captures may have left the handler a stale stream)."""
+  """What absl's handler prints: it writes to its stream, or to ``sys.stderr`` before absl's flags
+  are parsed; both are one buffer here (other tests' captures may have left the handler a stale
+  stream).
+  """
   buffer = io.StringIO()
   monkeypatch.setattr(sys, "stderr", buffer)
   monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, "stream", buffer)

@@ -18,16 +18,27 @@ def _train_cfg(**overrides):
 
 
 def test_matches_torch_adamw_and_multistep_lr():
-  """Two groups, 6 steps, milestones at epochs 1 and 2 (2 steps per epoch), as train.py's MultiStepLR."""
+  """Two groups, 6 steps, milestones at epochs 1 and 2 (2 steps per epoch), as train.py's
+  MultiStepLR."""
   cfg = _train_cfg(lr=1e-2, lr_diff_backbone=5e-3, lr_milestones=(1, 2), lr_gamma=0.3)
   rng = np.random.default_rng(0)
-  init = {"correspondence": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
-          "unet": {"k": rng.normal(size=(5,)).astype(np.float32)}}
-  grads_seq = [{g: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in p.items()} for g, p in init.items()}
-               for _ in range(6)]
-  tw, tk = torch.tensor(init["correspondence"]["w"], requires_grad=True), torch.tensor(init["unet"]["k"],
-                                                                                      requires_grad=True)
-  opt = torch.optim.AdamW([{"params": [tw], "lr": 1e-2}, {"params": [tk], "lr": 5e-3}], weight_decay=0.05)
+  init = {
+      "correspondence": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
+      "unet": {"k": rng.normal(size=(5,)).astype(np.float32)},
+  }
+  grads_seq = [
+      {
+          g: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in p.items()}
+          for g, p in init.items()
+      }
+      for _ in range(6)
+  ]
+  tw, tk = torch.tensor(init["correspondence"]["w"], requires_grad=True), torch.tensor(
+      init["unet"]["k"], requires_grad=True
+  )
+  opt = torch.optim.AdamW(
+      [{"params": [tw], "lr": 1e-2}, {"params": [tk], "lr": 5e-3}], weight_decay=0.05
+  )
   sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.3)
   tx = optim.make_optimizer(cfg, freeze_unet=False)
   schedules = optim.lr_schedules(cfg, steps_per_epoch=2)
@@ -50,13 +61,16 @@ def test_frozen_unet_gets_no_update_no_decay_and_keeps_its_adam_state():
   cfg = _train_cfg()
   params = {"correspondence": {"w": jnp.ones(3)}, "unet": {"k": jnp.ones(2)}}
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  warm, main = optim.make_optimizer(cfg, freeze_unet=True), optim.make_optimizer(cfg, freeze_unet=False)
+  warm, main = optim.make_optimizer(cfg, freeze_unet=True), optim.make_optimizer(
+      cfg, freeze_unet=False
+  )
   state = warm.init(params)
   updates, new_state = warm.update(grads, state, params)
   np.testing.assert_array_equal(updates["unet"]["k"], 0.0)
   assert np.all(np.asarray(updates["correspondence"]["w"]) < 0)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, new_state.inner_states["unet"],
-                         state.inner_states["unet"])
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, new_state.inner_states["unet"], state.inner_states["unet"]
+  )
   assert jax.tree_util.tree_structure(main.init(params)) == jax.tree_util.tree_structure(new_state)
 
 

@@ -1,1 +1,2 @@
-"""Data: photos and condition maps from files (one-line ``InputError`` messages), image writing, data sets."""
+"""Data: photos and condition maps from files (one-line ``InputError`` messages), image writing,
+data sets."""

@@ -1,9 +1,9 @@
 """TFDS builders of the benchmark data sets, read from the official CoCosNet / MIDMs folder layouts.
 
-``python -m midms_jax.data.prepare`` runs them; ``midms_jax.data.sources`` reads what they write. A builder
-reads the user's folder (TFDS ``manual_dir``) and the official exemplar lists and writes array_record files
-(random access) with the splits ``train`` and ``validation``, and ``exemplars`` when an exemplar list names
-an image that neither split lists (its records only serve as exemplars).
+``python -m midms_jax.data.prepare`` runs them; ``midms_jax.data.sources`` reads what they write. A
+builder reads the user's folder (TFDS ``manual_dir``) and the official exemplar lists and writes
+array_record files (random access) with the splits ``train`` and ``validation``, and ``exemplars``
+when an exemplar list names an image that neither split lists (its records only serve as exemplars).
 
 Record order is the official loader's index order: record ``i`` of a split is item ``i`` of the
 official data set (``evaluate`` names its outputs by this index). The official ``Pix2pixDataset``
@@ -24,18 +24,20 @@ keeps its list order:
 
 With ``skip_bad``, the records after a skipped one come earlier than in the official data set.
 
-What a record holds: the original files' bytes (no re-encoding) and the condition inputs in compact form;
-conditions are rendered when read, at the config's load size (``sources.py``). Exemplars are references
-to other records (split and index, plus the key for people reading the data), never copies.
+What a record holds: the original files' bytes (no re-encoding) and the condition inputs in compact
+form; conditions are rendered when read, at the config's load size (``sources.py``). Exemplars are
+references to other records (split and index, plus the key for people reading the data), never
+copies.
 
-Common features: ``key`` (text: the image's name as the lists write it, with ``/`` separators; CelebA-HQ
-``12.jpg``, DeepFashion ``img/WOMEN/Dresses/id_00000244/02_1_front.jpg``, LSUN church ``training/<name>.jpg``,
-relative to ``manual_dir``), ``image`` (the photo's original bytes), and per exemplar, ``ref`` (easy) and
-``ref_hard`` (hard): ``<ref>_key`` (text), ``<ref>_split`` (class label of ``SPLITS``), ``<ref>_index``
-(int64; records of the ``exemplars`` split have none: key ``''``, index -1). Per data set:
+Common features: ``key`` (text: the image's name as the lists write it, with ``/`` separators;
+CelebA-HQ ``12.jpg``, DeepFashion ``img/WOMEN/Dresses/id_00000244/02_1_front.jpg``, LSUN church
+``training/<name>.jpg``, relative to ``manual_dir``), ``image`` (the photo's original bytes), and
+per exemplar, ``ref`` (easy) and ``ref_hard`` (hard): ``<ref>_key`` (text), ``<ref>_split`` (class
+label of ``SPLITS``), ``<ref>_index`` (int64; records of the ``exemplars`` split have none: key
+``''``, index -1). Per data set:
 
-* ``celebahq``: ``mask_parts`` (sequence of class labels of ``conditions.CELEBAHQ_PART_NAMES``: the parts
-  whose CelebAMask-HQ PNG exists) and ``masks`` (the matching PNG files' bytes).
+* ``celebahq``: ``mask_parts`` (sequence of class labels of ``conditions.CELEBAHQ_PART_NAMES``: the
+  parts whose CelebAMask-HQ PNG exists) and ``masks`` (the matching PNG files' bytes).
 * ``deepfashion``: ``pose_candidate`` (float64 ``(N, 2)``: the OpenPose candidates' x, y) and
   ``pose_subset`` (int32 ``(18,)``: each keypoint's candidate row, -1 = missing).
 * ``lsun_church``: ``label`` (the label-id PNG's bytes). Ids 0..150 or 255, as the official loader
@@ -43,16 +45,18 @@ relative to ``manual_dir``), ``image`` (the photo's original bytes), and per exe
   refused (they have no channel).
 
 Exemplars follow the official lists (the builder's ``ref_list`` / ``ref_test_list``; by default
-``<manual_dir>/<name>_ref.txt`` and ``<name>_ref_test.txt``): a line is ``key,candidate,...``. Easy / hard
-exemplar: training list of CelebA-HQ and LSUN church: the first / last candidate; DeepFashion: the last
-candidate / a random other training image (drawn once at build time from ``seed``, as the official code
-draws it once per run); test lists: the first / second candidate (the first if there is one only).
+``<manual_dir>/<name>_ref.txt`` and ``<name>_ref_test.txt``): a line is ``key,candidate,...``. Easy
+/ hard exemplar: training list of CelebA-HQ and LSUN church: the first / last candidate;
+DeepFashion: the last candidate / a random other training image (drawn once at build time from
+``seed``, as the official code draws it once per run); test lists: the first / second candidate (the
+first if there is one only).
 
-Bad data (a missing or unreadable image, mask or label map, a pose file in the wrong format, an image
-without a line in its exemplar list, a line naming a missing image, ...) stops the build with an
-``InputError`` naming the file, or, with ``skip_bad``, skips the record (and the records that use it as an
-exemplar) and lists it with the reason in ``builder.skipped`` and in the data set's ``metadata.json``.
-Every file is decoded once before anything is written, so no broken record is ever written.
+Bad data (a missing or unreadable image, mask or label map, a pose file in the wrong format, an
+image without a line in its exemplar list, a line naming a missing image, ...) stops the build with
+an ``InputError`` naming the file, or, with ``skip_bad``, skips the record (and the records that use
+it as an exemplar) and lists it with the reason in ``builder.skipped`` and in the data set's
+``metadata.json``. Every file is decoded once before anything is written, so no broken record is
+ever written.
 """
 
 import concurrent.futures
@@ -74,11 +78,11 @@ from midms_jax.data import conditions, images
 from midms_jax.errors import InputError, first_line
 
 SPLITS = ("train", "validation", "exemplars")
-RECORD_SPLITS = SPLITS[:2]           # the splits with lists; ``exemplars`` holds what only exemplars need
-EXEMPLARS = ("ref", "ref_hard")      # easy and hard exemplar, named as in the pipeline's records
-LSUN_CLASSES = 150                   # official label_nc: ids 0..149; 150 (or 255): don't care
-LSUN_DONT_CARE_FILE_ID = 255         # the official loader maps it to LSUN_CLASSES
-FILES_LIST = "files.list"            # LSUN church: the official file-list cache (training only)
+RECORD_SPLITS = SPLITS[:2]  # the splits with lists; ``exemplars`` holds what only exemplars need
+EXEMPLARS = ("ref", "ref_hard")  # easy and hard exemplar, named as in the pipeline's records
+LSUN_CLASSES = 150  # official label_nc: ids 0..149; 150 (or 255): don't care
+LSUN_DONT_CARE_FILE_ID = 255  # the official loader maps it to LSUN_CLASSES
+FILES_LIST = "files.list"  # LSUN church: the official file-list cache (training only)
 CELEBAHQ_IMAGES, CELEBAHQ_MASKS = "CelebA-HQ-img", "CelebAMask-HQ-mask-anno"
 LSUN_FOLDERS = {"train": "training", "validation": "validation"}
 LIST_FILES = {"train": "train.txt", "validation": "val.txt"}
@@ -89,6 +93,7 @@ Example = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class Skipped:
   """A record left out by ``skip_bad``: its split, key, and the problem (naming the file)."""
+
   split: str
   key: str
   reason: str
@@ -97,6 +102,7 @@ class Skipped:
 @dataclasses.dataclass(frozen=True)
 class _Exemplar:
   """Where an exemplar key came from: list file, line number, the name written there."""
+
   key: str
   where: str  # "<list>:<line>: exemplar <name> of <record key>"
 
@@ -104,6 +110,7 @@ class _Exemplar:
 @dataclasses.dataclass(frozen=True)
 class _Planned:
   """A record to write: its key and its exemplars as (split, index, key)."""
+
   key: str
   refs: tuple[tuple[str, int, str], tuple[str, int, str]]
 
@@ -121,13 +128,16 @@ class _Problems:
 
 
 def decode_image(data: bytes, name: str | pathlib.Path) -> Image.Image:
-  """The fully decoded image of stored file bytes (Pillow, as the official ``Image.open``: no EXIF rotation)."""
+  """The fully decoded image of stored file bytes (Pillow, as the official ``Image.open``: no EXIF
+  rotation)."""
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
       return image
   except Image.UnidentifiedImageError:
-    raise InputError(f"{name}: not a readable image (corrupt or truncated?): unknown image format") from None
+    raise InputError(
+        f"{name}: not a readable image (corrupt or truncated?): unknown image format"
+    ) from None
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad files
     reason = first_line(e)
     raise InputError(f"{name}: not a readable image (corrupt or truncated?): {reason}") from None
@@ -160,7 +170,8 @@ def natural_parts(name: str) -> tuple:
 
 
 def _random_other(keys: Sequence[str], i: int, rng: np.random.Generator) -> str:
-  """A uniformly drawn key of ``keys`` at another position than ``i`` (``keys[i]`` when it is alone)."""
+  """A uniformly drawn key of ``keys`` at another position than ``i`` (``keys[i]`` when it is
+  alone)."""
   if len(keys) == 1:
     return keys[i]
   j = int(rng.integers(len(keys) - 1))
@@ -168,25 +179,40 @@ def _random_other(keys: Sequence[str], i: int, rng: np.random.Generator) -> str:
 
 
 _EXEMPLAR_FEATURES = {
-    f"{ref}_{field}": feature for ref in EXEMPLARS for field, feature in (
-        ("key", tfds.features.Text()), ("split", tfds.features.ClassLabel(names=SPLITS)),
-        ("index", tfds.features.Scalar(dtype=np.int64)))}
+    f"{ref}_{field}": feature
+    for ref in EXEMPLARS
+    for field, feature in (
+        ("key", tfds.features.Text()),
+        ("split", tfds.features.ClassLabel(names=SPLITS)),
+        ("index", tfds.features.Scalar(dtype=np.int64)),
+    )
+}
 
 
 class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """What the three builders share: planning (lists, exemplars, checks), writing, the skip report."""
+  """What the three builders share: planning (lists, exemplars, checks), writing, the skip
+  report."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original files, condition inputs and exemplar references; array_record."}
+  RELEASE_NOTES = {
+      "1.0.0": "Original files, condition inputs and exemplar references; array_record."
+  }
   HOMEPAGE = "https://github.com/cvlab-kaist/MIDMs"
   DESCRIPTION = ""
 
-  def __init__(self, *, ref_list: str | pathlib.Path | None = None,
-               ref_test_list: str | pathlib.Path | None = None, skip_bad: bool = False, seed: int = 0,
-               **kwargs):
-    """``ref_list`` / ``ref_test_list``: the training / test exemplar lists (default: in ``manual_dir``);
-    ``skip_bad``: skip bad records instead of stopping; ``seed``: DeepFashion's random hard exemplars.
-    Other arguments go to ``tfds.core.GeneratorBasedBuilder`` (``data_dir``, ...)."""
+  def __init__(
+      self,
+      *,
+      ref_list: str | pathlib.Path | None = None,
+      ref_test_list: str | pathlib.Path | None = None,
+      skip_bad: bool = False,
+      seed: int = 0,
+      **kwargs,
+  ):
+    """``ref_list`` / ``ref_test_list``: the training / test exemplar lists (default: in
+    ``manual_dir``); ``skip_bad``: skip bad records instead of stopping; ``seed``: DeepFashion's
+    random hard exemplars. Other arguments go to ``tfds.core.GeneratorBasedBuilder`` (``data_dir``,
+    ...)."""
     super().__init__(file_format="array_record", **kwargs)
     self._ref_lists = {"train": ref_list, "validation": ref_test_list}
     self._skip_bad, self._seed = skip_bad, seed
@@ -218,7 +244,8 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return name.replace("\\", "/")
 
   def _exemplar_names(self, split: str, candidates: Sequence[str]) -> tuple[str, str | None]:
-    """(easy, hard) exemplar names of a list line's candidates; hard None: drawn at random (DeepFashion)."""
+    """(easy, hard) exemplar names of a list line's candidates; hard None: drawn at random
+    (DeepFashion)."""
     if split == "train":
       return candidates[0], candidates[-1]
     return candidates[0], candidates[min(1, len(candidates) - 1)]
@@ -237,12 +264,20 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   # Shared.
   def _info(self) -> tfds.core.DatasetInfo:
-    features = dict(key=tfds.features.Text(),
-                    image=tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    **_EXEMPLAR_FEATURES, **self._features())
+    features = dict(
+        key=tfds.features.Text(),
+        image=tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        **_EXEMPLAR_FEATURES,
+        **self._features(),
+    )
     return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features),
-        homepage=self.HOMEPAGE, disable_shuffling=True, metadata=tfds.core.MetadataDict())
+        builder=self,
+        description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict(features),
+        homepage=self.HOMEPAGE,
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+    )
 
   def _ref_list_path(self, root: pathlib.Path, split: str) -> pathlib.Path:
     """The exemplar list of ``split``: the one passed, else ``<root>/<name>_ref[_test].txt``."""
@@ -250,12 +285,17 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     suffix = "" if split == "train" else "_test"
     return pathlib.Path(path).expanduser() if path else root / f"{self.name}_ref{suffix}.txt"
 
-  def _exemplar_lines(self, root: pathlib.Path, split: str) -> tuple[pathlib.Path, dict[str, tuple[int, list[str]]]]:
-    """The split's exemplar list: list key -> (line number, candidate names). Later lines win (official)."""
+  def _exemplar_lines(
+      self, root: pathlib.Path, split: str
+  ) -> tuple[pathlib.Path, dict[str, tuple[int, list[str]]]]:
+    """The split's exemplar list: list key -> (line number, candidate names). Later lines win
+    (official)."""
     path = self._ref_list_path(root, split)
     if not path.is_file():
       flag = "--ref_list" if split == "train" else "--ref_test_list"
-      raise InputError(f"{path}: no such file (the {split} exemplar list; pass its path with {flag})")
+      raise InputError(
+          f"{path}: no such file (the {split} exemplar list; pass its path with {flag})"
+      )
     lines = {}
     for number, line in _read_lines(path):
       items = [item.strip() for item in line.split(",")]
@@ -269,18 +309,25 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return str(e)
     return None
 
-  def _check_files(self, root: pathlib.Path, keys: Sequence[str], context: Mapping[str, str],
-                   problems: _Problems) -> dict[str, str | None]:
-    """Decodes every key's files (threads; in order, so without ``skip_bad`` the first problem stops it):
-    key -> problem or None. ``context`` prefixes the problem of a key that is only an exemplar."""
+  def _check_files(
+      self, root: pathlib.Path, keys: Sequence[str], context: Mapping[str, str], problems: _Problems
+  ) -> dict[str, str | None]:
+    """Decodes every key's files (threads; in order, so without ``skip_bad`` the first problem stops
+    it): key -> problem or None. ``context`` prefixes the problem of a key that is only an
+    exemplar."""
     results = {}
     if not self.progress:
       print(f"checking {self.name} files: {len(keys)} images", file=sys.stderr, flush=True)
     pool = concurrent.futures.ThreadPoolExecutor()
     try:
       checks = pool.map(functools.partial(self._check_key, root), keys)
-      for key, problem in tqdm.tqdm(zip(keys, checks), total=len(keys), desc=f"checking {self.name} files",
-                                    unit="image", disable=not self.progress):
+      for key, problem in tqdm.tqdm(
+          zip(keys, checks),
+          total=len(keys),
+          desc=f"checking {self.name} files",
+          unit="image",
+          disable=not self.progress,
+      ):
         if problem and not problems.skip_bad:
           raise InputError(f"{context[key]}: {problem}" if key in context else problem)
         results[key] = problem
@@ -288,9 +335,11 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       pool.shutdown(wait=True, cancel_futures=True)
     return results
 
-  def _wanted_exemplars(self, root: pathlib.Path, split: str, keys: Sequence[str], problems: _Problems
-                        ) -> dict[str, tuple[_Exemplar, _Exemplar | None]]:
-    """Record key -> (easy, hard) exemplar from the split's list (hard None: drawn at random later)."""
+  def _wanted_exemplars(
+      self, root: pathlib.Path, split: str, keys: Sequence[str], problems: _Problems
+  ) -> dict[str, tuple[_Exemplar, _Exemplar | None]]:
+    """Record key -> (easy, hard) exemplar from the split's list (hard None: drawn at random
+    later)."""
     list_path, lines = self._exemplar_lines(root, split)
     wanted = {}
     for key in keys:
@@ -298,12 +347,28 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       number, candidates = lines.get(list_key, (0, []))
       if not candidates:
         what = "no exemplar on the line" if number else "no line"
-        problems(split, key, f"{list_path}: {what} for {list_key} (the exemplars of {self._image_path(root, key)})")
+        problems(
+            split,
+            key,
+            f"{list_path}: {what} for {list_key} (the exemplars of {self._image_path(root, key)})",
+        )
         continue
-      pair = tuple(None if name is None else _Exemplar(self._exemplar_key(key, name),
-                                                       f"{list_path}:{number}: exemplar {name} of {list_key}")
-                   for name in self._exemplar_names(split, candidates))
-      problem = next((f"{e.where}: {why}" for e in pair if e is not None and (why := self._key_problem(e.key))), None)
+      pair = tuple(
+          None
+          if name is None
+          else _Exemplar(
+              self._exemplar_key(key, name), f"{list_path}:{number}: exemplar {name} of {list_key}"
+          )
+          for name in self._exemplar_names(split, candidates)
+      )
+      problem = next(
+          (
+              f"{e.where}: {why}"
+              for e in pair
+              if e is not None and (why := self._key_problem(e.key))
+          ),
+          None,
+      )
       if problem:
         problems(split, key, problem)
       else:
@@ -311,10 +376,13 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return wanted
 
   def _plan(self, root: pathlib.Path) -> tuple[dict[str, list[_Planned]], list[Skipped]]:
-    """The records of every split, with exemplars resolved to (split, index); and what was skipped."""
+    """The records of every split, with exemplars resolved to (split, index); and what was
+    skipped."""
     problems = _Problems(self._skip_bad)
     keys = {split: self._split_keys(root, split, problems) for split in RECORD_SPLITS}
-    wanted = {split: self._wanted_exemplars(root, split, keys[split], problems) for split in RECORD_SPLITS}
+    wanted = {
+        split: self._wanted_exemplars(root, split, keys[split], problems) for split in RECORD_SPLITS
+    }
     record_keys = list(dict.fromkeys(key for split in RECORD_SPLITS for key in keys[split]))
     known, context = set(record_keys), {}  # context: exemplar-only key -> where it was first named
     for split in RECORD_SPLITS:
@@ -336,14 +404,19 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           records[split].append(key)
       if not records[split]:
         source = self._split_source(root, split)
-        raise InputError(f"{root}: no usable {split} record (see {source}, the {split} exemplar "
-                         "list and the problems above)")
+        raise InputError(
+            f"{root}: no usable {split} record (see {source}, the {split} exemplar "
+            "list and the problems above)"
+        )
     return self._resolve(records, wanted), problems.skipped
 
-  def _resolve(self, records: Mapping[str, list[str]], wanted: Mapping[str, Mapping[str, tuple]]
-               ) -> dict[str, list[_Planned]]:
-    """Exemplar keys -> (split, index): the record's own split first, then the other; else an ``exemplars``
-    record. DeepFashion's random hard exemplars are drawn here, among the written records of the split."""
+  def _resolve(
+      self, records: Mapping[str, list[str]], wanted: Mapping[str, Mapping[str, tuple]]
+  ) -> dict[str, list[_Planned]]:
+    """Exemplar keys -> (split, index): the record's own split first, then the other; else an
+    ``exemplars`` record. DeepFashion's random hard exemplars are drawn here, among the written
+    records of the split.
+    """
     index = {split: {} for split in RECORD_SPLITS}
     for split in RECORD_SPLITS:
       for i, key in enumerate(records[split]):
@@ -367,7 +440,9 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     planned[SPLITS[2]] = [_Planned(key, ((SPLITS[2], -1, ""),) * 2) for key in extra]
     return planned
 
-  def _log_download_bytes(self) -> None:  # TFDS hook; it would announce a download "of unknown size"
+  def _log_download_bytes(
+      self,
+  ) -> None:  # TFDS hook; it would announce a download "of unknown size"
     print(f"preparing {self.name} {self.version} in {self.data_dir}")
 
   def _log_download_done(self) -> None:  # TFDS hook; the prepare command prints its own summary
@@ -378,12 +453,18 @@ class BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     planned, self.skipped = self._plan(root)
     self.info.metadata.update(
         skipped=[dataclasses.asdict(s) for s in self.skipped],
-        ref_lists={split: str(self._ref_list_path(root, split)) for split in RECORD_SPLITS}, seed=self._seed)
-    return {split: self._generate_examples(root, records, split)
-            for split, records in planned.items() if records}
+        ref_lists={split: str(self._ref_list_path(root, split)) for split in RECORD_SPLITS},
+        seed=self._seed,
+    )
+    return {
+        split: self._generate_examples(root, records, split)
+        for split, records in planned.items()
+        if records
+    }
 
-  def _generate_examples(self, root: pathlib.Path, records: Sequence[_Planned],
-                         split: str = "") -> Iterator[tuple[int, Example]]:
+  def _generate_examples(
+      self, root: pathlib.Path, records: Sequence[_Planned], split: str = ""
+  ) -> Iterator[tuple[int, Example]]:
     if not self.progress:
       print(f"writing {self.name} {split}: {len(records)} records", file=sys.stderr, flush=True)
     for i, record in enumerate(records):
@@ -408,8 +489,12 @@ class CelebAHQ(BenchmarkBuilder):
   """
 
   def _features(self):
-    return dict(mask_parts=tfds.features.Sequence(tfds.features.ClassLabel(names=conditions.CELEBAHQ_PART_NAMES)),
-                masks=tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)))
+    return dict(
+        mask_parts=tfds.features.Sequence(
+            tfds.features.ClassLabel(names=conditions.CELEBAHQ_PART_NAMES)
+        ),
+        masks=tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+    )
 
   def _split_keys(self, root, split, problems):
     path = root / LIST_FILES[split]
@@ -430,8 +515,11 @@ class CelebAHQ(BenchmarkBuilder):
   def _read(self, root, key):
     paths = [celebahq_mask_path(root, key, part) for part in conditions.CELEBAHQ_PART_NAMES]
     parts = [k for k, path in enumerate(paths) if path.is_file()]
-    return dict(image=read_bytes(self._image_path(root, key)), mask_parts=parts,
-                masks=[read_bytes(paths[k]) for k in parts])
+    return dict(
+        image=read_bytes(self._image_path(root, key)),
+        mask_parts=parts,
+        masks=[read_bytes(paths[k]) for k in parts],
+    )
 
   def _check(self, root, key, example):
     super()._check(root, key, example)
@@ -440,14 +528,16 @@ class CelebAHQ(BenchmarkBuilder):
 
 
 def celebahq_mask_path(root: pathlib.Path, key: str, part: str) -> pathlib.Path:
-  """CelebAMask-HQ's PNG of ``part`` of image ``<id>.jpg``: ``<masks>/<id // 2000>/<id, 5 digits>_<part>.png``."""
-  image_id = key[:-len(".jpg")]
+  """CelebAMask-HQ's PNG of ``part`` of image ``<id>.jpg``:
+  ``<masks>/<id // 2000>/<id, 5 digits>_<part>.png``."""
+  image_id = key[: -len(".jpg")]
   return root / CELEBAHQ_MASKS / str(int(image_id) // 2000) / f"{image_id.zfill(5)}_{part}.png"
 
 
 def deepfashion_pose_files(root: pathlib.Path, key: str) -> tuple[pathlib.Path, pathlib.Path]:
-  """(candidate, subset) files of DeepFashion image ``img/X.jpg``: ``pose/X_candidate.txt``, ``_subset.txt``."""
-  stem = "pose/" + key[len("img/"):-len(".jpg")]
+  """(candidate, subset) files of DeepFashion image ``img/X.jpg``: ``pose/X_candidate.txt``,
+  ``_subset.txt``."""
+  stem = "pose/" + key[len("img/") : -len(".jpg")]
   return root / f"{stem}_candidate.txt", root / f"{stem}_subset.txt"
 
 
@@ -455,7 +545,9 @@ class DeepFashion(BenchmarkBuilder):
   """DeepFashion In-shop clothes with OpenPose keypoints (CoCosNet's layout)."""
 
   name = "deepfashion"
-  DESCRIPTION = "DeepFashion In-shop photos and OpenPose keypoints for MIDMs pose-to-person translation."
+  DESCRIPTION = (
+      "DeepFashion In-shop photos and OpenPose keypoints for MIDMs pose-to-person translation."
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   manual_dir/
     train.txt, val.txt    one image per line, e.g. img\\WOMEN\\Dresses\\id_00000244\\02_1_front.jpg
@@ -465,8 +557,10 @@ class DeepFashion(BenchmarkBuilder):
   """
 
   def _features(self):
-    return dict(pose_candidate=tfds.features.Tensor(shape=(None, 2), dtype=np.float64),
-                pose_subset=tfds.features.Tensor(shape=(conditions.POSE_KEYPOINTS,), dtype=np.int32))
+    return dict(
+        pose_candidate=tfds.features.Tensor(shape=(None, 2), dtype=np.float64),
+        pose_subset=tfds.features.Tensor(shape=(conditions.POSE_KEYPOINTS,), dtype=np.int32),
+    )
 
   def _split_keys(self, root, split, problems):
     path = root / LIST_FILES[split]
@@ -481,10 +575,16 @@ class DeepFashion(BenchmarkBuilder):
     return keys
 
   def _key_problem(self, key):
-    return None if key.startswith("img/") and key.endswith(".jpg") else "not an image under img/ (img/.../<name>.jpg)"
+    return (
+        None
+        if key.startswith("img/") and key.endswith(".jpg")
+        else "not an image under img/ (img/.../<name>.jpg)"
+    )
 
   def _exemplar_names(self, split, candidates):
-    return (candidates[-1], None) if split == "train" else super()._exemplar_names(split, candidates)
+    return (
+        (candidates[-1], None) if split == "train" else super()._exemplar_names(split, candidates)
+    )
 
   def _read(self, root, key):
     candidate_path, subset_path = deepfashion_pose_files(root, key)
@@ -492,10 +592,15 @@ class DeepFashion(BenchmarkBuilder):
     subset = conditions.read_subset(subset_path).astype(int)  # truncation, as the official int()
     bad = subset[(subset != -1) & ((subset < 0) | (subset >= len(candidate)))]
     if bad.size:
-      raise InputError(f"{subset_path}: refers to candidate row {bad[0]}, but {candidate_path.name} has "
-                       f"{len(candidate)} row(s) (-1 marks a missing keypoint)")
-    return dict(image=read_bytes(self._image_path(root, key)), pose_candidate=candidate[:, :2].astype(np.float64),
-                pose_subset=subset.astype(np.int32))
+      raise InputError(
+          f"{subset_path}: refers to candidate row {bad[0]}, but {candidate_path.name} has "
+          f"{len(candidate)} row(s) (-1 marks a missing keypoint)"
+      )
+    return dict(
+        image=read_bytes(self._image_path(root, key)),
+        pose_candidate=candidate[:, :2].astype(np.float64),
+        pose_subset=subset.astype(np.int32),
+    )
 
 
 class LsunChurch(BenchmarkBuilder):
@@ -546,9 +651,13 @@ class LsunChurch(BenchmarkBuilder):
       if path.is_relative_to(folder):
         keys.append(posixpath.join(LSUN_FOLDERS["train"], path.relative_to(folder).as_posix()))
       else:
-        problems("train", line, f"{listing}:{number}: {line}: not a file in {folder} (files.list "
-                 "names the training files as the official loader opens them: absolute paths, or "
-                 "relative to the current folder)")
+        problems(
+            "train",
+            line,
+            f"{listing}:{number}: {line}: not a file in {folder} (files.list "
+            "names the training files as the official loader opens them: absolute paths, or "
+            "relative to the current folder)",
+        )
     return keys
 
   def _key_problem(self, key):
@@ -561,33 +670,43 @@ class LsunChurch(BenchmarkBuilder):
     return posixpath.join(posixpath.dirname(key), name)  # beside the record's photo (official)
 
   def _read(self, root, key):
-    return dict(image=read_bytes(self._image_path(root, key)), label=read_bytes(root / lsun_label_key(key)))
+    return dict(
+        image=read_bytes(self._image_path(root, key)), label=read_bytes(root / lsun_label_key(key))
+    )
 
   def _check(self, root, key, example):
     super()._check(root, key, example)
     path = root / lsun_label_key(key)
     label = decode_image(example["label"], path)
     if label.mode not in conditions.LABEL_MODES:
-      raise InputError(f"{path}: label map must be a single-channel image of ids (mode L, P or I), found mode "
-                       f"{label.mode}")
+      raise InputError(
+          f"{path}: label map must be a single-channel image of ids (mode L, P or I), found mode "
+          f"{label.mode}"
+      )
     ids = np.unique(np.asarray(label))
     bad = ids[(ids < 0) | ((ids > LSUN_CLASSES) & (ids != LSUN_DONT_CARE_FILE_ID))]
     if bad.size:  # the official one-hot has LSUN_CLASSES + 1 channels: a larger id has none
       found = ", ".join(map(str, bad[:5]))
-      raise InputError(f"{path}: label ids must be 0..{LSUN_CLASSES} or {LSUN_DONT_CARE_FILE_ID} "
-                       f"(read as {LSUN_CLASSES}, don't care), found {found}")
+      raise InputError(
+          f"{path}: label ids must be 0..{LSUN_CLASSES} or {LSUN_DONT_CARE_FILE_ID} "
+          f"(read as {LSUN_CLASSES}, don't care), found {found}"
+      )
 
 
 def lsun_label_key(key: str) -> str:
   """The label map beside an LSUN photo: same name, ``.png``."""
-  return key[:-len(".jpg")] + ".png"
+  return key[: -len(".jpg")] + ".png"
 
 
-BUILDERS: dict[str, type[BenchmarkBuilder]] = {b.name: b for b in (CelebAHQ, DeepFashion, LsunChurch)}
+BUILDERS: dict[str, type[BenchmarkBuilder]] = {
+    b.name: b for b in (CelebAHQ, DeepFashion, LsunChurch)
+}
 
 
 def builder(name: str, data_dir: str | pathlib.Path | None = None, **kwargs) -> BenchmarkBuilder:
   """The builder of data set ``name`` (``BUILDERS``) over ``data_dir`` (None: the TFDS default)."""
   if name not in BUILDERS:
     raise ValueError(f"unknown data set {name!r} (known: {', '.join(BUILDERS)})")
-  return BUILDERS[name](data_dir=None if data_dir is None else str(pathlib.Path(data_dir).expanduser()), **kwargs)
+  return BUILDERS[name](
+      data_dir=None if data_dir is None else str(pathlib.Path(data_dir).expanduser()), **kwargs
+  )

@@ -1,21 +1,25 @@
-"""Condition maps ``(H, W, C)`` float32 in [0, 1], as each data set (``config.data.name``) feeds them.
+"""Condition maps ``(H, W, C)`` float32 in [0, 1], as each data set (``config.data.name``) feeds
+them.
 
-Rendering, exactly as the official data sets build them (numpy / OpenCV / Pillow / scikit-image, outside jit):
+Rendering, exactly as the official data sets build them (numpy / OpenCV / Pillow / scikit-image,
+outside jit):
 
-* CelebA-HQ (``celebahq_condition``, 15 channels): Canny edges outside the facial parts plus all part
-  boundaries | 13 per-part boundary distance maps | part boundaries. ``celebahq_part_masks`` reads the
-  CelebAMask-HQ part PNGs.
-* DeepFashion (``deepfashion_condition``, 20 channels): OpenPose skeleton RGB | 17 per-limb distance maps,
-  from the ``_candidate.txt`` / ``_subset.txt`` files (``read_candidate``, ``read_subset``).
+* CelebA-HQ (``celebahq_condition``, 15 channels): Canny edges outside the facial parts plus all
+  part boundaries | 13 per-part boundary distance maps | part boundaries. ``celebahq_part_masks``
+  reads the CelebAMask-HQ part PNGs.
+* DeepFashion (``deepfashion_condition``, 20 channels): OpenPose skeleton RGB | 17 per-limb distance
+  maps, from the ``_candidate.txt`` / ``_subset.txt`` files (``read_candidate``, ``read_subset``).
 * LSUN church (``one_hot_labels``, 151 channels): label ids one-hot, 255 ("don't care") -> id 150.
 
 The random crop / flip of the official pipeline is not done here (the data pipeline does it, on all
 channels alike). The official rendering uses opencv 4.1.2 and an unpinned scikit-image; Canny edges
 depend on the scikit-image version (its implementation changed in 0.20), the rest is version-stable.
 
-For the translate CLI a condition comes from one of three kinds of file (``condition_kind`` decides):
+For the translate CLI a condition comes from one of three kinds of file (``condition_kind``
+decides):
 
-* ``array``: a ``.npy`` ``(H, W, C)`` array in [0, 1], exactly the tensor the data set builds. Any data set.
+* ``array``: a ``.npy`` ``(H, W, C)`` array in [0, 1], exactly the tensor the data set builds. Any
+  data set.
 * ``labels``: a single-channel label-id image (PNG of mode L, P or I): LSUN church's segmentation.
 * ``photo``: an RGB photo from which the condition is computed; only CelebA-HQ defines how
   (``celebahq_edges``: no part masks). Other data sets need the ``.npy`` (or label PNG) form.
@@ -41,20 +45,67 @@ LABEL_MODES = ("L", "P", "I", "I;16")
 PHOTO_DATA_SETS = ("celebahq",)  # data sets whose condition can be computed from a photo
 
 # CelebA-HQ: the official part order (channel 1 + k is the distance map of part k).
-CELEBAHQ_PART_NAMES = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "l_ear", "r_ear", "nose", "u_lip", "mouth",
-                       "l_lip", "eye_g", "hair")
+CELEBAHQ_PART_NAMES = (
+    "skin",
+    "l_brow",
+    "r_brow",
+    "l_eye",
+    "r_eye",
+    "l_ear",
+    "r_ear",
+    "nose",
+    "u_lip",
+    "mouth",
+    "l_lip",
+    "eye_g",
+    "hair",
+)
 CELEBAHQ_PARTS = len(CELEBAHQ_PART_NAMES)
 CELEBAHQ_CHANNELS = 2 + CELEBAHQ_PARTS
 CANNY_HIGH_THRESHOLD = 0.2  # skimage's default high threshold, on the image scaled to [0, 1]
 
-# DeepFashion: OpenPose COCO-18 colours (drawn as given into a BGR canvas, so R and B swap in the RGB result)
-# and the limbs as 1-based keypoint pairs. The official list has two more pairs, (3, 17) and (6, 18),
-# that it never draws (it loops over the first 17).
-POSE_COLORS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-               (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-               (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
-POSE_LIMBS = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13), (13, 14),
-              (2, 1), (1, 15), (15, 17), (1, 16), (16, 18))
+# DeepFashion: OpenPose COCO-18 colours (drawn as given into a BGR canvas, so R and B swap in the
+# RGB result) and the limbs as 1-based keypoint pairs. The official list has two more pairs, (3, 17)
+# and (6, 18), that it never draws (it loops over the first 17).
+POSE_COLORS = (
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+    (255, 0, 85),
+)
+POSE_LIMBS = (
+    (2, 3),
+    (2, 6),
+    (3, 4),
+    (4, 5),
+    (6, 7),
+    (7, 8),
+    (2, 9),
+    (9, 10),
+    (10, 11),
+    (2, 12),
+    (12, 13),
+    (13, 14),
+    (2, 1),
+    (1, 15),
+    (15, 17),
+    (1, 16),
+    (16, 18),
+)
 POSE_KEYPOINTS = len(POSE_COLORS)
 KEYPOINT_RADIUS = 4
 STICK_WIDTH = 4
@@ -80,7 +131,8 @@ def _kind_of(path: pathlib.Path, image: Image.Image | None) -> str:
 
 
 def condition_kind(path: str | pathlib.Path) -> str:
-  """``'array'`` for ``.npy``, ``'labels'`` for a single-channel image, ``'photo'`` for any other image."""
+  """``'array'`` for ``.npy``, ``'labels'`` for a single-channel image, ``'photo'`` for any other
+  image."""
   path = pathlib.Path(path)
   return _kind_of(path, None if path.suffix.lower() == ".npy" else images.open_image(path))
 
@@ -100,25 +152,32 @@ def load_array(path: str | pathlib.Path, channels: int) -> np.ndarray:
     raise InputError(f"{path}: condition array has dtype {array.dtype}, expected numbers")
   if array.shape[-1] != channels:
     transposed = " (channels first? store it as (H, W, C))" if array.shape[0] == channels else ""
-    raise InputError(f"{path}: condition has {array.shape[-1]} channels, the config expects {channels}"
-                     f"{transposed}")
+    raise InputError(
+        f"{path}: condition has {array.shape[-1]} channels, the config expects {channels}"
+        f"{transposed}"
+    )
   array = array.astype(np.float32)
   if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
-    raise InputError(f"{path}: condition values must lie in [0, 1], found {array.min():g}..{array.max():g}")
+    raise InputError(
+        f"{path}: condition values must lie in [0, 1], found {array.min():g}..{array.max():g}"
+    )
   return array
 
 
-def one_hot_labels(image: Image.Image, path: str | pathlib.Path, channels: int,
-                   load_size: int | None = None) -> np.ndarray:
+def one_hot_labels(
+    image: Image.Image, path: str | pathlib.Path, channels: int, load_size: int | None = None
+) -> np.ndarray:
   """A label-id image one-hot to ``channels``: ids 0..channels-2, 255 = don't care -> id channels-1.
 
-  As the official LSUN church data: the PNG resized nearest (Pillow) to ``load_size`` x ``load_size``
-  (``None``: kept), its ids (``ToTensor() * 255`` is exact for 0..255), 255 -> 150, one-hot to 151 in
-  ``train_epoch`` (``scatter_``).
+  As the official LSUN church data: the PNG resized nearest (Pillow) to ``load_size`` x
+  ``load_size`` (``None``: kept), its ids (``ToTensor() * 255`` is exact for 0..255), 255 -> 150,
+  one-hot to 151 in ``train_epoch`` (``scatter_``).
   """
   if image.mode not in LABEL_MODES:
-    raise InputError(f"{path}: label map must be a single-channel image of ids (mode L, P or I), found "
-                     f"{images.describe_mode(image.mode)}")
+    raise InputError(
+        f"{path}: label map must be a single-channel image of ids (mode L, P or I), found "
+        f"{images.describe_mode(image.mode)}"
+    )
   if load_size is not None:
     image = image.resize((load_size, load_size), Image.NEAREST)
   ids = np.asarray(image).astype(np.int64)
@@ -126,8 +185,10 @@ def one_hot_labels(image: Image.Image, path: str | pathlib.Path, channels: int,
   bad = np.unique(ids[(ids < 0) | (ids >= channels)])
   if bad.size:
     found = ", ".join(map(str, bad[:5]))
-    raise InputError(f"{path}: label ids must be 0..{channels - 1} or 255 (read as {channels - 1}, don't care), "
-                     f"found {found}")
+    raise InputError(
+        f"{path}: label ids must be 0..{channels - 1} or 255 (read as {channels - 1}, don't care), "
+        f"found {found}"
+    )
   return np.eye(channels, dtype=np.float32)[ids]
 
 
@@ -156,18 +217,19 @@ def boundaries(mask: np.ndarray) -> np.ndarray:
 
 
 def distance_uint8(source: np.ndarray) -> np.ndarray:
-  """Official distance map of a uint8 image: ``cv2.distanceTransform(source, DIST_L1, 3) / 3``, clipped to
-  [0, 255] and truncated to uint8.
+  """Official distance map of a uint8 image: ``cv2.distanceTransform(source, DIST_L1, 3) / 3``,
+  clipped to [0, 255] and truncated to uint8.
 
-  The L1 transform (exact with the 3x3 mask) measures the city-block distance to the nearest 0 pixel; with
-  no 0 pixel it is FLT_MAX everywhere, so the map is 255 everywhere.
+  The L1 transform (exact with the 3x3 mask) measures the city-block distance to the nearest 0
+  pixel; with no 0 pixel it is FLT_MAX everywhere, so the map is 255 everywhere.
   """
   distance = cv2.distanceTransform(np.asarray(source, np.uint8), cv2.DIST_L1, 3)
   return np.clip(distance / 3, 0, 255).astype(np.uint8)
 
 
 def _photo_image(photo: Any) -> Image.Image:
-  """A PIL image of a photo given as PIL image, uint8 array, or float array in [0, 1] ((H, W, 3) or (H, W))."""
+  """A PIL image of a photo given as PIL image, uint8 array, or float array in [0, 1] ((H, W, 3) or
+  (H, W))."""
   if isinstance(photo, Image.Image):
     return photo
   pixels = np.asarray(photo)
@@ -183,10 +245,11 @@ def _photo_image(photo: Any) -> Image.Image:
 
 
 def _mask_values(mask: Any, size: tuple[int, int], part: str) -> np.ndarray:
-  """A part mask as the official L-mode values (0 / 255), resized nearest to ``size`` = (width, height).
+  """A part mask as the official L-mode values (0 / 255), resized nearest to ``size`` = (width,
+  height).
 
-  Accepts a PIL image (converted to L, values kept), a bool array, an array in [0, 1] (scaled by 255) or
-  an integer array in 0..255 (kept).
+  Accepts a PIL image (converted to L, values kept), a bool array, an array in [0, 1] (scaled
+  by 255) or an integer array in 0..255 (kept).
   """
   if isinstance(mask, Image.Image):
     image = mask.convert("L")
@@ -213,25 +276,32 @@ def _canny_looks_broken(gray: np.ndarray, edges: np.ndarray) -> bool:
   return magnitude[3:-3, 3:-3].max() >= 2 * CANNY_HIGH_THRESHOLD
 
 
-def celebahq_condition(photo: Any, part_masks: Mapping[str, Any] | None = None, load_size: int | None = None,
-                       name: str | pathlib.Path = "photo") -> np.ndarray:
-  """The official CelebA-HQ condition ``(S, S, 15)`` float32 in [0, 1] of a photo and its part masks.
+def celebahq_condition(
+    photo: Any,
+    part_masks: Mapping[str, Any] | None = None,
+    load_size: int | None = None,
+    name: str | pathlib.Path = "photo",
+) -> np.ndarray:
+  """The official CelebA-HQ condition ``(S, S, 15)`` float32 in [0, 1] of a photo and its part
+  masks.
 
   ``photo``: PIL image or RGB array (uint8, or float in [0, 1]), resized bilinear (Pillow) to
   ``load_size`` x ``load_size`` (``None``: kept at its size). ``part_masks``: part name
-  (``CELEBAHQ_PART_NAMES``) -> mask (see ``_mask_values``), resized nearest to the same size; missing parts
-  are allowed. ``name`` names the photo in the empty-edge warning.
+  (``CELEBAHQ_PART_NAMES``) -> mask (see ``_mask_values``), resized nearest to the same size;
+  missing parts are allowed. ``name`` names the photo in the empty-edge warning.
 
-  Channel 0: part boundaries united with the Canny edges (skimage defaults on the uint8 grayscale image,
-  i.e. sigma 1 and thresholds 0.1 / 0.2 of the [0, 1] range) outside every part but hair (later parts
-  win: inside hair the edges are kept even over skin). Channels 1..13: each part's boundary distance map
-  (``distance_uint8`` of ``255 - boundary * 255``, /255); a missing part gives 1.0. Channel 14: the union
-  of part boundaries.
+  Channel 0: part boundaries united with the Canny edges (skimage defaults on the uint8 grayscale
+  image, i.e. sigma 1 and thresholds 0.1 / 0.2 of the [0, 1] range) outside every part but hair
+  (later parts win: inside hair the edges are kept even over skin). Channels 1..13: each part's
+  boundary distance map (``distance_uint8`` of ``255 - boundary * 255``, /255); a missing part gives
+  1.0. Channel 14: the union of part boundaries.
   """
   part_masks = dict(part_masks or {})
   unknown = sorted(set(part_masks) - set(CELEBAHQ_PART_NAMES))
   if unknown:
-    raise ValueError(f"unknown CelebA-HQ part(s) {unknown}; parts are {', '.join(CELEBAHQ_PART_NAMES)}")
+    raise ValueError(
+        f"unknown CelebA-HQ part(s) {unknown}; parts are {', '.join(CELEBAHQ_PART_NAMES)}"
+    )
   image = _photo_image(photo)
   if load_size is not None:
     image = image.resize((load_size, load_size), Image.BILINEAR)
@@ -251,17 +321,22 @@ def celebahq_condition(photo: Any, part_masks: Mapping[str, Any] | None = None, 
   gray = np.asarray(image.convert("L"))
   canny = feature.canny(gray)
   if _canny_looks_broken(gray, canny):
-    warnings.warn(f"{name}: Canny found no edges in a photo with clear structure; scikit-image "
-                  f"{skimage.__version__} may be mishandling {gray.dtype} images (its edge maps would be empty)",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"{name}: Canny found no edges in a photo with clear structure; scikit-image "
+        f"{skimage.__version__} may be mishandling {gray.dtype} images (its edge maps would be "
+        "empty)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
   condition[..., 0] = edges | (canny * inner)
   condition[..., CELEBAHQ_CHANNELS - 1] = edges
   return condition
 
 
 def celebahq_part_masks(anno_dir: str | pathlib.Path, image_id: int) -> dict[str, Image.Image]:
-  """The existing CelebAMask-HQ part masks of an image: ``{anno_dir}/{id // 2000}/{id:05d}_{part}.png``
-  (``anno_dir`` is the ``CelebAMask-HQ-mask-anno`` folder), as L-mode images."""
+  """The existing CelebAMask-HQ part masks of an image:
+  ``{anno_dir}/{id // 2000}/{id:05d}_{part}.png`` (``anno_dir`` is the ``CelebAMask-HQ-mask-anno``
+  folder), as L-mode images."""
   folder = pathlib.Path(anno_dir) / str(image_id // 2000)
   masks = {}
   for part in CELEBAHQ_PART_NAMES:
@@ -272,77 +347,90 @@ def celebahq_part_masks(anno_dir: str | pathlib.Path, image_id: int) -> dict[str
 
 
 def celebahq_edges(rgb: np.ndarray, name: str | pathlib.Path = "photo") -> np.ndarray:
-  """The CelebA-HQ condition ``(H, W, 15)`` of a uint8 RGB photo at its own size, without part masks.
+  """The CelebA-HQ condition ``(H, W, 15)`` of a uint8 RGB photo at its own size, without part
+  masks.
 
-  This is ``celebahq_condition`` with no masks, what the official code yields for a face without part
-  annotations: all Canny edges (channel 0), distance maps at 1.0 (channels 1..13), no boundaries (14).
-  With the CelebAMask-HQ masks the condition differs (edges inside parts are replaced by part
-  boundaries); pass such conditions as ``.npy``.
+  This is ``celebahq_condition`` with no masks, what the official code yields for a face without
+  part annotations: all Canny edges (channel 0), distance maps at 1.0 (channels 1..13), no
+  boundaries (14). With the CelebAMask-HQ masks the condition differs (edges inside parts are
+  replaced by part boundaries); pass such conditions as ``.npy``.
   """
   return celebahq_condition(rgb, name=name)
 
 
 def _read_numbers(path: str | pathlib.Path) -> np.ndarray:
-  """The numbers of a text file as ``np.loadtxt`` reads it (one row a line, ``#`` comments), with commas
-  accepted as separators too."""
+  """The numbers of a text file as ``np.loadtxt`` reads it (one row a line, ``#`` comments), with
+  commas accepted as separators too."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise InputError(f"{path}: no such file")
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter("ignore", UserWarning)  # loadtxt warns on empty files: an empty pose is valid
+      warnings.simplefilter(
+          "ignore", UserWarning
+      )  # loadtxt warns on empty files: an empty pose is valid
       return np.loadtxt(io.StringIO(path.read_text().replace(",", " ")), dtype=np.float64, ndmin=2)
   except ValueError as e:
     raise InputError(f"{path}: not a table of numbers: {first_line(e)}") from None
 
 
 def read_candidate(path: str | pathlib.Path) -> np.ndarray:
-  """OpenPose keypoint candidates ``(N, C >= 2)``: rows ``x y score id`` (x = column, y = row, pixels)."""
+  """OpenPose keypoint candidates ``(N, C >= 2)``: rows ``x y score id`` (x = column, y = row,
+  pixels)."""
   candidate = _read_numbers(path)
   if not candidate.size:
     return np.zeros((0, 4))
   if candidate.shape[1] < 2:
-    raise InputError(f"{path}: candidate rows need at least x and y, found {candidate.shape[1]} column(s)")
+    raise InputError(
+        f"{path}: candidate rows need at least x and y, found {candidate.shape[1]} column(s)"
+    )
   return candidate
 
 
 def read_subset(path: str | pathlib.Path) -> np.ndarray:
-  """OpenPose subset of one person: the first 18 numbers of its (single) row, candidate row indices with
-  -1 = missing (OpenPose appends total score and keypoint count, ignored)."""
+  """OpenPose subset of one person: the first 18 numbers of its (single) row, candidate row indices
+  with -1 = missing (OpenPose appends total score and keypoint count, ignored)."""
   subset = _read_numbers(path)
   if subset.shape[0] != 1 or subset.shape[1] < POSE_KEYPOINTS:
-    raise InputError(f"{path}: expected one row of at least {POSE_KEYPOINTS} keypoint indices, found shape "
-                     f"{subset.shape}")
+    raise InputError(
+        f"{path}: expected one row of at least {POSE_KEYPOINTS} keypoint indices, found shape "
+        f"{subset.shape}"
+    )
   return subset[0, :POSE_KEYPOINTS]
 
 
 def deepfashion_pose_paths(image_path: str | pathlib.Path) -> tuple[str, str]:
-  """(candidate, subset) files of a DeepFashion image: ``.../img/X.jpg`` -> ``.../pose/X_candidate.txt``."""
+  """(candidate, subset) files of a DeepFashion image: ``.../img/X.jpg`` ->
+  ``.../pose/X_candidate.txt``."""
   stem = str(image_path).replace("\\", "/").replace("/img/", "/pose/").replace(".jpg", "_{}.txt")
   return stem.format("candidate"), stem.format("subset")
 
 
 def _pose_indices(subset: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-  """The 18 keypoints' candidate rows (``int`` truncation as the official code), -1 = missing; checked."""
+  """The 18 keypoints' candidate rows (``int`` truncation as the official code), -1 = missing;
+  checked."""
   subset = np.asarray(subset, np.float64).reshape(-1)
   if subset.size < POSE_KEYPOINTS:
     raise ValueError(f"subset needs {POSE_KEYPOINTS} keypoint indices, got {subset.size}")
   indices = subset[:POSE_KEYPOINTS].astype(int)
   bad = indices[(indices != -1) & ((indices < 0) | (indices >= len(candidate)))]
   if bad.size:
-    raise ValueError(f"subset refers to candidate row {bad[0]}, but there are {len(candidate)} candidates "
-                     f"(-1 marks a missing keypoint)")
+    raise ValueError(
+        f"subset refers to candidate row {bad[0]}, but there are {len(candidate)} candidates "
+        f"(-1 marks a missing keypoint)"
+    )
   return indices
 
 
-def render_pose(candidate: np.ndarray, subset: np.ndarray, image_shape: tuple[int, int]
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
+def render_pose(
+    candidate: np.ndarray, subset: np.ndarray, image_shape: tuple[int, int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
   """The official OpenPose drawing at the original image size ``(height, width)``.
 
-  Returns the BGR canvas (uint8 ``(H, W, 3)``): a filled circle per present keypoint, then each limb's
-  filled ellipse blended in at 0.6 (``addWeighted``); and the 17 limb masks (uint8, 255 inside the ellipse,
-  all 0 for a limb with a missing endpoint). Coordinates: candidate column 0 is x (image column), column 1
-  is y (row); OpenCV points are (x, y).
+  Returns the BGR canvas (uint8 ``(H, W, 3)``): a filled circle per present keypoint, then each
+  limb's filled ellipse blended in at 0.6 (``addWeighted``); and the 17 limb masks (uint8, 255
+  inside the ellipse, all 0 for a limb with a missing endpoint). Coordinates: candidate column 0 is
+  x (image column), column 1 is y (row); OpenCV points are (x, y).
   """
   candidate = np.asarray(candidate, np.float64)
   if candidate.size == 0:
@@ -364,8 +452,9 @@ def render_pose(candidate: np.ndarray, subset: np.ndarray, image_shape: tuple[in
     xs, ys = candidate[ends, 0], candidate[ends, 1]
     length = ((ys[0] - ys[1]) ** 2 + (xs[0] - xs[1]) ** 2) ** 0.5
     angle = math.degrees(math.atan2(ys[0] - ys[1], xs[0] - xs[1]))
-    polygon = cv2.ellipse2Poly((int(np.mean(xs)), int(np.mean(ys))), (int(length / 2), STICK_WIDTH), int(angle),
-                               0, 360, 1)
+    polygon = cv2.ellipse2Poly(
+        (int(np.mean(xs)), int(np.mean(ys))), (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1
+    )
     limb = canvas.copy()
     cv2.fillConvexPoly(limb, polygon, color)
     canvas = cv2.addWeighted(canvas, 0.4, limb, 0.6, 0)
@@ -375,16 +464,20 @@ def render_pose(candidate: np.ndarray, subset: np.ndarray, image_shape: tuple[in
   return canvas, masks
 
 
-def deepfashion_condition(candidate: np.ndarray, subset: np.ndarray, image_shape: tuple[int, int],
-                          load_size: int | None = DEEPFASHION_LOAD_SIZE) -> np.ndarray:
+def deepfashion_condition(
+    candidate: np.ndarray,
+    subset: np.ndarray,
+    image_shape: tuple[int, int],
+    load_size: int | None = DEEPFASHION_LOAD_SIZE,
+) -> np.ndarray:
   """The official DeepFashion condition ``(S, S, 20)`` float32 in [0, 1] of an OpenPose skeleton.
 
-  ``candidate`` / ``subset``: as ``read_candidate`` / ``read_subset`` give them; ``image_shape``: the
-  original photo's ``(height, width)`` (the skeleton is drawn at that size, in its pixel coordinates).
-  Channels 0..2: the drawn pose as RGB (the colours' R and B swapped), resized nearest (Pillow) to
-  ``load_size`` x ``load_size``; channels 3..19: per limb ``distance_uint8(255 - mask)`` at the original size,
-  then resized bilinear (Pillow, as uint8; the aspect ratio is not kept). ``load_size=None`` keeps the
-  original size.
+  ``candidate`` / ``subset``: as ``read_candidate`` / ``read_subset`` give them; ``image_shape``:
+  the original photo's ``(height, width)`` (the skeleton is drawn at that size, in its pixel
+  coordinates). Channels 0..2: the drawn pose as RGB (the colours' R and B swapped), resized nearest
+  (Pillow) to ``load_size`` x ``load_size``; channels 3..19: per limb ``distance_uint8(255 - mask)``
+  at the original size, then resized bilinear (Pillow, as uint8; the aspect ratio is not kept).
+  ``load_size=None`` keeps the original size.
   """
   if len(image_shape) != 2 or min(image_shape) < 1:
     raise ValueError(f"image_shape must be (height, width), got {image_shape}")
@@ -399,15 +492,22 @@ def deepfashion_condition(candidate: np.ndarray, subset: np.ndarray, image_shape
   return condition
 
 
-def from_photo(path: str | pathlib.Path, config, factor: int = 1, rgb: np.ndarray | None = None) -> np.ndarray:
-  """The condition computed from an RGB photo (CelebA-HQ only; ``rgb``: its pixels if already read)."""
+def from_photo(
+    path: str | pathlib.Path, config, factor: int = 1, rgb: np.ndarray | None = None
+) -> np.ndarray:
+  """The condition computed from an RGB photo (CelebA-HQ only; ``rgb``: its pixels if already
+  read)."""
   name = config.data.name
   if name not in PHOTO_DATA_SETS:
-    raise InputError(f"{path}: {name} conditions cannot be computed from a photo; pass {hint(config)}")
+    raise InputError(
+        f"{path}: {name} conditions cannot be computed from a photo; pass {hint(config)}"
+    )
   channels = config.model.correspondence.label_channels
   if channels != CELEBAHQ_CHANNELS:
-    raise InputError(f"{path}: CelebA-HQ edge conditions have {CELEBAHQ_CHANNELS} channels, the config "
-                     f"expects {channels}")
+    raise InputError(
+        f"{path}: CelebA-HQ edge conditions have {CELEBAHQ_CHANNELS} channels, the config "
+        f"expects {channels}"
+    )
   return celebahq_edges(images.read_rgb(path, factor) if rgb is None else rgb, name=path)
 
 
@@ -417,15 +517,23 @@ def load_condition(path: str | pathlib.Path, config: Any, factor: int = 1) -> np
   channels = config.model.correspondence.label_channels
   image = None if path.suffix.lower() == ".npy" else images.open_image(path)
   kind = _kind_of(path, image)
-  if kind == "photo":  # other data sets refuse before the pixels are checked: their hint is more useful
-    return from_photo(path, config, factor,
-                      images.rgb_pixels(image, path, factor) if config.data.name in PHOTO_DATA_SETS else None)
+  if (
+      kind == "photo"
+  ):  # other data sets refuse before the pixels are checked: their hint is more useful
+    return from_photo(
+        path,
+        config,
+        factor,
+        images.rgb_pixels(image, path, factor) if config.data.name in PHOTO_DATA_SETS else None,
+    )
   if kind == "array":
     condition = load_array(path, channels)
   elif config.data.name == "lsun_church":
     condition = one_hot_labels(image, path, channels)
   else:
-    raise InputError(f"{path}: a {images.describe_mode(image.mode)} is read as a label-id map, which "
-                     f"only lsun_church uses; {config.data.name} needs {hint(config)}")
+    raise InputError(
+        f"{path}: a {images.describe_mode(image.mode)} is read as a label-id map, which "
+        f"only lsun_church uses; {config.data.name} needs {hint(config)}"
+    )
   images.check_size(condition.shape[0], condition.shape[1], factor, path)
   return condition

@@ -2,8 +2,8 @@
 
 The value mapping is the official pipeline's (``ToTensor`` then ``x * 2 - 1`` on the way in;
 torchvision ``save_image`` of ``(clamp(x, -1, 1) + 1) / 2`` on the way out). Images are not resized:
-their sides must be multiples of the model's total down-sampling factor. Every problem with a file is
-an ``InputError`` whose one-line message starts with the file's path.
+their sides must be multiples of the model's total down-sampling factor. Every problem with a file
+is an ``InputError`` whose one-line message starts with the file's path.
 """
 
 import os
@@ -20,15 +20,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FORMATS = {"png": "PNG", "jpg": "JPEG"}  # output format name -> PIL format
 
 _MODE_NAMES = {
-    "1": "black-and-white", "L": "grayscale", "LA": "grayscale + alpha", "P": "palette", "PA": "palette + alpha",
-    "RGBA": "RGB + alpha", "RGBa": "RGB + alpha", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV",
-    "I": "32-bit single-channel", "I;16": "16-bit single-channel", "F": "float single-channel"}
+    "1": "black-and-white",
+    "L": "grayscale",
+    "LA": "grayscale + alpha",
+    "P": "palette",
+    "PA": "palette + alpha",
+    "RGBA": "RGB + alpha",
+    "RGBa": "RGB + alpha",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "LAB": "Lab",
+    "HSV": "HSV",
+    "I": "32-bit single-channel",
+    "I;16": "16-bit single-channel",
+    "F": "float single-channel",
+}
 
 
 def downsampling_factor(model_cfg: Mapping[str, Any]) -> int:
-  """Image side / side of the U-Net's coarsest grid: first stage 2^(levels-1) times U-Net 2^(levels-1).
+  """Image side / side of the U-Net's coarsest grid: first stage 2^(levels-1) times U-Net
+  2^(levels-1).
 
-  Image sides must be multiples of it (e.g. 32 for the official CelebA-HQ model, 8 for its ``tiny`` variant).
+  Image sides must be multiples of it (e.g. 32 for the official CelebA-HQ model, 8 for its ``tiny``
+  variant).
   """
   first_stage = 2 ** (len(model_cfg["first_stage"]["ch_mult"]) - 1)
   unet = 2 ** (len(model_cfg["unet"]["channel_mult"]) - 1)
@@ -57,15 +71,19 @@ def open_image(path: str | pathlib.Path) -> Image.Image:
 
 
 def check_size(height: int, width: int, factor: int, path: str | pathlib.Path) -> None:
-  """InputError unless both sides are multiples of ``factor``; suggests the nearest smaller valid size."""
+  """InputError unless both sides are multiples of ``factor``; suggests the nearest smaller valid
+  size."""
   if height % factor or width % factor:
     fit = lambda side: max(factor, side // factor * factor)
-    raise InputError(f"{path}: size {width}x{height} is not divisible by {factor} (the model's total "
-                     f"down-sampling factor); resize or crop it, e.g. to {fit(width)}x{fit(height)}")
+    raise InputError(
+        f"{path}: size {width}x{height} is not divisible by {factor} (the model's total "
+        f"down-sampling factor); resize or crop it, e.g. to {fit(width)}x{fit(height)}"
+    )
 
 
 def rgb_pixels(image: Image.Image, path: str | pathlib.Path, factor: int = 1) -> np.ndarray:
-  """uint8 ``(H, W, 3)`` of an opened RGB image; other modes (grayscale, RGBA, palette, ...) are refused."""
+  """uint8 ``(H, W, 3)`` of an opened RGB image; other modes (grayscale, RGBA, palette, ...) are
+  refused."""
   if image.mode != "RGB":
     raise InputError(f"{path}: {describe_mode(image.mode)}; an RGB photo is required")
   rgb = np.asarray(image, np.uint8)
@@ -89,7 +107,8 @@ def load_image(path: str | pathlib.Path, factor: int = 1) -> np.ndarray:
 
 
 def to_uint8(image) -> np.ndarray:
-  """[-1, 1] float -> uint8: clamp, ``(x + 1) / 2``, then torchvision's ``x * 255 + 0.5`` truncation."""
+  """[-1, 1] float -> uint8: clamp, ``(x + 1) / 2``, then torchvision's ``x * 255 + 0.5``
+  truncation."""
   x = (np.clip(np.asarray(image, np.float32), -1.0, 1.0) + np.float32(1.0)) / np.float32(2.0)
   return np.floor(x * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
 
@@ -121,7 +140,7 @@ def tile_columns(columns) -> np.ndarray:
 
 
 def natural_key(name: str) -> tuple:
-  """Sort key with digit runs compared as numbers (``2.jpg`` before ``10.jpg``), as the official natural
-  sort, then the name itself (a total order: ``a01`` and ``a1`` do not tie)."""
+  """Sort key with digit runs compared as numbers (``2.jpg`` before ``10.jpg``), as the official
+  natural sort, then the name itself (a total order: ``a01`` and ``a1`` do not tie)."""
   parts = re.split(r"(\d+)", name)
   return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name

@@ -74,33 +74,57 @@ _UNWRITABLE = re.compile(r"[,\r\n]|^\s|\s$")  # the format splits at ',' and str
 
 FLAGS = flags.FlagValues()
 _IMAGES = flags.DEFINE_string(
-    "images", None, "The images to list exemplars for: a folder (its image files) or a .txt list of image "
-    "paths (one per line, relative to the list's folder).", flag_values=FLAGS)
+    "images",
+    None,
+    "The images to list exemplars for: a folder (its image files) or a .txt list of image "
+    "paths (one per line, relative to the list's folder).",
+    flag_values=FLAGS,
+)
 _CANDIDATES = flags.DEFINE_string(
-    "candidates", None, "Where exemplars come from (folder or .txt list), e.g. the training split for a test "
-    "list. Default: --images.", flag_values=FLAGS)
-_OUTPUT = flags.DEFINE_string("output", None, "The list file to write (replaced if it exists).", flag_values=FLAGS)
-_VGG_CHECKPOINT = flags.DEFINE_string("vgg_checkpoint", None, "CoCosNet's vgg19_conv.pth.", flag_values=FLAGS)
+    "candidates",
+    None,
+    "Where exemplars come from (folder or .txt list), e.g. the training split for a test "
+    "list. Default: --images.",
+    flag_values=FLAGS,
+)
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "The list file to write (replaced if it exists).", flag_values=FLAGS
+)
+_VGG_CHECKPOINT = flags.DEFINE_string(
+    "vgg_checkpoint", None, "CoCosNet's vgg19_conv.pth.", flag_values=FLAGS
+)
 _VGG_WIDTHS = flags.DEFINE_list(
-    "vgg_widths", [str(w) for w in OFFICIAL_WIDTHS], "Channels of the five VGG19 blocks (of the checkpoint).",
-    flag_values=FLAGS)
+    "vgg_widths",
+    [str(w) for w in OFFICIAL_WIDTHS],
+    "Channels of the five VGG19 blocks (of the checkpoint).",
+    flag_values=FLAGS,
+)
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", 256, f"Side the images are resized to for the features (a multiple of {SIZE_MULTIPLE}).",
-    flag_values=FLAGS)
-_TOP_K = flags.DEFINE_integer("top_k", 20, "Candidates per image (the official test list has 20).",
-                              flag_values=FLAGS)
+    "image_size",
+    256,
+    f"Side the images are resized to for the features (a multiple of {SIZE_MULTIPLE}).",
+    flag_values=FLAGS,
+)
+_TOP_K = flags.DEFINE_integer(
+    "top_k", 20, "Candidates per image (the official test list has 20).", flag_values=FLAGS
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per feature batch.", flag_values=FLAGS)
-_READ_THREADS = flags.DEFINE_integer("read_threads", 8, "Threads decoding and resizing images.",
-                                     flag_values=FLAGS)
+_READ_THREADS = flags.DEFINE_integer(
+    "read_threads", 8, "Threads decoding and resizing images.", flag_values=FLAGS
+)
 _SKIP_BAD = flags.DEFINE_boolean(
-    "skip_bad", False, "Leave unreadable images out of the lists (reported on stderr) instead of stopping.",
-    flag_values=FLAGS)
+    "skip_bad",
+    False,
+    "Leave unreadable images out of the lists (reported on stderr) instead of stopping.",
+    flag_values=FLAGS,
+)
 _LIBRARY_LOGS = logs.define_flag(FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """An image: ``name`` as written in the list file, ``path`` where it is read from."""
+
   name: str
   path: pathlib.Path
 
@@ -116,16 +140,25 @@ def label_map_layout(paths: Sequence[pathlib.Path]) -> bool:
 
 
 def _folder_entries(folder: pathlib.Path, notes: list[str] | None) -> list[Entry]:
-  paths = [p for p in folder.iterdir()
-           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images_lib.IMAGE_SUFFIXES]
+  paths = [
+      p
+      for p in folder.iterdir()
+      if p.is_file()
+      and not p.name.startswith(".")
+      and p.suffix.lower() in images_lib.IMAGE_SUFFIXES
+  ]
   if not paths:
-    raise InputError(f"{folder}: no image files ({', '.join(images_lib.IMAGE_SUFFIXES)}) in this folder")
+    raise InputError(
+        f"{folder}: no image files ({', '.join(images_lib.IMAGE_SUFFIXES)}) in this folder"
+    )
   if label_map_layout(paths):  # its .png files are label maps: never exemplars
     photos = [p for p in paths if p.suffix == LSUN_PHOTO]
     if notes is not None:
-      notes.append(f"{folder} holds label maps beside its photos (<name>.png beside <name>.jpg, "
-                   f"the LSUN church layout): listing its {len(photos)} .jpg photos, not its "
-                   f"{len(paths) - len(photos)} other image files")
+      notes.append(
+          f"{folder} holds label maps beside its photos (<name>.png beside <name>.jpg, "
+          f"the LSUN church layout): listing its {len(photos)} .jpg photos, not its "
+          f"{len(paths) - len(photos)} other image files"
+      )
     paths = photos
   return sorted((Entry(p.name, p) for p in paths), key=lambda e: images_lib.natural_key(e.name))
 
@@ -135,10 +168,16 @@ def _list_entries(path: pathlib.Path) -> list[Entry]:
     lines = path.read_text(encoding="utf-8").splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: cannot read the image list: {e}") from None
-  names = [line.strip().replace("\\", "/") for line in lines if line.strip() and not line.strip().startswith("#")]
+  names = [
+      line.strip().replace("\\", "/")
+      for line in lines
+      if line.strip() and not line.strip().startswith("#")
+  ]
   if not names:
     raise InputError(f"{path}: the image list names no files")
-  return [Entry(name, path.parent / pathlib.Path(name).expanduser()) for name in names]  # absolute stays absolute
+  return [
+      Entry(name, path.parent / pathlib.Path(name).expanduser()) for name in names
+  ]  # absolute stays absolute
 
 
 def list_images(source: str | pathlib.Path, notes: list[str] | None = None) -> list[Entry]:
@@ -158,8 +197,11 @@ def list_images(source: str | pathlib.Path, notes: list[str] | None = None) -> l
   files: dict[pathlib.Path, Entry] = {}
   for entry in entries:
     if _UNWRITABLE.search(entry.name):
-      raise InputError(f"{entry.path}: the name {entry.name!r} cannot be written in a reference list (no commas, "
-                       "line breaks, or spaces at either end); rename the file")
+      raise InputError(
+          f"{entry.path}: the name {entry.name!r} cannot be written in a reference list (no "
+          "commas, "
+          "line breaks, or spaces at either end); rename the file"
+      )
     resolved = entry.path.resolve()
     clash = names.get(entry.name) or files.get(resolved)
     if clash:
@@ -177,13 +219,17 @@ def load_pixels(path: str | pathlib.Path, image_size: int) -> np.ndarray:
 
 def check_image_size(image_size: int) -> None:
   if image_size < SIZE_MULTIPLE or image_size % SIZE_MULTIPLE:
-    raise InputError(f"--image_size={image_size}: must be a positive multiple of {SIZE_MULTIPLE} (VGG19's relu5_2 "
-                     "sits after four 2x2 max pools)")
+    raise InputError(
+        f"--image_size={image_size}: must be a positive multiple of {SIZE_MULTIPLE} (VGG19's "
+        "relu5_2 "
+        "sits after four 2x2 max pools)"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("widths", "layers"))
-def pooled_features(variables: Mapping, pixels: jax.Array, widths: tuple[int, ...],
-                    layers: tuple[str, ...] = LAYERS) -> jax.Array:
+def pooled_features(
+    variables: Mapping, pixels: jax.Array, widths: tuple[int, ...], layers: tuple[str, ...] = LAYERS
+) -> jax.Array:
   """``uint8 (B, S, S, 3) -> float32 (B, D)``: per layer the spatial mean of the ReLU features,
   L2-normalised; concatenated and scaled to unit norm (cosine = mean of the layers' cosines)."""
   x = pixels.astype(jnp.float32) / 255.0 * 2.0 - 1.0  # the [-1, 1] RGB the loss network takes
@@ -193,21 +239,25 @@ def pooled_features(variables: Mapping, pixels: jax.Array, widths: tuple[int, ..
   return jnp.concatenate(unit, axis=-1) / np.float32(np.sqrt(len(layers)))
 
 
-def feature_fn(variables: Mapping, widths: Sequence[int],
-               layers: Sequence[str] = LAYERS) -> Callable[[np.ndarray], jax.Array]:
+def feature_fn(
+    variables: Mapping, widths: Sequence[int], layers: Sequence[str] = LAYERS
+) -> Callable[[np.ndarray], jax.Array]:
   """``pooled_features`` with the network fixed: ``uint8 (B, S, S, 3) -> (B, D)``."""
   return functools.partial(pooled_features, variables, widths=tuple(widths), layers=tuple(layers))
 
 
-def _loaded(paths: Sequence[pathlib.Path], image_size: int, threads: int,
-            ahead: int) -> Iterator[np.ndarray | InputError]:
-  """Pixels (or the file's ``InputError``) of ``paths`` in order, decoded by ``threads`` threads at most
-  ``ahead`` images in advance (bounded memory)."""
+def _loaded(
+    paths: Sequence[pathlib.Path], image_size: int, threads: int, ahead: int
+) -> Iterator[np.ndarray | InputError]:
+  """Pixels (or the file's ``InputError``) of ``paths`` in order, decoded by ``threads`` threads at
+  most ``ahead`` images in advance (bounded memory)."""
+
   def load(path):
     try:
       return load_pixels(path, image_size)
     except InputError as e:
       return e
+
   with futures.ThreadPoolExecutor(max(1, threads)) as pool:
     pending = collections.deque()
     for path in paths:
@@ -218,18 +268,25 @@ def _loaded(paths: Sequence[pathlib.Path], image_size: int, threads: int,
       yield pending.popleft().result()
 
 
-def extract_features(paths: Sequence[pathlib.Path], features: Callable[[np.ndarray], jax.Array], *,
-                     image_size: int, batch_size: int, skip_bad: bool = False, read_threads: int = 8,
-                     progress: bool = False) -> tuple[np.ndarray, dict[int, InputError]]:
-  """``(N, D)`` float32 features of ``paths`` and the unreadable ones ``{index: error}`` (their rows are
-  zero). Without ``skip_bad`` the first unreadable file raises its ``InputError``. Batches are padded to
-  ``batch_size``, so ``features`` compiles once."""
+def extract_features(
+    paths: Sequence[pathlib.Path],
+    features: Callable[[np.ndarray], jax.Array],
+    *,
+    image_size: int,
+    batch_size: int,
+    skip_bad: bool = False,
+    read_threads: int = 8,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict[int, InputError]]:
+  """``(N, D)`` float32 features of ``paths`` and the unreadable ones ``{index: error}`` (their rows
+  are zero). Without ``skip_bad`` the first unreadable file raises its ``InputError``. Batches are
+  padded to ``batch_size``, so ``features`` compiles once."""
   rows, bad, batch = [], {}, []
 
   def flush():
     padded = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-    padded[:len(batch)] = batch
-    rows.append(np.asarray(features(padded))[:len(batch)])
+    padded[: len(batch)] = batch
+    rows.append(np.asarray(features(padded))[: len(batch)])
     batch.clear()
 
   with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
@@ -248,15 +305,21 @@ def extract_features(paths: Sequence[pathlib.Path], features: Callable[[np.ndarr
   return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32), bad
 
 
-def rank(queries: np.ndarray, candidates: np.ndarray, top_k: int, exclude: np.ndarray | None = None,
-         chunk_elements: int = 2**23) -> list[np.ndarray]:
+def rank(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    top_k: int,
+    exclude: np.ndarray | None = None,
+    chunk_elements: int = 2**23,
+) -> list[np.ndarray]:
   """Per query row, the indices of the ``top_k`` most cosine-similar candidate rows, best first.
 
-  Rows must be unit vectors. ``exclude[i]``: a candidate index query ``i`` may not get (itself), or -1.
-  Similarities are float64 dot products rounded to float32, so identical candidates tie (their
-  summation-order differences are far below float32 rounding); ties go to the lower index (sort the candidates by name for name order). Queries are taken in chunks of
-  at most ``chunk_elements`` similarities: the full query x candidate matrix never exists. A query with
-  fewer than ``top_k`` allowed candidates gets all of them.
+  Rows must be unit vectors. ``exclude[i]``: a candidate index query ``i`` may not get (itself), or
+  -1. Similarities are float64 dot products rounded to float32, so identical candidates tie (their
+  summation-order differences are far below float32 rounding); ties go to the lower index (sort the
+  candidates by name for name order). Queries are taken in chunks of at most ``chunk_elements``
+  similarities: the full query x candidate matrix never exists. A query with fewer than ``top_k``
+  allowed candidates gets all of them.
   """
   n, m = len(queries), len(candidates)
   exclude = np.full(n, -1) if exclude is None else np.asarray(exclude)
@@ -264,8 +327,8 @@ def rank(queries: np.ndarray, candidates: np.ndarray, top_k: int, exclude: np.nd
   rows = max(1, chunk_elements // max(m, 1))
   ranked = []
   for start in range(0, n, rows):
-    scores = (queries[start:start + rows].astype(np.float64) @ candidates64).astype(np.float32)
-    own = exclude[start:start + rows]
+    scores = (queries[start : start + rows].astype(np.float64) @ candidates64).astype(np.float32)
+    own = exclude[start : start + rows]
     scores[np.flatnonzero(own >= 0), own[own >= 0]] = -np.inf
     ranked.extend(_top_k_row(row, top_k) for row in scores)
   return ranked
@@ -278,18 +341,25 @@ def _top_k_row(scores: np.ndarray, k: int) -> np.ndarray:
   if k == 0:
     return np.zeros(0, np.int64)
   threshold = np.partition(scores, scores.size - k)[scores.size - k]  # the k-th largest
-  chosen = np.flatnonzero(scores >= threshold)  # every tie at the threshold, then the lowest indices
+  chosen = np.flatnonzero(
+      scores >= threshold
+  )  # every tie at the threshold, then the lowest indices
   order = np.lexsort((chosen, -scores[chosen]))
   return chosen[order[:k]]
 
 
-def format_lines(keys: Sequence[str], candidate_names: Sequence[str], ranked: Iterable[np.ndarray]) -> list[str]:
+def format_lines(
+    keys: Sequence[str], candidate_names: Sequence[str], ranked: Iterable[np.ndarray]
+) -> list[str]:
   """``key,cand,cand,...`` per key (official ``*_ref.txt`` lines, without line ends)."""
-  return [SEPARATOR.join([key] + [candidate_names[j] for j in row]) for key, row in zip(keys, ranked)]
+  return [
+      SEPARATOR.join([key] + [candidate_names[j] for j in row]) for key, row in zip(keys, ranked)
+  ]
 
 
 def write_list(path: str | pathlib.Path, lines: Sequence[str]) -> pathlib.Path:
-  """Writes ``lines`` with ``\\n`` ends (UTF-8) atomically: a temporary file beside ``path``, then a rename."""
+  """Writes ``lines`` with ``\\n`` ends (UTF-8) atomically: a temporary file beside ``path``, then a
+  rename."""
   path = pathlib.Path(path).expanduser()
   tmp = path.with_name(f".{path.name}.tmp")
   try:
@@ -324,21 +394,36 @@ def read_list(path: str | pathlib.Path) -> dict[str, list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-  """What ``make_exemplar_lists`` wrote: lines, candidates per line (fewest), skipped files with reasons."""
+  """What ``make_exemplar_lists`` wrote: lines, candidates per line (fewest), skipped files with
+  reasons."""
+
   path: pathlib.Path
   lines: int
   min_candidates: int
   skipped: tuple[InputError, ...]
 
 
-def make_exemplar_lists(image_entries: Sequence[Entry], output: str | pathlib.Path, *, variables: Mapping,
-                        widths: Sequence[int] = OFFICIAL_WIDTHS, candidate_entries: Sequence[Entry] | None = None,
-                        top_k: int = 20, image_size: int = 256, batch_size: int = 32, skip_bad: bool = False,
-                        read_threads: int = 8, progress: bool = False, chunk_elements: int = 2**23) -> Result:
-  """Ranks ``candidate_entries`` (default: ``image_entries``) for every image entry and writes the list.
+def make_exemplar_lists(
+    image_entries: Sequence[Entry],
+    output: str | pathlib.Path,
+    *,
+    variables: Mapping,
+    widths: Sequence[int] = OFFICIAL_WIDTHS,
+    candidate_entries: Sequence[Entry] | None = None,
+    top_k: int = 20,
+    image_size: int = 256,
+    batch_size: int = 32,
+    skip_bad: bool = False,
+    read_threads: int = 8,
+    progress: bool = False,
+    chunk_elements: int = 2**23,
+) -> Result:
+  """Ranks ``candidate_entries`` (default: ``image_entries``) for every image entry and writes the
+  list.
 
   Every file is read once, also when it is both an image and a candidate. Candidates are ranked in
-  natural name order for the tie-breaking; unreadable files (``skip_bad``) are dropped from both sides.
+  natural name order for the tie-breaking; unreadable files (``skip_bad``) are dropped from both
+  sides.
   """
   if top_k < 1 or batch_size < 1:
     raise InputError(f"--top_k and --batch_size must be positive, got {top_k} and {batch_size}")
@@ -351,9 +436,15 @@ def make_exemplar_lists(image_entries: Sequence[Entry], output: str | pathlib.Pa
     if entry.path.resolve() not in files:
       files[entry.path.resolve()] = len(paths)
       paths.append(entry.path)
-  features, bad = extract_features(paths, feature_fn(variables, widths), image_size=image_size,
-                                   batch_size=batch_size, skip_bad=skip_bad, read_threads=read_threads,
-                                   progress=progress)
+  features, bad = extract_features(
+      paths,
+      feature_fn(variables, widths),
+      image_size=image_size,
+      batch_size=batch_size,
+      skip_bad=skip_bad,
+      read_threads=read_threads,
+      progress=progress,
+  )
   keep = lambda entries: [e for e in entries if files[e.path.resolve()] not in bad]
   image_entries, candidate_entries = keep(image_entries), keep(candidate_entries)
   if not image_entries or not candidate_entries:
@@ -365,7 +456,9 @@ def make_exemplar_lists(image_entries: Sequence[Entry], output: str | pathlib.Pa
   ranked = rank(features[image_rows], features[candidate_rows], top_k, exclude, chunk_elements)
   lonely = [e for e, row in zip(image_entries, ranked) if not len(row)]
   if lonely:
-    raise InputError(f"{lonely[0].path}: no other image to list as its exemplar (need at least 2 images)")
+    raise InputError(
+        f"{lonely[0].path}: no other image to list as its exemplar (need at least 2 images)"
+    )
   lines = format_lines([e.name for e in image_entries], [e.name for e in candidate_entries], ranked)
   path = write_list(output, lines)
   return Result(path, len(lines), min(len(row) for row in ranked), tuple(bad.values()))
@@ -377,8 +470,10 @@ def _widths(values: Sequence[str]) -> tuple[int, ...]:
   except ValueError:
     widths = ()
   if len(widths) != len(vgg_lib.VGG19_BLOCKS) or min(widths) < 1:
-    raise InputError(f"--vgg_widths={','.join(values)}: need {len(vgg_lib.VGG19_BLOCKS)} positive integers, "
-                     f"e.g. {','.join(map(str, OFFICIAL_WIDTHS))}")
+    raise InputError(
+        f"--vgg_widths={','.join(values)}: need {len(vgg_lib.VGG19_BLOCKS)} positive integers, "
+        f"e.g. {','.join(map(str, OFFICIAL_WIDTHS))}"
+    )
   return widths
 
 
@@ -391,7 +486,10 @@ def _required(flag: flags.FlagHolder, what: str) -> str:
 def main(argv: Sequence[str]) -> int:
   logs.configure(library_logs=_LIBRARY_LOGS.value)
   if len(argv) > 1:
-    print(f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)", file=sys.stderr)
+    print(
+        f"error: unexpected arguments {' '.join(argv[1:])} (all inputs are --flags)",
+        file=sys.stderr,
+    )
     return 2
   try:
     notes = []
@@ -405,9 +503,18 @@ def main(argv: Sequence[str]) -> int:
     check_image_size(_IMAGE_SIZE.value)
     variables = vgg_lib.load_vgg19(_required(_VGG_CHECKPOINT, "CoCosNet's vgg19_conv.pth"), widths)
     result = make_exemplar_lists(
-        image_entries, output, variables=variables, widths=widths, candidate_entries=candidate_entries,
-        top_k=_TOP_K.value, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
-        skip_bad=_SKIP_BAD.value, read_threads=_READ_THREADS.value, progress=True)
+        image_entries,
+        output,
+        variables=variables,
+        widths=widths,
+        candidate_entries=candidate_entries,
+        top_k=_TOP_K.value,
+        image_size=_IMAGE_SIZE.value,
+        batch_size=_BATCH_SIZE.value,
+        skip_bad=_SKIP_BAD.value,
+        read_threads=_READ_THREADS.value,
+        progress=True,
+    )
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -417,14 +524,19 @@ def main(argv: Sequence[str]) -> int:
   for error in result.skipped:
     print(f"skipped {error}", file=sys.stderr)
   if result.min_candidates < _TOP_K.value:
-    print(f"note: only {result.min_candidates} candidate(s) for some images, fewer than --top_k={_TOP_K.value}; "
-          "their lines are shorter", file=sys.stderr)
+    print(
+        f"note: only {result.min_candidates} candidate(s) for some images, fewer than "
+        f"--top_k={_TOP_K.value}; "
+        "their lines are shorter",
+        file=sys.stderr,
+    )
   print(f"wrote {result.path} ({result.lines} lines)")
   return 0
 
 
 def run(argv: Sequence[str]) -> int:
-  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the exit status."""
+  """In-process entry point (tests, notebooks): ``argv`` with the program name first; returns the
+  exit status."""
   return cli.run_in_process(FLAGS, main, argv, doc=__doc__)
 
 

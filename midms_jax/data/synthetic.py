@@ -47,8 +47,14 @@ import numpy as np
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
 TEXTURES = ("stripes", "checker", "gradient", "noise", "flat")
 OBJECT_TEXTURES = TEXTURES[:4]
-BACKGROUND_TEXTURES = ("stripes", "checker", "gradient")  # global, so recoverable from a partial view
-BACKGROUND_CHOICES = BACKGROUND_TEXTURES + ("flat",)  # what SyntheticConfig.background_textures may name
+BACKGROUND_TEXTURES = (
+    "stripes",
+    "checker",
+    "gradient",
+)  # global, so recoverable from a partial view
+BACKGROUND_CHOICES = BACKGROUND_TEXTURES + (
+    "flat",
+)  # what SyntheticConfig.background_textures may name
 LABEL_CHANNELS = len(SHAPES) + 2  # background + one per shape + boundaries
 EDGE_CHANNEL = LABEL_CHANNELS - 1
 SPLITS = ("train", "validation")
@@ -58,16 +64,18 @@ _PLACEMENT_TRIES = 32
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-  """What scenes look like. Sizes are fractions of ``image_size``; frequencies are per object radius."""
+  """What scenes look like. Sizes are fractions of ``image_size``; frequencies are per object
+  radius."""
+
   image_size: int = 32
   min_objects: int = 2
   max_objects: int = 4
-  classes: tuple[str, ...] = SHAPES           # shapes that may appear (label channels stay LABEL_CHANNELS)
+  classes: tuple[str, ...] = SHAPES  # shapes that may appear (label channels stay LABEL_CHANNELS)
   seed: int = 0
-  radius_range: tuple[float, float] = (0.12, 0.22)        # object radius / image_size
-  frequency_range: tuple[float, float] = (0.6, 1.5)       # texture cycles per object radius
+  radius_range: tuple[float, float] = (0.12, 0.22)  # object radius / image_size
+  frequency_range: tuple[float, float] = (0.6, 1.5)  # texture cycles per object radius
   min_separation: float = 0.9  # centres kept >= this * (r_i + r_j) apart when placement allows
-  antialias: bool = True       # soft coverage at edges (else hard masks and an exact one-hot label)
+  antialias: bool = True  # soft coverage at edges (else hard masks and an exact one-hot label)
   background_textures: tuple[str, ...] = BACKGROUND_TEXTURES  # names from BACKGROUND_CHOICES
   train_size: int = 100_000
   validation_size: int = 1_000
@@ -77,21 +85,31 @@ class SyntheticConfig:
       raise ValueError(f"SyntheticConfig: image_size must be >= 8, got {self.image_size}")
     unknown = [c for c in self.classes if c not in SHAPES]
     if unknown or not self.classes or len(set(self.classes)) != len(self.classes):
-      raise ValueError(f"SyntheticConfig: classes must be distinct names from {SHAPES}, got {self.classes}")
+      raise ValueError(
+          f"SyntheticConfig: classes must be distinct names from {SHAPES}, got {self.classes}"
+      )
     if not 1 <= self.min_objects <= self.max_objects <= len(self.classes):
-      raise ValueError(f"SyntheticConfig: need 1 <= min_objects <= max_objects <= len(classes) = "
-                       f"{len(self.classes)} (objects have distinct classes), got "
-                       f"{self.min_objects}..{self.max_objects}")
+      raise ValueError(
+          f"SyntheticConfig: need 1 <= min_objects <= max_objects <= len(classes) = "
+          f"{len(self.classes)} (objects have distinct classes), got "
+          f"{self.min_objects}..{self.max_objects}"
+      )
     low, high = self.radius_range
     if not 0 < low <= high <= 0.5:
-      raise ValueError(f"SyntheticConfig: radius_range must satisfy 0 < low <= high <= 0.5, "
-                       f"got {self.radius_range}")
+      raise ValueError(
+          f"SyntheticConfig: radius_range must satisfy 0 < low <= high <= 0.5, "
+          f"got {self.radius_range}"
+      )
     if not 0 < self.frequency_range[0] <= self.frequency_range[1]:
-      raise ValueError(f"SyntheticConfig: frequency_range must be positive and ordered, "
-                       f"got {self.frequency_range}")
+      raise ValueError(
+          f"SyntheticConfig: frequency_range must be positive and ordered, "
+          f"got {self.frequency_range}"
+      )
     if not self.background_textures or not set(self.background_textures) <= set(BACKGROUND_CHOICES):
-      raise ValueError(f"SyntheticConfig: background_textures must be names from {BACKGROUND_CHOICES}, "
-                       f"got {self.background_textures}")
+      raise ValueError(
+          f"SyntheticConfig: background_textures must be names from {BACKGROUND_CHOICES}, "
+          f"got {self.background_textures}"
+      )
     if self.min_separation < 0:
       raise ValueError(f"SyntheticConfig: min_separation must be >= 0, got {self.min_separation}")
     if self.train_size < 0 or self.validation_size < 0:
@@ -101,10 +119,11 @@ class SyntheticConfig:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where the objects are. Row i of every array is object i (the same object in both layouts)."""
+
   classes: np.ndarray  # (N,) int, index into SHAPES
   centres: np.ndarray  # (N, 2) float, (x, y) in pixels
-  radii: np.ndarray    # (N,) float, pixels
-  angles: np.ndarray   # (N,) float, radians
+  radii: np.ndarray  # (N,) float, pixels
+  angles: np.ndarray  # (N,) float, radians
 
   def draw_order(self) -> np.ndarray:
     """Larger objects first, so that a small object is never hidden entirely behind a large one."""
@@ -114,19 +133,21 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class Appearance:
   """How N surfaces look: colour = c0 + t * (c1 - c0), t in [0, 1] from the texture."""
-  textures: np.ndarray     # (N,) int, index into TEXTURES
-  colours: np.ndarray      # (N, 2, 3) float32 in [0, 1]
+
+  textures: np.ndarray  # (N,) int, index into TEXTURES
+  colours: np.ndarray  # (N, 2, 3) float32 in [0, 1]
   frequencies: np.ndarray  # (N,) cycles per unit of the local frame (object radius; half the image)
-  directions: np.ndarray   # (N,) radians
-  phases: np.ndarray       # (N, 2) radians
-  noise: np.ndarray        # (N, NOISE_GRID, NOISE_GRID) float32 in [0, 1], used by "noise"
+  directions: np.ndarray  # (N,) radians
+  phases: np.ndarray  # (N, 2) radians
+  noise: np.ndarray  # (N, NOISE_GRID, NOISE_GRID) float32 in [0, 1], used by "noise"
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
   """One sample before rendering: two layouts of the same objects and their appearances."""
-  layout: Layout       # ground truth
-  layout_ref: Layout   # exemplar
+
+  layout: Layout  # ground truth
+  layout_ref: Layout  # exemplar
   objects: Appearance  # row i: object i
   background: Appearance  # one row; its frame is the whole image
 
@@ -134,7 +155,9 @@ class Scene:
 # ---------------------------------------------------------------------------- sampling
 
 
-def _rngs(config: SyntheticConfig, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+def _rngs(
+    config: SyntheticConfig, split: str, index: int
+) -> tuple[np.random.Generator, np.random.Generator]:
   """Independent (layout, appearance) generators of one sample."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r} (known: {SPLITS})")
@@ -169,11 +192,17 @@ def sample_layouts(rng: np.random.Generator, config: SyntheticConfig) -> tuple[L
   angles = rng.uniform(0, 2 * np.pi, count)
   radii = rng.uniform(*config.radius_range, (2, count)) * config.image_size
   centres = _place(rng, radii, config.image_size, config.min_separation)
-  return Layout(classes, centres[0], radii[0], angles), Layout(classes, centres[1], radii[1], angles)
+  return Layout(classes, centres[0], radii[0], angles), Layout(
+      classes, centres[1], radii[1], angles
+  )
 
 
-def sample_appearance(rng: np.random.Generator, count: int, config: SyntheticConfig,
-                      textures: Sequence[str] = OBJECT_TEXTURES) -> Appearance:
+def sample_appearance(
+    rng: np.random.Generator,
+    count: int,
+    config: SyntheticConfig,
+    textures: Sequence[str] = OBJECT_TEXTURES,
+) -> Appearance:
   """``count`` random surfaces with texture kinds drawn from ``textures``."""
   kinds = np.array([TEXTURES.index(t) for t in textures])
   low, high = config.frequency_range
@@ -181,13 +210,18 @@ def sample_appearance(rng: np.random.Generator, count: int, config: SyntheticCon
   return Appearance(
       textures=kinds[rng.integers(0, len(kinds), count)],
       colours=u[:, :6].reshape(count, 2, 3).astype(np.float32),
-      frequencies=low + (high - low) * u[:, 6], directions=2 * np.pi * u[:, 7], phases=2 * np.pi * u[:, 8:10],
-      noise=u[:, 10:].reshape(count, NOISE_GRID, NOISE_GRID).astype(np.float32))
+      frequencies=low + (high - low) * u[:, 6],
+      directions=2 * np.pi * u[:, 7],
+      phases=2 * np.pi * u[:, 8:10],
+      noise=u[:, 10:].reshape(count, NOISE_GRID, NOISE_GRID).astype(np.float32),
+  )
 
 
-def make_scene(layout_rng: np.random.Generator, appearance_rng: np.random.Generator,
-               config: SyntheticConfig) -> Scene:
-  """A scene from separate layout and appearance streams (same layout rng => same condition maps)."""
+def make_scene(
+    layout_rng: np.random.Generator, appearance_rng: np.random.Generator, config: SyntheticConfig
+) -> Scene:
+  """A scene from separate layout and appearance streams (same layout rng => same condition
+  maps)."""
   layout, layout_ref = sample_layouts(layout_rng, config)
   objects = sample_appearance(appearance_rng, len(layout.classes), config)
   background = sample_appearance(appearance_rng, 1, config, config.background_textures)
@@ -241,8 +275,9 @@ def _texture(app: Appearance, i: int, u: np.ndarray, v: np.ndarray) -> np.ndarra
   if kind == "stripes":
     return 0.5 + 0.5 * np.sin((2 * np.pi * frequency) * (u * cos + v * sin) + phase0)
   if kind == "checker":
-    product = (np.sin((np.pi * frequency) * (u * cos + v * sin) + phase0)
-               * np.sin((np.pi * frequency) * (v * cos - u * sin) + phase1))
+    product = np.sin((np.pi * frequency) * (u * cos + v * sin) + phase0) * np.sin(
+        (np.pi * frequency) * (v * cos - u * sin) + phase1
+    )
     return _unit(0.5 + 2 * product)
   if kind == "gradient":
     return _unit(0.5 + 0.5 * (u * cos + v * sin))
@@ -282,8 +317,9 @@ def _backdrop(background: Appearance, size: int) -> np.ndarray:
   return _colour(background, 0, grid[None, :], grid[:, None])
 
 
-def draw(layout: Layout, objects: Appearance, background: Appearance,
-         config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+def draw(
+    layout: Layout, objects: Appearance, background: Appearance, config: SyntheticConfig
+) -> tuple[np.ndarray, np.ndarray]:
   """Renders a layout: ``(image (H, W, 3) in [-1, 1], label (H, W, LABEL_CHANNELS) in [0, 1])``.
 
   Objects are composited over the background in ``layout.draw_order()`` with their coverage as
@@ -292,8 +328,9 @@ def draw(layout: Layout, objects: Appearance, background: Appearance,
   return _draw(layout, objects, _backdrop(background, config.image_size), config)
 
 
-def _draw(layout: Layout, objects: Appearance, backdrop: np.ndarray,
-          config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+def _draw(
+    layout: Layout, objects: Appearance, backdrop: np.ndarray, config: SyntheticConfig
+) -> tuple[np.ndarray, np.ndarray]:
   size = config.image_size
   centres = np.arange(size, dtype=np.float32) + 0.5
   image = backdrop.copy()
@@ -301,7 +338,11 @@ def _draw(layout: Layout, objects: Appearance, backdrop: np.ndarray,
   label[..., 0] = 1
   visible = np.zeros((size, size), np.int8)  # class channel of the topmost object covering >= 1/2
   for i in layout.draw_order():
-    (x, y), radius, angle = layout.centres[i].tolist(), float(layout.radii[i]), float(layout.angles[i])
+    (x, y), radius, angle = (
+        layout.centres[i].tolist(),
+        float(layout.radii[i]),
+        float(layout.angles[i]),
+    )
     x0, x1 = max(int(x - radius - 1), 0), min(int(x + radius + 2), size)
     y0, y1 = max(int(y - radius - 1), 0), min(int(y + radius + 2), size)
     dx, dy = centres[x0:x1] - x, centres[y0:y1, None] - y
@@ -327,7 +368,8 @@ def render_scene(item: Scene, config: SyntheticConfig) -> dict[str, np.ndarray]:
 
 
 def sample(index: int, config: SyntheticConfig, split: str = "train") -> dict[str, np.ndarray]:
-  """Sample ``index`` of ``split``: ground truth ``image``, ``label``; exemplar ``ref``, ``label_ref``."""
+  """Sample ``index`` of ``split``: ground truth ``image``, ``label``; exemplar ``ref``,
+  ``label_ref``."""
   return render_scene(scene(index, config, split), config)
 
 
@@ -344,7 +386,9 @@ class SyntheticSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range for the {len(self)} samples of the {self.split} split")
+      raise IndexError(
+          f"index {index} out of range for the {len(self)} samples of the {self.split} split"
+      )
     return sample(index, self.config, self.split)
 
   def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
@@ -358,35 +402,56 @@ class SyntheticSource:
 
 # ---------------------------------------------------------------------------- preview
 
-_PALETTE = np.array([[0.15, 0.15, 0.15], [0.9, 0.2, 0.2], [0.2, 0.75, 0.2], [0.25, 0.4, 0.95],
-                     [0.95, 0.8, 0.1], [0.8, 0.3, 0.9]])
+_PALETTE = np.array(
+    [
+        [0.15, 0.15, 0.15],
+        [0.9, 0.2, 0.2],
+        [0.2, 0.75, 0.2],
+        [0.25, 0.4, 0.95],
+        [0.95, 0.8, 0.1],
+        [0.8, 0.3, 0.9],
+    ]
+)
 
 
 def colourise(label: np.ndarray) -> np.ndarray:
   """A condition map as RGB in [0, 1]: a fixed colour per class channel, boundaries white."""
-  rgb = label[..., :len(SHAPES) + 1] @ _PALETTE
+  rgb = label[..., : len(SHAPES) + 1] @ _PALETTE
   edge = label[..., EDGE_CHANNEL, None]
   return rgb * (1 - edge) + edge
 
 
-def preview(config: SyntheticConfig, count: int, split: str = "train", scale: int = 4) -> np.ndarray:
+def preview(
+    config: SyntheticConfig, count: int, split: str = "train", scale: int = 4
+) -> np.ndarray:
   """uint8 grid, one column per sample, rows label_ref / ref / label / image, each tile magnified
   ``scale`` times (nearest) inside a 2-px white frame."""
   columns = []
   for index in range(count):
     item = sample(index, config, split)
-    tiles = [colourise(item["label_ref"]), (item["ref"] + 1) / 2,
-             colourise(item["label"]), (item["image"] + 1) / 2]
-    tiles = [np.pad(np.kron(tile, np.ones((scale, scale, 1))), ((2, 2), (2, 2), (0, 0)), constant_values=1)
-             for tile in tiles]
+    tiles = [
+        colourise(item["label_ref"]),
+        (item["ref"] + 1) / 2,
+        colourise(item["label"]),
+        (item["image"] + 1) / 2,
+    ]
+    tiles = [
+        np.pad(
+            np.kron(tile, np.ones((scale, scale, 1))), ((2, 2), (2, 2), (0, 0)), constant_values=1
+        )
+        for tile in tiles
+    ]
     columns.append(np.concatenate(tiles, axis=0))
   return np.round(np.concatenate(columns, axis=1) * 255).astype(np.uint8)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel  # only the preview needs it
-  parser = argparse.ArgumentParser(description="Write a preview grid of synthetic samples "
-                                   "(rows: label_ref, ref, label, image).")
+
+  parser = argparse.ArgumentParser(
+      description="Write a preview grid of synthetic samples "
+      "(rows: label_ref, ref, label, image)."
+  )
   parser.add_argument("--out", default="preview.png")
   parser.add_argument("--n", type=int, default=8, help="samples (columns)")
   parser.add_argument("--image_size", type=int, default=32)

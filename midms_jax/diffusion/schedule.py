@@ -27,17 +27,22 @@ def _frozen(array: np.ndarray, dtype) -> np.ndarray:
   return out
 
 
-def make_beta_schedule(name: str, timesteps: int, linear_start: float = 0.0015, linear_end: float = 0.0195,
-                       cosine_s: float = 8e-3) -> np.ndarray:
+def make_beta_schedule(
+    name: str,
+    timesteps: int,
+    linear_start: float = 0.0015,
+    linear_end: float = 0.0195,
+    cosine_s: float = 8e-3,
+) -> np.ndarray:
   """float64 betas of LDM's ``make_beta_schedule``.
 
-  Names as in LDM (note its naming): ``linear`` is linear in sqrt(beta), ``sqrt_linear`` is linear in
-  beta, ``sqrt`` is the square root of a linear ramp, ``cosine`` is the improved-DDPM schedule.
+  Names as in LDM (note its naming): ``linear`` is linear in sqrt(beta), ``sqrt_linear`` is linear
+  in beta, ``sqrt`` is the square root of a linear ramp, ``cosine`` is the improved-DDPM schedule.
   """
   if timesteps < 1:
     raise ValueError(f"beta schedule: timesteps must be >= 1, got {timesteps}")
   if name == "linear":
-    return np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps) ** 2
+    return np.linspace(linear_start**0.5, linear_end**0.5, timesteps) ** 2
   if name == "cosine":
     steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps + cosine_s
     alphas = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
@@ -53,6 +58,7 @@ def make_beta_schedule(name: str, timesteps: int, linear_start: float = 0.0015, 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DiffusionSchedule:
   """LDM's DDPM schedule buffers (float32, read-only), named like the PyTorch buffers."""
+
   betas: np.ndarray
   alphas_cumprod: np.ndarray
   alphas_cumprod_prev: np.ndarray
@@ -93,14 +99,23 @@ class DiffusionSchedule:
     return cls(**{name: _frozen(value, np.float32) for name, value in buffers.items()})
 
   @classmethod
-  def make(cls, beta_schedule: str = "linear", timesteps: int = 1000, linear_start: float = 0.0015,
-           linear_end: float = 0.0195, cosine_s: float = 8e-3) -> "DiffusionSchedule":
+  def make(
+      cls,
+      beta_schedule: str = "linear",
+      timesteps: int = 1000,
+      linear_start: float = 0.0015,
+      linear_end: float = 0.0195,
+      cosine_s: float = 8e-3,
+  ) -> "DiffusionSchedule":
     """Schedule by beta-schedule name; the defaults are the MIDMs/LDM CelebA-HQ config."""
-    return cls.from_betas(make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+    return cls.from_betas(
+        make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+    )
 
   @classmethod
-  def linear(cls, timesteps: int = 1000, linear_start: float = 0.0015,
-             linear_end: float = 0.0195) -> "DiffusionSchedule":
+  def linear(
+      cls, timesteps: int = 1000, linear_start: float = 0.0015, linear_end: float = 0.0195
+  ) -> "DiffusionSchedule":
     """LDM's default ``linear`` (linear in sqrt(beta)) schedule."""
     return cls.make("linear", timesteps, linear_start, linear_end)
 
@@ -109,13 +124,17 @@ class DiffusionSchedule:
     return self.betas.shape[0]
 
   def buffers(self) -> dict[str, np.ndarray]:
-    """The 12 buffers by their PyTorch state-dict name (e.g. ``diff_model.<name>`` in a MIDMs checkpoint)."""
+    """The 12 buffers by their PyTorch state-dict name (e.g. ``diff_model.<name>`` in a MIDMs
+    checkpoint)."""
     return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 class HijackStep(NamedTuple):
   """One ``one_step_sample(hijack_step=k)`` call of the MIDMs sampler."""
-  noise_t: int  # time_range[k-1]: level ``q_sample`` noises the clean latent to (first loop step only)
+
+  noise_t: (
+      int  # time_range[k-1]: level ``q_sample`` noises the clean latent to (first loop step only)
+  )
   t: int  # time_range[k]: timestep given to the U-Net
   index: int  # total_steps - k - 1: row of the ddim_* buffers
   a_t: float
@@ -128,9 +147,10 @@ class HijackStep(NamedTuple):
 class DDIMSchedule:
   """MIDMs' ``DDIMSampler.make_schedule(S, eta)`` buffers (uniform discretisation), read-only.
 
-  ``ddim_timesteps = arange(0, T, T // S) + 1``, which has more than S entries when S does not divide T
-  (S=16 gives 17). Row i of every ``ddim_*`` array belongs to ``ddim_timesteps[i]``.
+  ``ddim_timesteps = arange(0, T, T // S) + 1``, which has more than S entries when S does not
+  divide T (S=16 gives 17). Row i of every ``ddim_*`` array belongs to ``ddim_timesteps[i]``.
   """
+
   num_steps: int
   eta: float
   ddim_timesteps: np.ndarray
@@ -144,25 +164,30 @@ class DDIMSchedule:
   def make(cls, schedule: DiffusionSchedule, num_steps: int, eta: float = 0.0) -> "DDIMSchedule":
     """Builds the sub-schedule from the float32 DDPM buffers, reproducing the official dtypes.
 
-    ``sqrt(1 - a)`` and the full-length sigmas are float32 math. ``ddim_sigmas`` is float64 math on the
-    float32 alphas except ``1 / (1 - a)``: in the official numpy/torch expression ``(1 - a_prev) / (1 - a)``
-    the divisor is a float32 tensor, so torch evaluates it as ``reciprocal(1 - a)`` in float32 times a
-    float64 array (a clean float64 formula differs by 1 ulp in 29 of the 200 eta=1 entries).
+    ``sqrt(1 - a)`` and the full-length sigmas are float32 math. ``ddim_sigmas`` is float64 math on
+    the float32 alphas except ``1 / (1 - a)``: in the official numpy/torch expression
+    ``(1 - a_prev) / (1 - a)`` the divisor is a float32 tensor, so torch evaluates it as
+    ``reciprocal(1 - a)`` in float32 times a float64 array (a clean float64 formula differs by 1 ulp
+    in 29 of the 200 eta=1 entries).
     """
     total = schedule.num_timesteps
     if not 1 <= num_steps <= total:
       raise ValueError(f"DDIM: num_steps must be in [1, {total}], got {num_steps}")
     timesteps = np.arange(0, total, total // num_steps, dtype=np.int64) + 1
     if timesteps[-1] >= total:
-      raise ValueError(f"DDIM: num_steps={num_steps} gives timestep {timesteps[-1]} beyond the last DDPM step "
-                       f"{total - 1} (the official uniform discretisation fails there too)")
+      raise ValueError(
+          f"DDIM: num_steps={num_steps} gives timestep {timesteps[-1]} beyond the last DDPM step "
+          f"{total - 1} (the official uniform discretisation fails there too)"
+      )
     ac = schedule.alphas_cumprod
     a = ac[timesteps]
     a_prev = np.concatenate([ac[:1], ac[timesteps[:-1]]])
     one = np.float32(1.0)
     a_prev64 = a_prev.astype(np.float64)
     recip_one_minus_a = (one / (one - a)).astype(np.float64)
-    sigmas = eta * np.sqrt(recip_one_minus_a * (1.0 - a_prev64) * (1.0 - a.astype(np.float64) / a_prev64))
+    sigmas = eta * np.sqrt(
+        recip_one_minus_a * (1.0 - a_prev64) * (1.0 - a.astype(np.float64) / a_prev64)
+    )
     acp = schedule.alphas_cumprod_prev
     sigmas_full = np.float32(eta) * np.sqrt((one - acp) / (one - ac) * (one - ac / acp))
     return cls(
@@ -211,9 +236,14 @@ class DDIMSchedule:
   def sampling_steps(self, hijack_step: int) -> tuple[int, np.ndarray, np.ndarray]:
     """``(noise_t, ts, indices)`` of the official ``sample(hijack_step=h)`` (``ddim_sampling``).
 
-    The clean latent is noised to ``time_range[h-1]``; then DDIM runs at ``ts = time_range[h:]`` with
-    ``indices = total_steps - 1 - (h, h+1, ...)``, i.e. from row ``total_steps - h - 1`` down to 0.
+    The clean latent is noised to ``time_range[h-1]``; then DDIM runs at ``ts = time_range[h:]``
+    with ``indices = total_steps - 1 - (h, h+1, ...)``, i.e. from row ``total_steps - h - 1`` down
+    to 0.
     """
     self._check_hijack(hijack_step)
     positions = np.arange(hijack_step, self.total_steps)
-    return int(self.time_range[hijack_step - 1]), self.time_range[hijack_step:].copy(), self.total_steps - 1 - positions
+    return (
+        int(self.time_range[hijack_step - 1]),
+        self.time_range[hijack_step:].copy(),
+        self.total_steps - 1 - positions,
+    )

@@ -35,9 +35,19 @@ from midms_jax.models import build
 
 # LDM ``register_schedule`` buffers: recomputed from the config (midms_jax.diffusion.schedule).
 SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -52,8 +62,8 @@ LDM_IGNORABLE = SCHEDULE_BUFFERS + (EMA_PREFIX, SCALE_FACTOR)
 SCHEDULE_RTOL = 1e-6
 # Schedules a file's betas are fitted with (both are set by linear_start / linear_end alone).
 _FITTED_SCHEDULES = ("linear", "sqrt_linear")
-# Official MIDMs state dict: ``diffusion_sampler.*`` duplicates ``diff_model.*`` (plus DDIM buffers);
-# ``copied_*`` exist after ``set_copy()`` and are never used.
+# Official MIDMs state dict: ``diffusion_sampler.*`` duplicates ``diff_model.*`` (plus DDIM
+# buffers); ``copied_*`` exist after ``set_copy()`` and are never used.
 MIDMS_IGNORABLE = ("diffusion_sampler.", "copied_diff_model.", "copied_diffusion_sampler.")
 FIRST_STAGE_IGNORABLE = ("loss.",)
 CORRESPONDENCE_PREFIXES = ("real_enc.", "iter_enc.", "seg_enc.", "layer.", "phi.", "theta.")
@@ -63,47 +73,61 @@ def _require_torch(path: pathlib.Path):
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError(f"{path}: reading PyTorch checkpoints needs torch: pip install 'midms-jax[torch]'") from e
+    raise ImportError(
+        f"{path}: reading PyTorch checkpoints needs torch: pip install 'midms-jax[torch]'"
+    ) from e
   return torch
 
 
 def read_checkpoint(path: str | pathlib.Path) -> dict[str, Any]:
-  """Loads a ``torch.save`` file (weights only, on CPU) and returns its top-level dict; a ``.safetensors`` file
-  (this package's torch-free export) is read without torch as ``{'state_dict': numpy arrays}``."""
+  """Loads a ``torch.save`` file (weights only, on CPU) and returns its top-level dict; a
+  ``.safetensors`` file (this package's torch-free export) is read without torch as
+  ``{'state_dict': numpy arrays}``."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise CheckpointError(f"{path}: no such checkpoint file")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
     try:
       return {"state_dict": load_file(str(path))}
     except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
-      raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {first_line(e)}") from None
+      raise CheckpointError(
+          f"{path}: not a readable safetensors file (truncated or corrupt?): {first_line(e)}"
+      ) from None
   torch = _require_torch(path)
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # torch.load raises many unrelated types on bad files
     reason = first_line(e)
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
+    raise CheckpointError(
+        f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}"
+    ) from None
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
   return dict(obj)
 
 
 def state_dict_of(checkpoint: Mapping[str, Any], path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """The ``state_dict`` entry (or the checkpoint itself if it is a bare state dict) as float32 numpy arrays
-  (integer buffers keep their type)."""
+  """The ``state_dict`` entry (or the checkpoint itself if it is a bare state dict) as float32 numpy
+  arrays (integer buffers keep their type)."""
   state = checkpoint.get("state_dict", checkpoint)
   if not isinstance(state, Mapping) or not state:
-    raise CheckpointError(f"{path}: checkpoint has no 'state_dict' (keys: {sorted(checkpoint)[:8]})")
+    raise CheckpointError(
+        f"{path}: checkpoint has no 'state_dict' (keys: {sorted(checkpoint)[:8]})"
+    )
   if all(isinstance(value, np.ndarray) for value in state.values()):  # read from safetensors
-    return {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
-            for key, value in state.items()}
+    return {
+        key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+        for key, value in state.items()
+    }
   torch = _require_torch(pathlib.Path(path))
   arrays = {}
   for key, value in state.items():
     if not isinstance(value, torch.Tensor):
-      raise CheckpointError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+      raise CheckpointError(
+          f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor"
+      )
     value = value.detach()
     arrays[key] = (value.float() if value.is_floating_point() else value).numpy()
   return arrays
@@ -115,7 +139,9 @@ def _require_prefix(state: Mapping[str, np.ndarray], prefix: str, path, kind: st
     raise CheckpointError(f"{path}: not {kind}: no '{prefix}*' keys (found e.g. {sample})")
 
 
-def _ema_counters(state: Mapping[str, np.ndarray], prefix: str, source: str) -> dict[str, np.ndarray]:
+def _ema_counters(
+    state: Mapping[str, np.ndarray], prefix: str, source: str
+) -> dict[str, np.ndarray]:
   missing = [prefix + name for name in EMA_COUNTERS if prefix + name not in state]
   if missing:
     raise CheckpointError(f"{source}: EMA counter(s) missing: {', '.join(missing)}")
@@ -146,8 +172,7 @@ def fit_schedule(betas: np.ndarray) -> dict[str, Any] | None:
     start, end = float(_short(betas[0])), float(_short(betas[-1]))
     made = DiffusionSchedule.make(name, betas.size, start, end).betas
     if np.allclose(made, betas, rtol=SCHEDULE_RTOL, atol=0.0):
-      return dict(beta_schedule=name, timesteps=int(betas.size), linear_start=start,
-                  linear_end=end)
+      return dict(beta_schedule=name, timesteps=int(betas.size), linear_start=start, linear_end=end)
   return None
 
 
@@ -155,25 +180,33 @@ def _schedule_fix(betas: np.ndarray | None, diffusion_cfg) -> str:
   """What to set so that ``config.diffusion`` gives the file's schedule."""
   fitted = None if betas is None else fit_schedule(betas)
   if fitted is None:
-    return ("the file's betas are no LDM linear / sqrt_linear schedule: is the file for this "
-            "config?")
-  changes = [f"--config.diffusion.{key}={_short(value) if isinstance(value, float) else value}"
-             for key, value in fitted.items() if value != diffusion_cfg.get(key)]
+    return (
+        "the file's betas are no LDM linear / sqrt_linear schedule: is the file for this " "config?"
+    )
+  changes = [
+      f"--config.diffusion.{key}={_short(value) if isinstance(value, float) else value}"
+      for key, value in fitted.items()
+      if value != diffusion_cfg.get(key)
+  ]
   return "set " + " ".join(changes) + " (the file's schedule)"
 
 
-def check_schedule(state: Mapping[str, np.ndarray], config, *, prefix: str = "",
-                   source: str = "state dict") -> None:
+def check_schedule(
+    state: Mapping[str, np.ndarray], config, *, prefix: str = "", source: str = "state dict"
+) -> None:
   """Raises ``CheckpointError`` when a schedule buffer (``prefix + 'betas'``, ...) of ``state``
   differs from what ``config.diffusion`` gives, or ``config.midms.apply_scale_factor`` is on and the
   file's ``scale_factor`` differs from ``config.model.first_stage.scale_factor``. Buffers the file
   lacks are not checked."""
   d = config.diffusion
-  expected = DiffusionSchedule.make(d.beta_schedule, d.timesteps, d.linear_start,
-                                    d.linear_end).buffers()
+  expected = DiffusionSchedule.make(
+      d.beta_schedule, d.timesteps, d.linear_start, d.linear_end
+  ).buffers()
   betas = state.get(prefix + "betas")
-  setting = (f"beta_schedule {d.beta_schedule}, timesteps {d.timesteps}, "
-             f"linear_start {d.linear_start}, linear_end {d.linear_end}")
+  setting = (
+      f"beta_schedule {d.beta_schedule}, timesteps {d.timesteps}, "
+      f"linear_start {d.linear_start}, linear_end {d.linear_end}"
+  )
   for name in SCHEDULE_BUFFERS:
     have = state.get(prefix + name)
     if have is None:
@@ -182,14 +215,16 @@ def check_schedule(state: Mapping[str, np.ndarray], config, *, prefix: str = "",
     if np.shape(have) != want.shape:
       raise CheckpointError(
           f"{source}: schedule buffer {key} has shape {tuple(np.shape(have))}, config.diffusion "
-          f"({setting}) gives {want.shape}: {_schedule_fix(betas, d)}")
+          f"({setting}) gives {want.shape}: {_schedule_fix(betas, d)}"
+      )
     have = np.asarray(have, np.float32)
     bad = ~np.isclose(have, want, rtol=SCHEDULE_RTOL, atol=0.0)
     if bad.any():
       i = int(np.argmax(np.abs(have.astype(np.float64) - want) * bad))
       raise CheckpointError(
           f"{source}: schedule buffer {key} differs from config.diffusion ({setting} gives "
-          f"{name}[{i}]={want[i]:.6g}; the file has {have[i]:.6g}): {_schedule_fix(betas, d)}")
+          f"{name}[{i}]={want[i]:.6g}; the file has {have[i]:.6g}): {_schedule_fix(betas, d)}"
+      )
   midms_cfg = config.get("midms")
   scale = state.get(prefix + SCALE_FACTOR)
   if scale is not None and midms_cfg is not None and midms_cfg.get("apply_scale_factor", False):
@@ -199,11 +234,19 @@ def check_schedule(state: Mapping[str, np.ndarray], config, *, prefix: str = "",
       raise CheckpointError(
           f"{source}: {prefix}{SCALE_FACTOR} is {have} but config.model.first_stage.scale_factor "
           f"is {want} (config.midms.apply_scale_factor is on): set "
-          f"--config.model.first_stage.scale_factor={have}")
+          f"--config.model.first_stage.scale_factor={have}"
+      )
 
 
-def _ldm_variables(state: Mapping[str, np.ndarray], config, *, prefix: str, use_ema: bool,
-                   keep_ema: bool, source: str):
+def _ldm_variables(
+    state: Mapping[str, np.ndarray],
+    config,
+    *,
+    prefix: str,
+    use_ema: bool,
+    keep_ema: bool,
+    source: str,
+):
   """U-Net and first-stage variables from an LDM state dict whose keys start with ``prefix``.
 
   ``keep_ema`` adds ``unet_ema`` (U-Net variables from the ``model_ema.*`` shadows),
@@ -214,41 +257,58 @@ def _ldm_variables(state: Mapping[str, np.ndarray], config, *, prefix: str, use_
   model_cfg, whole = _split_config(config)
   if whole is not None:
     check_schedule(state, whole, prefix=prefix, source=source)
-  abstract = dict(unet=build.abstract_unet(model_cfg["unet"]),
-                  first_stage=build.abstract_first_stage(model_cfg["first_stage"]))
+  abstract = dict(
+      unet=build.abstract_unet(model_cfg["unet"]),
+      first_stage=build.abstract_first_stage(model_cfg["first_stage"]),
+  )
   ema_state = None
   if use_ema or keep_ema:
-    ema_state = ldm_ema.ema_state_dict(state, ema_prefix=prefix + EMA_PREFIX, model_prefix=prefix + "model.",
-                                       source=source)
-  unet, used_unet = variables_from_state_dict(ema_state if use_ema else state, abstract["unet"],
-                                              prefix=prefix + UNET_PREFIX, source=source)
-  first, used_first = variables_from_state_dict(state, abstract["first_stage"], prefix=prefix + FIRST_STAGE_PREFIX,
-                                                source=source)
+    ema_state = ldm_ema.ema_state_dict(
+        state, ema_prefix=prefix + EMA_PREFIX, model_prefix=prefix + "model.", source=source
+    )
+  unet, used_unet = variables_from_state_dict(
+      ema_state if use_ema else state, abstract["unet"], prefix=prefix + UNET_PREFIX, source=source
+  )
+  first, used_first = variables_from_state_dict(
+      state, abstract["first_stage"], prefix=prefix + FIRST_STAGE_PREFIX, source=source
+  )
   variables = dict(unet=unet, first_stage=first)
   if keep_ema:
-    variables["unet_ema"], _ = variables_from_state_dict(ema_state, abstract["unet"], prefix=prefix + UNET_PREFIX,
-                                                         source=source)
+    variables["unet_ema"], _ = variables_from_state_dict(
+        ema_state, abstract["unet"], prefix=prefix + UNET_PREFIX, source=source
+    )
     variables["ema_counters"] = _ema_counters(state, prefix + EMA_PREFIX, source)
     if prefix + SCALE_FACTOR in state:
       variables[SCALE_FACTOR] = np.asarray(state[prefix + SCALE_FACTOR], np.float32)
   return variables, used_unet | used_first
 
 
-def ldm_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, *, use_ema: bool = False,
-                        keep_ema: bool = False, source: str = "state dict") -> dict[str, Any]:
-  """``{'unet', 'first_stage'}`` variables from an LDM state dict (keys as in a Lightning ``.ckpt``).
+def ldm_from_state_dict(
+    state: Mapping[str, np.ndarray],
+    model_cfg,
+    *,
+    use_ema: bool = False,
+    keep_ema: bool = False,
+    source: str = "state dict",
+) -> dict[str, Any]:
+  """``{'unet', 'first_stage'}`` variables from an LDM state dict (keys as in a Lightning
+  ``.ckpt``).
 
   ``model_cfg``: ``config.model``, or the whole config (then the schedule buffers are checked
   against ``config.diffusion``). ``keep_ema=True`` also returns ``unet_ema``, ``ema_counters`` and
   ``scale_factor`` (see ``_ldm_variables``).
   """
   _require_prefix(state, UNET_PREFIX, source, "an LDM checkpoint")
-  variables, used = _ldm_variables(state, model_cfg, prefix="", use_ema=use_ema, keep_ema=keep_ema, source=source)
+  variables, used = _ldm_variables(
+      state, model_cfg, prefix="", use_ema=use_ema, keep_ema=keep_ema, source=source
+  )
   reject_unexpected(state, used, LDM_IGNORABLE, source=source)
   return variables
 
 
-def load_ldm_checkpoint(path, model_cfg, *, use_ema: bool = False, keep_ema: bool = False) -> dict[str, Any]:
+def load_ldm_checkpoint(
+    path, model_cfg, *, use_ema: bool = False, keep_ema: bool = False
+) -> dict[str, Any]:
   """``{'unet': variables, 'first_stage': variables}`` from an LDM Lightning ``.ckpt``.
 
   ``model_cfg``: ``config.model``, or the whole config, which also checks the file's schedule
@@ -257,26 +317,42 @@ def load_ldm_checkpoint(path, model_cfg, *, use_ema: bool = False, keep_ema: boo
   ``keep_ema=True`` adds the shadows as ``unet_ema`` (U-Net variables), their ``ema_counters`` and
   the file's ``scale_factor`` if it has one, for a bit-exact re-export (``torch_export``).
   """
-  return ldm_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, use_ema=use_ema,
-                             keep_ema=keep_ema, source=str(path))
+  return ldm_from_state_dict(
+      state_dict_of(read_checkpoint(path), path),
+      model_cfg,
+      use_ema=use_ema,
+      keep_ema=keep_ema,
+      source=str(path),
+  )
 
 
-def first_stage_from_state_dict(state: Mapping[str, np.ndarray], first_stage_cfg,
-                                source: str = "state dict") -> dict[str, Any]:
-  """First-stage variables from a standalone autoencoder state dict (``encoder.*``, ``decoder.*``, ...)."""
+def first_stage_from_state_dict(
+    state: Mapping[str, np.ndarray], first_stage_cfg, source: str = "state dict"
+) -> dict[str, Any]:
+  """First-stage variables from a standalone autoencoder state dict (``encoder.*``, ``decoder.*``,
+  ...)."""
   _require_prefix(state, "encoder.", source, "a first-stage autoencoder checkpoint")
-  variables, used = variables_from_state_dict(state, build.abstract_first_stage(first_stage_cfg), source=source)
+  variables, used = variables_from_state_dict(
+      state, build.abstract_first_stage(first_stage_cfg), source=source
+  )
   reject_unexpected(state, used, FIRST_STAGE_IGNORABLE, source=source)
   return variables
 
 
 def load_first_stage_checkpoint(path, first_stage_cfg) -> dict[str, Any]:
   """First-stage variables from a standalone VQ/KL ``.ckpt`` (LDM ``models/first_stage_models``)."""
-  return first_stage_from_state_dict(state_dict_of(read_checkpoint(path), path), first_stage_cfg, source=str(path))
+  return first_stage_from_state_dict(
+      state_dict_of(read_checkpoint(path), path), first_stage_cfg, source=str(path)
+  )
 
 
-def midms_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, source: str = "state dict", *,
-                          keep_ema: bool = False) -> dict[str, Any]:
+def midms_from_state_dict(
+    state: Mapping[str, np.ndarray],
+    model_cfg,
+    source: str = "state dict",
+    *,
+    keep_ema: bool = False,
+) -> dict[str, Any]:
   """``{'unet', 'first_stage', 'correspondence'}`` variables from an official MIDMs state dict.
 
   ``model_cfg``: ``config.model``, or the whole config (then the ``diff_model.`` schedule buffers
@@ -284,10 +360,13 @@ def midms_from_state_dict(state: Mapping[str, np.ndarray], model_cfg, source: st
   ``ema_counters`` and ``scale_factor`` (see ``_ldm_variables``).
   """
   _require_prefix(state, "diff_model." + UNET_PREFIX, source, "an official MIDMs checkpoint")
-  variables, used = _ldm_variables(state, model_cfg, prefix="diff_model.", use_ema=False, keep_ema=keep_ema,
-                                   source=source)
+  variables, used = _ldm_variables(
+      state, model_cfg, prefix="diff_model.", use_ema=False, keep_ema=keep_ema, source=source
+  )
   model_cfg, _ = _split_config(model_cfg)
-  abstract = build.abstract_correspondence(model_cfg["correspondence"], build.latent_size(model_cfg["first_stage"]))
+  abstract = build.abstract_correspondence(
+      model_cfg["correspondence"], build.latent_size(model_cfg["first_stage"])
+  )
   variables["correspondence"], used_corr = variables_from_state_dict(state, abstract, source=source)
   ignorable = tuple("diff_model." + p for p in LDM_IGNORABLE) + MIDMS_IGNORABLE
   reject_unexpected(state, used | used_corr, ignorable, source=source)
@@ -303,5 +382,6 @@ def load_midms_checkpoint(path, model_cfg, *, keep_ema: bool = False) -> dict[st
   shadows as ``unet_ema`` (U-Net variables), their ``ema_counters`` and the file's
   ``scale_factor`` if it has one, for a bit-exact re-export (``torch_export``).
   """
-  return midms_from_state_dict(state_dict_of(read_checkpoint(path), path), model_cfg, source=str(path),
-                               keep_ema=keep_ema)
+  return midms_from_state_dict(
+      state_dict_of(read_checkpoint(path), path), model_cfg, source=str(path), keep_ema=keep_ema
+  )

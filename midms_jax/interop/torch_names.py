@@ -31,7 +31,8 @@ _TRANSPOSED = ("kernel", "weight_orig")
 
 
 def torch_key(path: tuple[str, ...]) -> str:
-  """PyTorch state-dict key (without prefix) of the Flax variable at ``path`` (collection dropped)."""
+  """PyTorch state-dict key (without prefix) of the Flax variable at ``path`` (collection
+  dropped)."""
   *modules, leaf = path
   return ".".join([*modules, _RENAMED.get(leaf, leaf)])
 
@@ -63,10 +64,14 @@ def _flat_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   return traverse_util.flatten_dict(dict(variables))
 
 
-def expected_torch_keys(abstract_variables: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+def expected_torch_keys(
+    abstract_variables: Mapping[str, Any], prefix: str = ""
+) -> dict[str, tuple[int, ...]]:
   """{PyTorch key: PyTorch shape} that a state dict must hold for these (abstract) variables."""
-  return {prefix + torch_key(path[1:]): torch_shape(path[-1], leaf.shape)
-          for path, leaf in _flat_variables(abstract_variables).items()}
+  return {
+      prefix + torch_key(path[1:]): torch_shape(path[-1], leaf.shape)
+      for path, leaf in _flat_variables(abstract_variables).items()
+  }
 
 
 def _list(keys: Iterable[str], limit: int = 8) -> str:
@@ -75,8 +80,13 @@ def _list(keys: Iterable[str], limit: int = 8) -> str:
   return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any],
-                              *, prefix: str = "", source: str = "state dict") -> tuple[dict, set[str]]:
+def variables_from_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    abstract_variables: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    source: str = "state dict",
+) -> tuple[dict, set[str]]:
   """Fills ``abstract_variables`` (e.g. from ``jax.eval_shape(model.init, ...)``) from a state dict.
 
   Reads ``prefix + torch_key(path)`` for every variable, converting layouts. Raises
@@ -98,26 +108,39 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], abstract_var
       continue
     filled[path] = from_torch_layout(path[-1], value).astype(leaf.dtype, copy=False)
   if missing:
-    raise CheckpointError(f"{source}: {len(missing)} key(s) missing for this config: {_list(missing)}")
+    raise CheckpointError(
+        f"{source}: {len(missing)} key(s) missing for this config: {_list(missing)}"
+    )
   if mismatched:
     mismatched.sort()
-    raise CheckpointError(f"{source}: {len(mismatched)} key(s) do not match the config's shapes "
-                          f"(checkpoint for another config?): {'; '.join(mismatched[:4])}"
-                          + (f"; ... ({len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
+    raise CheckpointError(
+        f"{source}: {len(mismatched)} key(s) do not match the config's shapes "
+        f"(checkpoint for another config?): {'; '.join(mismatched[:4])}"
+        + (f"; ... ({len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
+    )
   consumed = {prefix + torch_key(path[1:]) for path in flat}
   return traverse_util.unflatten_dict(filled), consumed
 
 
-def state_dict_from_variables(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  """Inverse of ``variables_from_state_dict``: PyTorch-layout numpy arrays keyed like the official code."""
-  return {prefix + torch_key(path[1:]): to_torch_layout(path[-1], np.asarray(leaf))
-          for path, leaf in _flat_variables(variables).items()}
+def state_dict_from_variables(
+    variables: Mapping[str, Any], prefix: str = ""
+) -> dict[str, np.ndarray]:
+  """Inverse of ``variables_from_state_dict``: PyTorch-layout numpy arrays keyed like the official
+  code."""
+  return {
+      prefix + torch_key(path[1:]): to_torch_layout(path[-1], np.asarray(leaf))
+      for path, leaf in _flat_variables(variables).items()
+  }
 
 
-def reject_unexpected(state_dict_keys: Iterable[str], consumed: set[str], ignorable: Iterable[str],
-                      *, source: str) -> None:
-  """Raises ``CheckpointError`` for keys neither consumed nor under one of the ``ignorable`` prefixes."""
+def reject_unexpected(
+    state_dict_keys: Iterable[str], consumed: set[str], ignorable: Iterable[str], *, source: str
+) -> None:
+  """Raises ``CheckpointError`` for keys neither consumed nor under one of the ``ignorable``
+  prefixes."""
   ignorable = tuple(ignorable)
   unexpected = [k for k in state_dict_keys if k not in consumed and not k.startswith(ignorable)]
   if unexpected:
-    raise CheckpointError(f"{source}: {len(unexpected)} unexpected key(s) for this config: {_list(unexpected)}")
+    raise CheckpointError(
+        f"{source}: {len(unexpected)} unexpected key(s) for this config: {_list(unexpected)}"
+    )

@@ -16,18 +16,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class ContextualTerms(NamedTuple):
-  affinity: jax.Array   # (B, N_x, N_y)
-  wta: jax.Array        # (B, N_x) max over exemplar positions
-  kept: jax.Array       # (B, N_x) bool, wta >= threshold
-  loss: jax.Array       # () scalar
+  affinity: jax.Array  # (B, N_x, N_y)
+  wta: jax.Array  # (B, N_x) max over exemplar positions
+  kept: jax.Array  # (B, N_x) bool, wta >= threshold
+  loss: jax.Array  # () scalar
 
 
 def _normalize(f: jax.Array) -> jax.Array:
   return f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + _FLOAT_EPS)
 
 
-def contextual_terms(x: jax.Array, y: jax.Array, h: float = 0.1, threshold: float = 0.3) -> ContextualTerms:
-  """Contextual loss of features ``x`` (output) against ``y`` (exemplar), NHWC, with its intermediates."""
+def contextual_terms(
+    x: jax.Array, y: jax.Array, h: float = 0.1, threshold: float = 0.3
+) -> ContextualTerms:
+  """Contextual loss of features ``x`` (output) against ``y`` (exemplar), NHWC, with its
+  intermediates."""
   x = x.astype(jnp.float32)
   y = y.astype(jnp.float32)
   y_mean = jnp.mean(y, axis=-1, keepdims=True)
@@ -45,5 +48,7 @@ def contextual_terms(x: jax.Array, y: jax.Array, h: float = 0.1, threshold: floa
   return ContextualTerms(affinity, wta, kept, loss)
 
 
-def contextual_loss(x: jax.Array, y: jax.Array, h: float = 0.1, threshold: float = 0.3) -> jax.Array:
+def contextual_loss(
+    x: jax.Array, y: jax.Array, h: float = 0.1, threshold: float = 0.3
+) -> jax.Array:
   return contextual_terms(x, y, h, threshold).loss

@@ -1,10 +1,11 @@
-"""Fréchet Inception Distance from pool features, as pytorch-fid computes it, and a statistics cache.
+"""Fréchet Inception Distance from pool features, as pytorch-fid computes it, and a statistics
+cache.
 
-``statistics``: mean and covariance (``np.cov``, N - 1 denominator) of ``(N, D)`` features in float64.
-``frechet_distance``: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` with ``scipy.linalg.sqrtm``;
-when the square root is not finite (a singular product) both covariances get ``eps`` on the diagonal, and
-an imaginary part of the root's diagonal beyond 1e-3 is an error (numerical trouble), else it is dropped.
-Features come from ``inception.pool_features``.
+``statistics``: mean and covariance (``np.cov``, N - 1 denominator) of ``(N, D)`` features in
+float64. ``frechet_distance``: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` with
+``scipy.linalg.sqrtm``; when the square root is not finite (a singular product) both covariances get
+``eps`` on the diagonal, and an imaginary part of the root's diagonal beyond 1e-3 is an error
+(numerical trouble), else it is dropped. Features come from ``inception.pool_features``.
 """
 
 import json
@@ -21,6 +22,7 @@ IMAGINARY_TOLERANCE = 1e-3
 
 class Statistics(NamedTuple):
   """Mean ``(D,)`` and covariance ``(D, D)`` of a set's features (float64) and the set's size."""
+
   mu: np.ndarray
   sigma: np.ndarray
   count: int
@@ -39,7 +41,8 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
-  """The Fréchet distance between the Gaussians of two feature sets (pytorch-fid's recipe, module doc)."""
+  """The Fréchet distance between the Gaussians of two feature sets (pytorch-fid's recipe, module
+  doc)."""
   if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
     raise ValueError(f"FID: statistics of different dimensions: {a.mu.shape} vs {b.mu.shape}")
   root = _sqrtm_product(a.sigma, b.sigma)
@@ -55,19 +58,27 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
   return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(root))
 
 
-def save_statistics(path: str | pathlib.Path, stats: Statistics, description: Mapping[str, Any]) -> None:
-  """Writes ``stats`` with a JSON ``description`` of what they are of (atomically: temporary file, rename)."""
+def save_statistics(
+    path: str | pathlib.Path, stats: Statistics, description: Mapping[str, Any]
+) -> None:
+  """Writes ``stats`` with a JSON ``description`` of what they are of (atomically: temporary file,
+  rename)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp.npz")
-  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count),
-           description=np.array(json.dumps(dict(description), sort_keys=True)))
+  np.savez(
+      tmp,
+      mu=stats.mu,
+      sigma=stats.sigma,
+      count=np.int64(stats.count),
+      description=np.array(json.dumps(dict(description), sort_keys=True)),
+  )
   tmp.replace(path)
 
 
 def load_statistics(path: str | pathlib.Path, description: Mapping[str, Any]) -> Statistics | None:
-  """Cached ``Statistics`` at ``path`` if they were saved with this ``description``, else None (stale or
-  absent); an unreadable file is a ``CheckpointError``."""
+  """Cached ``Statistics`` at ``path`` if they were saved with this ``description``, else None
+  (stale or absent); an unreadable file is a ``CheckpointError``."""
   path = pathlib.Path(path)
   if not path.is_file():
     return None
@@ -77,4 +88,6 @@ def load_statistics(path: str | pathlib.Path, description: Mapping[str, Any]) ->
         return None
       return Statistics(data["mu"], data["sigma"], int(data["count"]))
   except (OSError, KeyError, ValueError) as e:
-    raise CheckpointError(f"{path}: unreadable FID statistics ({first_line(e)}); delete it to recompute") from None
+    raise CheckpointError(
+        f"{path}: unreadable FID statistics ({first_line(e)}); delete it to recompute"
+    ) from None

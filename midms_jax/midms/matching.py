@@ -1,18 +1,20 @@
-"""Parameter-free matching operations of MIDMs: correlation, soft warping, flow and the confidence mask.
+"""Parameter-free matching operations of MIDMs: correlation, soft warping, flow and the confidence
+mask.
 
-NHWC throughout. A correlation volume is stored as ``(B, Hq, Wq, Hs, Ws)`` like the official code: entry
-``[b, i, j, k, l]`` is the cosine similarity of query pixel (i, j) and support pixel (k, l). Points
-of a flow/map are ``(..., 2)`` with ``[..., 0] = x`` and ``[..., 1] = y`` in the align-corners
-normalised grid ``linspace(-1, 1)``.
+NHWC throughout. A correlation volume is stored as ``(B, Hq, Wq, Hs, Ws)`` like the official code:
+entry ``[b, i, j, k, l]`` is the cosine similarity of query pixel (i, j) and support pixel (k, l).
+Points of a flow/map are ``(..., 2)`` with ``[..., 0] = x`` and ``[..., 1] = y`` in the
+align-corners normalised grid ``linspace(-1, 1)``.
 
-The 0.005 softmax temperature amplifies any rounding 200x (it can flip the discrete confidence mask),
-so matrix products here always run at full float32 precision (``Precision.HIGHEST``), whatever the
-global default (TF32/bf16 on accelerators).
+The 0.005 softmax temperature amplifies any rounding 200x (it can flip the discrete confidence
+mask), so matrix products here always run at full float32 precision (``Precision.HIGHEST``),
+whatever the global default (TF32/bf16 on accelerators).
 
 Every use of a volume in MIDMs is a softmax-weighted mean over one of its axes, so besides the dense
-functions (which hold the whole ``Hq*Wq x Hs*Ws`` volume) ``warp_by_features`` and ``flow_by_features``
-compute the same results from the two feature maps blockwise over query pixels, in memory linear in
-the number of pixels (the memory-efficient-attention scheme, with MIDMs' clamp at 0 and temperature).
+functions (which hold the whole ``Hq*Wq x Hs*Ws`` volume) ``warp_by_features`` and
+``flow_by_features`` compute the same results from the two feature maps blockwise over query pixels,
+in memory linear in the number of pixels (the memory-efficient-attention scheme, with MIDMs' clamp
+at 0 and temperature).
 """
 
 import jax
@@ -33,13 +35,15 @@ def _check_corr(corr: jax.Array) -> None:
 
 
 def normalize_features(features: jax.Array) -> jax.Array:
-  """Per pixel: subtract the channel mean, divide by the channel L2 norm (no epsilon, as MIDMs.forward)."""
+  """Per pixel: subtract the channel mean, divide by the channel L2 norm (no epsilon, as
+  MIDMs.forward)."""
   centred = features - jnp.mean(features, axis=-1, keepdims=True)
   return centred / jnp.linalg.norm(centred, axis=-1, keepdims=True)
 
 
 def _unit_vectors(features: jax.Array, eps: float) -> jax.Array:
-  """Float32 feature vectors divided by (their L2 norm + ``eps``): the operands of ``correlation``."""
+  """Float32 feature vectors divided by (their L2 norm + ``eps``): the operands of
+  ``correlation``."""
   f = features.astype(jnp.float32)
   return f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + eps)
 
@@ -48,7 +52,9 @@ def _check_pair(name: str, query: jax.Array, support: jax.Array) -> None:
   _check_rank(f"{name} query (B, H, W, C)", query, 4)
   _check_rank(f"{name} support (B, H, W, C)", support, 4)
   if query.shape[0] != support.shape[0] or query.shape[-1] != support.shape[-1]:
-    raise ValueError(f"{name}: query {query.shape} and support {support.shape} differ in batch or channels")
+    raise ValueError(
+        f"{name}: query {query.shape} and support {support.shape} differ in batch or channels"
+    )
 
 
 def correlation(query: jax.Array, support: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -78,7 +84,9 @@ def soft_warp(values: jax.Array, corr: jax.Array, temperature: float = 0.005) ->
   _check_corr(corr)
   b, hq, wq, hs, ws = corr.shape
   if values.shape[:3] != (b, hs, ws):
-    raise ValueError(f"soft_warp: values {values.shape} do not match the support grid of corr {corr.shape}")
+    raise ValueError(
+        f"soft_warp: values {values.shape} do not match the support grid of corr {corr.shape}"
+    )
   logits = corr.astype(jnp.float32).reshape(b, hq, wq, hs * ws) / temperature
   weights = jax.nn.softmax(logits, axis=-1)
   flat = values.astype(jnp.float32).reshape(b, hs * ws, values.shape[-1])
@@ -86,17 +94,23 @@ def soft_warp(values: jax.Array, corr: jax.Array, temperature: float = 0.005) ->
 
 
 def coordinate_grid(height: int, width: int) -> jax.Array:
-  """``(H, W, 2)`` align-corners grid: ``[..., 0] = linspace(-1, 1, W)``, ``[..., 1] = linspace(-1, 1, H)``."""
-  ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, height), jnp.linspace(-1.0, 1.0, width), indexing="ij")
+  """``(H, W, 2)`` align-corners grid: ``[..., 0] = linspace(-1, 1, W)``,
+  ``[..., 1] = linspace(-1, 1, H)``."""
+  ys, xs = jnp.meshgrid(
+      jnp.linspace(-1.0, 1.0, height), jnp.linspace(-1.0, 1.0, width), indexing="ij"
+  )
   return jnp.stack([xs, ys], axis=-1)
 
 
 def batched_grid(batch: int, height: int, width: int) -> jax.Array:
-  """``coordinate_grid`` broadcast to ``(B, H, W, 2)``: warped like any values, it gives the soft-argmax map."""
+  """``coordinate_grid`` broadcast to ``(B, H, W, 2)``: warped like any values, it gives the
+  soft-argmax map."""
   return jnp.broadcast_to(coordinate_grid(height, width), (batch, height, width, 2))
 
 
-def get_flow(corr: jax.Array, temperature: float = 0.005) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def get_flow(
+    corr: jax.Array, temperature: float = 0.005
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Soft-argmax matches of a correlation volume (official ``util.get_flow``).
 
   Returns ``(map_trg, map_src, flow_trg, flow_src)``:
@@ -106,48 +120,71 @@ def get_flow(corr: jax.Array, temperature: float = 0.005) -> tuple[jax.Array, ja
   * ``map_src`` ``(B, Hs, Ws, 2)``: for each support pixel, the expected query location under the
     softmax over query positions; ``flow_src = map_src - support grid``.
 
-  (The official code builds both grids from the query size, so it is only right when Hq, Wq == Hs, Ws.)
+  (The official code builds both grids from the query size, so it is only right when Hq, Wq == Hs,
+  Ws.)
   """
   _check_corr(corr)
   b, hq, wq, hs, ws = corr.shape
   logits = corr.astype(jnp.float32) / temperature
   weights_q = jax.nn.softmax(logits.reshape(b, hq, wq, hs * ws), axis=-1)
   weights_s = jax.nn.softmax(logits.reshape(b, hq * wq, hs, ws), axis=1)
-  map_trg = jnp.einsum("bijn,nc->bijc", weights_q, coordinate_grid(hs, ws).reshape(hs * ws, 2), precision=_HIGHEST)
-  map_src = jnp.einsum("bnkl,nc->bklc", weights_s, coordinate_grid(hq, wq).reshape(hq * wq, 2), precision=_HIGHEST)
+  map_trg = jnp.einsum(
+      "bijn,nc->bijc", weights_q, coordinate_grid(hs, ws).reshape(hs * ws, 2), precision=_HIGHEST
+  )
+  map_src = jnp.einsum(
+      "bnkl,nc->bklc", weights_s, coordinate_grid(hq, wq).reshape(hq * wq, 2), precision=_HIGHEST
+  )
   return flow_from_maps(map_trg, map_src)
 
 
-def flow_from_maps(map_trg: jax.Array, map_src: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """``get_flow``'s ``(map_trg, map_src, flow_trg, flow_src)`` from the two maps: each flow is its map
-  minus the coordinates of its own grid (query grid for ``map_trg``, support grid for ``map_src``)."""
+def flow_from_maps(
+    map_trg: jax.Array, map_src: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``get_flow``'s ``(map_trg, map_src, flow_trg, flow_src)`` from the two maps: each flow is its
+  map minus the coordinates of its own grid (query grid for ``map_trg``, support grid for
+  ``map_src``).
+  """
   _check_rank("flow_from_maps map_trg (B, Hq, Wq, 2)", map_trg, 4)
   _check_rank("flow_from_maps map_src (B, Hs, Ws, 2)", map_src, 4)
-  return (map_trg, map_src, map_trg - coordinate_grid(*map_trg.shape[1:3]),
-          map_src - coordinate_grid(*map_src.shape[1:3]))
+  return (
+      map_trg,
+      map_src,
+      map_trg - coordinate_grid(*map_trg.shape[1:3]),
+      map_src - coordinate_grid(*map_src.shape[1:3]),
+  )
 
 
-def warp_by_features(query: jax.Array, support: jax.Array, values: jax.Array, temperature: float = 0.005,
-                     chunk: int = 1024, eps: float = 1e-5) -> jax.Array:
+def warp_by_features(
+    query: jax.Array,
+    support: jax.Array,
+    values: jax.Array,
+    temperature: float = 0.005,
+    chunk: int = 1024,
+    eps: float = 1e-5,
+) -> jax.Array:
   """``soft_warp(values, correlation(query, support, eps), temperature)`` without the volume.
 
   ``query`` ``(B, Hq, Wq, C)`` and ``support`` ``(B, Hs, Ws, C)`` features, ``values``
-  ``(B, Hs, Ws, V)``; returns ``(B, Hq, Wq, V)`` in the dtype of ``values``. Blocks of ``chunk`` query
-  pixels (a last partial block is padded with zero vectors, whose rows are dropped) are processed one
-  after the other (``lax.map``): clamp-at-0 cosine similarity with every support pixel, softmax over
-  support pixels, weighted mean of the values. Each block is recomputed in the backward pass
-  (``jax.checkpoint``), so forward and backward hold a few ``B x chunk x Hs*Ws`` arrays of one block
-  instead of ``B x Hq*Wq x Hs*Ws`` volumes: memory linear in the pixels for a fixed ``chunk``. Warping
-  several value maps through one correspondence costs one pass when they are concatenated along
-  channels. The transposed warp (support <- query, the official ``corr.permute(0, 3, 4, 1, 2)``) is
-  this function with ``query`` and ``support`` swapped.
+  ``(B, Hs, Ws, V)``; returns ``(B, Hq, Wq, V)`` in the dtype of ``values``. Blocks of ``chunk``
+  query pixels (a last partial block is padded with zero vectors, whose rows are dropped) are
+  processed one after the other (``lax.map``): clamp-at-0 cosine similarity with every support
+  pixel, softmax over support pixels, weighted mean of the values. Each block is recomputed in the
+  backward pass (``jax.checkpoint``), so forward and backward hold a few ``B x chunk x Hs*Ws``
+  arrays of one block instead of ``B x Hq*Wq x Hs*Ws`` volumes: memory linear in the pixels for a
+  fixed ``chunk``. Warping several value maps through one correspondence costs one pass when they
+  are concatenated along channels. The transposed warp (support <- query, the official
+  ``corr.permute(0, 3, 4, 1, 2)``) is this function with ``query`` and ``support`` swapped.
   """
   _check_pair("warp_by_features", query, support)
   _check_rank("warp_by_features values (B, Hs, Ws, V)", values, 4)
   if values.shape[:3] != support.shape[:3]:
-    raise ValueError(f"warp_by_features: values {values.shape} do not match the support grid {support.shape}")
+    raise ValueError(
+        f"warp_by_features: values {values.shape} do not match the support grid {support.shape}"
+    )
   if chunk < 1:
-    raise ValueError(f"warp_by_features: chunk must be a positive number of query pixels, got {chunk}")
+    raise ValueError(
+        f"warp_by_features: chunk must be a positive number of query pixels, got {chunk}"
+    )
   b, hq, wq, c = query.shape
   n_query, n_support = hq * wq, support.shape[1] * support.shape[2]
   q = _unit_vectors(query, eps).reshape(b, n_query, c)
@@ -163,10 +200,17 @@ def warp_by_features(query: jax.Array, support: jax.Array, values: jax.Array, te
   return warped.reshape(b, hq, wq, -1).astype(values.dtype)
 
 
-def flow_by_features(query: jax.Array, support: jax.Array, temperature: float = 0.005, chunk: int = 1024,
-                     eps: float = 1e-5) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """``get_flow(correlation(query, support, eps), temperature)`` without the volume: the maps are the
-  coordinate grids soft-warped by ``warp_by_features`` (support grid onto the query, query grid back)."""
+def flow_by_features(
+    query: jax.Array,
+    support: jax.Array,
+    temperature: float = 0.005,
+    chunk: int = 1024,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``get_flow(correlation(query, support, eps), temperature)`` without the volume: the maps are
+  the coordinate grids soft-warped by ``warp_by_features`` (support grid onto the query, query grid
+  back).
+  """
   _check_pair("flow_by_features", query, support)
   b, hq, wq, _ = query.shape
   _, hs, ws, _ = support.shape
@@ -185,7 +229,9 @@ def grid_sample_bilinear(image: jax.Array, grid: jax.Array) -> jax.Array:
   _check_rank("grid_sample image (B, H, W, C)", image, 4)
   _check_rank("grid_sample grid (B, Ho, Wo, 2)", grid, 4)
   if grid.shape[0] != image.shape[0] or grid.shape[-1] != 2:
-    raise ValueError(f"grid_sample: grid {grid.shape} does not fit image {image.shape} (need (B, Ho, Wo, 2))")
+    raise ValueError(
+        f"grid_sample: grid {grid.shape} does not fit image {image.shape} (need (B, Ho, Wo, 2))"
+    )
   b, h, w, c = image.shape
   x = (grid[..., 0] + 1) * ((w - 1) / 2)
   y = (grid[..., 1] + 1) * ((h - 1) / 2)
@@ -201,24 +247,37 @@ def grid_sample_bilinear(image: jax.Array, grid: jax.Array) -> jax.Array:
     picked = jnp.take_along_axis(flat, idx.reshape(b, -1, 1), axis=1).reshape(idx.shape + (c,))
     return jnp.where(inside[..., None], picked, 0)
 
-  return (corner(x_w, y_n) * (dist_s * dist_e)[..., None]
-          + corner(x_w + 1, y_n) * (dist_s * dist_w)[..., None]
-          + corner(x_w, y_n + 1) * (dist_n * dist_e)[..., None]
-          + corner(x_w + 1, y_n + 1) * (dist_n * dist_w)[..., None])
+  return (
+      corner(x_w, y_n) * (dist_s * dist_e)[..., None]
+      + corner(x_w + 1, y_n) * (dist_s * dist_w)[..., None]
+      + corner(x_w, y_n + 1) * (dist_n * dist_e)[..., None]
+      + corner(x_w + 1, y_n + 1) * (dist_n * dist_w)[..., None]
+  )
 
 
-def fbcheck(map_trg: jax.Array, map_src: jax.Array, flow_trg: jax.Array, flow_src: jax.Array,
-            true_backward: bool = False) -> tuple[jax.Array, jax.Array]:
+def fbcheck(
+    map_trg: jax.Array,
+    map_src: jax.Array,
+    flow_trg: jax.Array,
+    flow_src: jax.Array,
+    true_backward: bool = False,
+) -> tuple[jax.Array, jax.Array]:
   """Forward-backward distances ``(fb_ts (B, Hq, Wq), fb_st (B, Hs, Ws))`` of ``get_flow`` outputs.
 
-  Default (official ``util.fbcheck``): ``fb_ts = |flow_trg + flow_trg(map_trg)|``, i.e. the *forward*
-  flow sampled at the matched location, and ``fb_st = |flow_src + flow_src(map_src)|``. For a perfectly
-  consistent uniform shift d this is ~2|d|, not 0, so large consistent displacements are rejected;
-  MIDMs outputs depend on this. ``true_backward=True`` gives the paper's check instead, sampling the
-  opposite flow: ``fb_ts = |flow_trg + flow_src(map_trg)|``, ``fb_st = |flow_src + flow_trg(map_src)|``
-  (~0 for a consistent shift). ``true_backward`` is a Python bool (static under ``jax.jit``).
+  Default (official ``util.fbcheck``): ``fb_ts = |flow_trg + flow_trg(map_trg)|``, i.e. the
+  *forward* flow sampled at the matched location, and ``fb_st = |flow_src + flow_src(map_src)|``.
+  For a perfectly consistent uniform shift d this is ~2|d|, not 0, so large consistent displacements
+  are rejected; MIDMs outputs depend on this. ``true_backward=True`` gives the paper's check
+  instead, sampling the opposite flow: ``fb_ts = |flow_trg + flow_src(map_trg)|``,
+  ``fb_st = |flow_src + flow_trg(map_src)|`` (~0 for a consistent shift). ``true_backward`` is a
+  Python bool (static under ``jax.jit``).
   """
-  for name, array in (("map_trg", map_trg), ("map_src", map_src), ("flow_trg", flow_trg), ("flow_src", flow_src)):
+  for name, array in (
+      ("map_trg", map_trg),
+      ("map_src", map_src),
+      ("flow_trg", flow_trg),
+      ("flow_src", flow_src),
+  ):
     _check_rank(f"fbcheck {name} (B, H, W, 2)", array, 4)
   sampled_ts = flow_src if true_backward else flow_trg
   sampled_st = flow_trg if true_backward else flow_src

@@ -1,1 +1,2 @@
-"""Flax (linen) modules of MIDMs: first-stage autoencoders, the LDM U-Net, correspondence networks."""
+"""Flax (linen) modules of MIDMs: first-stage autoencoders, the LDM U-Net, correspondence
+networks."""

@@ -24,11 +24,16 @@ def _normalize(name: str) -> GroupNorm32:
   return GroupNorm32(num_groups=32, epsilon=1e-6, name=name)
 
 
-def _conv(features: int, kernel: int, name: str, dtype, stride: int = 1, padding: str | None = None) -> nn.Conv:
-  """Conv2d with PyTorch-style symmetric zero padding ``kernel // 2`` unless ``padding`` is given."""
+def _conv(
+    features: int, kernel: int, name: str, dtype, stride: int = 1, padding: str | None = None
+) -> nn.Conv:
+  """Conv2d with PyTorch-style symmetric zero padding ``kernel // 2`` unless ``padding`` is
+  given."""
   if padding is None:
     padding = ((kernel // 2, kernel // 2),) * 2
-  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+  return Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name
+  )
 
 
 def _check_config(ch: int, ch_mult: Sequence[int], dropout: float, attn_type: str) -> None:
@@ -36,15 +41,20 @@ def _check_config(ch: int, ch_mult: Sequence[int], dropout: float, attn_type: st
     raise ValueError("autoencoder: ch_mult must name at least one level")
   for mult in (1, *ch_mult):
     if (ch * mult) % 32:
-      raise ValueError(f"autoencoder: width ch*mult = {ch * mult} is not divisible into 32 GroupNorm groups")
+      raise ValueError(
+          f"autoencoder: width ch*mult = {ch * mult} is not divisible into 32 GroupNorm groups"
+      )
   if dropout != 0.0:
-    raise ValueError(f"autoencoder: dropout={dropout} is not supported (frozen first stage, inference only)")
+    raise ValueError(
+        f"autoencoder: dropout={dropout} is not supported (frozen first stage, inference only)"
+    )
   if attn_type not in _ATTN_TYPES:
     raise ValueError(f"autoencoder: attn_type {attn_type!r} is not one of {_ATTN_TYPES}")
 
 
 class ResnetBlock(nn.Module):
   """ResnetBlock without time embedding: ``x_sc + conv2(swish(norm2(conv1(swish(norm1(x))))))``."""
+
   out_channels: int
   dtype: jnp.dtype = jnp.float32
 
@@ -58,16 +68,20 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head spatial self-attention over all H*W positions, 1x1-conv q/k/v/proj_out, residual."""
+  """Single-head spatial self-attention over all H*W positions, 1x1-conv q/k/v/proj_out,
+  residual."""
+
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     h = _normalize("norm")(x)
-    q, k, v = (_conv(channels, 1, name, self.dtype)(h).reshape(batch, height * width, channels)
-               for name in ("q", "k", "v"))
-    logits = jnp.einsum("bic,bjc->bij", q, k) * (channels ** -0.5)
+    q, k, v = (
+        _conv(channels, 1, name, self.dtype)(h).reshape(batch, height * width, channels)
+        for name in ("q", "k", "v")
+    )
+    logits = jnp.einsum("bic,bjc->bij", q, k) * (channels**-0.5)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     h = jnp.einsum("bij,bjc->bic", weights, v).reshape(batch, height, width, channels)
     return x + _conv(channels, 1, "proj_out", self.dtype)(h)
@@ -85,6 +99,7 @@ def _apply(block: nn.Module | None, x: jax.Array) -> jax.Array:
 class Encoder(nn.Module):
   """LDM Encoder: conv_in, ``down`` levels (ResnetBlocks, optional attention, asymmetric-pad
   stride-2 conv), mid (Res, Attn, Res), GroupNorm, swish, conv_out (2*z_channels if double_z)."""
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4)
   num_res_blocks: int = 2
@@ -101,10 +116,15 @@ class Encoder(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     _check_config(self.ch, self.ch_mult, self.dropout, self.attn_type)
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f"Encoder: expected NHWC input with {self.in_channels} channels, got shape {x.shape}")
+      raise ValueError(
+          f"Encoder: expected NHWC input with {self.in_channels} channels, got shape {x.shape}"
+      )
     factor = 2 ** (len(self.ch_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"Encoder: spatial size {x.shape[1:3]} is not divisible by the down-sampling factor {factor}")
+      raise ValueError(
+          f"Encoder: spatial size {x.shape[1:3]} is not divisible by the down-sampling factor "
+          f"{factor}"
+      )
     h = _conv(self.ch, 3, "conv_in", self.dtype)(x.astype(self.dtype))
     res = self.resolution
     for level, mult in enumerate(self.ch_mult):
@@ -115,7 +135,9 @@ class Encoder(nn.Module):
       if level != len(self.ch_mult) - 1:
         # Zero pad right/bottom only, then a 3x3 stride-2 conv without padding.
         h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        h = _conv(h.shape[-1], 3, f"down.{level}.downsample.conv", self.dtype, stride=2, padding="VALID")(h)
+        h = _conv(
+            h.shape[-1], 3, f"down.{level}.downsample.conv", self.dtype, stride=2, padding="VALID"
+        )(h)
         res //= 2
     width = h.shape[-1]
     h = ResnetBlock(width, self.dtype, name="mid.block_1")(h)
@@ -131,6 +153,7 @@ class Decoder(nn.Module):
   (num_res_blocks + 1 ResnetBlocks, optional attention, nearest x2 + conv), GroupNorm, swish,
   conv_out. Output is not clamped (no tanh). ``remat_blocks`` recomputes the ResNet blocks in the
   backward pass (the decoder runs at image resolution, where activations are largest)."""
+
   ch: int = 128
   out_ch: int = 3
   ch_mult: Sequence[int] = (1, 2, 4)
@@ -147,7 +170,9 @@ class Decoder(nn.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     _check_config(self.ch, self.ch_mult, self.dropout, self.attn_type)
     if z.ndim != 4 or z.shape[-1] != self.z_channels:
-      raise ValueError(f"Decoder: expected NHWC latent with {self.z_channels} channels, got shape {z.shape}")
+      raise ValueError(
+          f"Decoder: expected NHWC latent with {self.z_channels} channels, got shape {z.shape}"
+      )
     resnet = nn.remat(ResnetBlock) if self.remat_blocks else ResnetBlock
     width = self.ch * self.ch_mult[-1]
     h = _conv(width, 3, "conv_in", self.dtype)(z.astype(self.dtype))
@@ -178,28 +203,40 @@ class VectorQuantizer(nn.Module):
 
   The codebook is ``nn.Embed`` named ``embedding`` so that its key is ``<name>.embedding.weight``.
   """
+
   n_embed: int = 8192
   embed_dim: int = 3
   beta: float = 0.25
 
   def setup(self) -> None:
-    self.embedding = nn.Embed(self.n_embed, self.embed_dim, dtype=jnp.float32,
-                              embedding_init=_codebook_init, name="embedding")
+    self.embedding = nn.Embed(
+        self.n_embed,
+        self.embed_dim,
+        dtype=jnp.float32,
+        embedding_init=_codebook_init,
+        name="embedding",
+    )
 
   def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (straight-through z_q, legacy commitment loss, indices (B,H,W) int32)."""
     if z.shape[-1] != self.embed_dim:
-      raise ValueError(f"VectorQuantizer: latent has {z.shape[-1]} channels, codebook dim is {self.embed_dim}")
+      raise ValueError(
+          f"VectorQuantizer: latent has {z.shape[-1]} channels, codebook dim is {self.embed_dim}"
+      )
     z = z.astype(jnp.float32)
     codebook = self.embedding.embedding
     flat = z.reshape(-1, self.embed_dim)
     # |z|^2 + |e|^2 - 2 z.e, the official expression (argmin ties/rounding as in PyTorch).
-    dist = (jnp.sum(flat ** 2, axis=1, keepdims=True) + jnp.sum(codebook ** 2, axis=1)
-            - 2.0 * flat @ codebook.T)
+    dist = (
+        jnp.sum(flat**2, axis=1, keepdims=True)
+        + jnp.sum(codebook**2, axis=1)
+        - 2.0 * flat @ codebook.T
+    )
     indices = jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
     quantized = self.embed_code(indices)
-    loss = (jnp.mean((jax.lax.stop_gradient(quantized) - z) ** 2)
-            + self.beta * jnp.mean((quantized - jax.lax.stop_gradient(z)) ** 2))
+    loss = jnp.mean((jax.lax.stop_gradient(quantized) - z) ** 2) + self.beta * jnp.mean(
+        (quantized - jax.lax.stop_gradient(z)) ** 2
+    )
     z_q = z + jax.lax.stop_gradient(quantized - z)
     return z_q, loss, indices
 
@@ -214,6 +251,7 @@ class VQModel(nn.Module):
   Methods are meant for ``model.apply(variables, x, method=VQModel.encode)`` etc.; ``__call__`` runs
   ``decode(encode(x))`` so that ``init`` creates every parameter.
   """
+
   embed_dim: int = 3
   n_embed: int = 8192
   ch: int = 128
@@ -228,16 +266,37 @@ class VQModel(nn.Module):
   double_z: bool = False
   attn_type: str = "vanilla"
   dtype: jnp.dtype = jnp.float32
-  remat_blocks: bool = False      # the decoder's (see Decoder)
+  remat_blocks: bool = False  # the decoder's (see Decoder)
 
   def setup(self) -> None:
     if self.double_z:
       raise ValueError("VQModel: double_z must be False (quant_conv reads z_channels)")
-    self.encoder = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.dropout,
-                           self.in_channels, self.resolution, self.z_channels, False, self.attn_type, self.dtype)
-    self.decoder = Decoder(self.ch, self.out_ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
-                           self.dropout, self.resolution, self.z_channels, self.attn_type, self.dtype,
-                           self.remat_blocks)
+    self.encoder = Encoder(
+        self.ch,
+        self.ch_mult,
+        self.num_res_blocks,
+        self.attn_resolutions,
+        self.dropout,
+        self.in_channels,
+        self.resolution,
+        self.z_channels,
+        False,
+        self.attn_type,
+        self.dtype,
+    )
+    self.decoder = Decoder(
+        self.ch,
+        self.out_ch,
+        self.ch_mult,
+        self.num_res_blocks,
+        self.attn_resolutions,
+        self.dropout,
+        self.resolution,
+        self.z_channels,
+        self.attn_type,
+        self.dtype,
+        self.remat_blocks,
+    )
     self.quantize_ = VectorQuantizer(self.n_embed, self.embed_dim, name="quantize")
     self.quant_conv = _conv(self.embed_dim, 1, "quant_conv", self.dtype)
     self.post_quant_conv = _conv(self.z_channels, 1, "post_quant_conv", self.dtype)
@@ -266,6 +325,7 @@ class VQModel(nn.Module):
 
 class DiagonalGaussian(NamedTuple):
   """LDM ``DiagonalGaussianDistribution`` over NHWC latents (a pytree, returned from ``apply``)."""
+
   mean: jax.Array
   logvar: jax.Array
 
@@ -288,6 +348,7 @@ class DiagonalGaussian(NamedTuple):
 
 class AutoencoderKL(nn.Module):
   """LDM ``AutoencoderKL`` (kl-f8 defaults): encode -> DiagonalGaussian, decode(z) -> image."""
+
   embed_dim: int = 4
   ch: int = 128
   out_ch: int = 3
@@ -301,16 +362,37 @@ class AutoencoderKL(nn.Module):
   double_z: bool = True
   attn_type: str = "vanilla"
   dtype: jnp.dtype = jnp.float32
-  remat_blocks: bool = False      # the decoder's (see Decoder)
+  remat_blocks: bool = False  # the decoder's (see Decoder)
 
   def setup(self) -> None:
     if not self.double_z:
       raise ValueError("AutoencoderKL: double_z must be True (the encoder outputs mean and logvar)")
-    self.encoder = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.dropout,
-                           self.in_channels, self.resolution, self.z_channels, True, self.attn_type, self.dtype)
-    self.decoder = Decoder(self.ch, self.out_ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
-                           self.dropout, self.resolution, self.z_channels, self.attn_type, self.dtype,
-                           self.remat_blocks)
+    self.encoder = Encoder(
+        self.ch,
+        self.ch_mult,
+        self.num_res_blocks,
+        self.attn_resolutions,
+        self.dropout,
+        self.in_channels,
+        self.resolution,
+        self.z_channels,
+        True,
+        self.attn_type,
+        self.dtype,
+    )
+    self.decoder = Decoder(
+        self.ch,
+        self.out_ch,
+        self.ch_mult,
+        self.num_res_blocks,
+        self.attn_resolutions,
+        self.dropout,
+        self.resolution,
+        self.z_channels,
+        self.attn_type,
+        self.dtype,
+        self.remat_blocks,
+    )
     self.quant_conv = _conv(2 * self.embed_dim, 1, "quant_conv", self.dtype)
     self.post_quant_conv = _conv(self.z_channels, 1, "post_quant_conv", self.dtype)
 
@@ -319,11 +401,16 @@ class AutoencoderKL(nn.Module):
 
   def decode(self, z: jax.Array) -> jax.Array:
     if z.shape[-1] != self.embed_dim:
-      raise ValueError(f"AutoencoderKL: latent has {z.shape[-1]} channels, expected embed_dim={self.embed_dim}")
+      raise ValueError(
+          f"AutoencoderKL: latent has {z.shape[-1]} channels, expected embed_dim={self.embed_dim}"
+      )
     return self.decoder(self.post_quant_conv(z.astype(self.dtype)))
 
-  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, DiagonalGaussian]:
-    """Official ``forward``: decodes a posterior sample (with ``rng``) or its mode; returns (image, posterior)."""
+  def __call__(
+      self, x: jax.Array, rng: jax.Array | None = None
+  ) -> tuple[jax.Array, DiagonalGaussian]:
+    """Official ``forward``: decodes a posterior sample (with ``rng``) or its mode; returns (image,
+    posterior)."""
     posterior = self.encode(x)
     z = posterior.mode() if rng is None else posterior.sample(rng)
     return self.decode(z), posterior

@@ -1,4 +1,5 @@
-"""Row-blockwise evaluation: the memory-efficient-attention scheme shared by the soft warps and the U-Net's attention."""
+"""Row-blockwise evaluation: the memory-efficient-attention scheme shared by the soft warps and the
+U-Net's attention."""
 
 from typing import Callable
 
@@ -7,11 +8,12 @@ import jax.numpy as jnp
 
 
 def map_row_blocks(fn: Callable[[jax.Array], jax.Array], rows: jax.Array, chunk: int) -> jax.Array:
-  """``fn(rows)`` for an ``fn`` that treats each row of axis 1 on its own, computed ``chunk`` rows at a time.
+  """``fn(rows)`` for an ``fn`` that treats each row of axis 1 on its own, computed ``chunk`` rows
+  at a time.
 
-  The blocks run one after the other (``lax.map``; a last partial block is padded with zero rows whose
-  results are dropped), each recomputed in the backward pass (``jax.checkpoint``): forward and backward
-  hold the intermediates of one block instead of all rows, the same numbers.
+  The blocks run one after the other (``lax.map``; a last partial block is padded with zero rows
+  whose results are dropped), each recomputed in the backward pass (``jax.checkpoint``): forward and
+  backward hold the intermediates of one block instead of all rows, the same numbers.
   """
   batch, n_rows = rows.shape[:2]
   n_blocks = -(-n_rows // chunk)

@@ -11,17 +11,19 @@ import flax.linen as nn
 
 
 def pad_hw(x: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
-  """Pads height and width of an NHWC tensor by ``pad`` on every side (``constant`` or ``reflect``)."""
+  """Pads height and width of an NHWC tensor by ``pad`` on every side (``constant`` or
+  ``reflect``)."""
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
 
 
 def join_batches(arrays) -> jax.Array:
-  """Same-shaped batches ``(B, ...)`` as one ``(k B, ...)`` batch, example by example: rows ``b k`` to
-  ``b k + k - 1`` hold example ``b`` of each array. For networks that treat examples independently this is
-  ``concatenate`` up to the row order, but under data parallelism (the batch axis split over devices) each
-  device's rows of the result are its own rows of the inputs, so joining and ``split_batches`` move nothing
-  between devices; a concatenation puts the second array's examples on other devices, and XLA then shuffles
-  activations between devices around every layer that sees the joined batch."""
+  """Same-shaped batches ``(B, ...)`` as one ``(k B, ...)`` batch, example by example: rows ``b k``
+  to ``b k + k - 1`` hold example ``b`` of each array. For networks that treat examples
+  independently this is ``concatenate`` up to the row order, but under data parallelism (the batch
+  axis split over devices) each device's rows of the result are its own rows of the inputs, so
+  joining and ``split_batches`` move nothing between devices; a concatenation puts the second
+  array's examples on other devices, and XLA then shuffles activations between devices around every
+  layer that sees the joined batch."""
   return jnp.stack(arrays, axis=1).reshape((-1,) + arrays[0].shape[1:])
 
 
@@ -32,18 +34,19 @@ def split_batches(x: jax.Array, k: int) -> list[jax.Array]:
 
 
 def _pool_windows(x: jax.Array) -> jax.Array:
-  """``(B, H, W, C)`` -> ``(B, H//2, 2, W//2, 2, C)``; an odd last row or column is dropped (PyTorch's floor mode)."""
+  """``(B, H, W, C)`` -> ``(B, H//2, 2, W//2, 2, C)``; an odd last row or column is dropped
+  (PyTorch's floor mode)."""
   b, h, w, c = x.shape
-  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
 
 
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2, stride-2 max pooling of NHWC (``F.max_pool2d(x, 2)``) as a reshape and a max.
 
-  Its gradient goes, as PyTorch's, to the first maximum of each window in row-major order, and is built
-  element-wise (compare, select) where XLA's ``reduce_window`` max would backpropagate through a
-  ``select_and_scatter``, a serial scatter on GPUs."""
+  Its gradient goes, as PyTorch's, to the first maximum of each window in row-major order, and is
+  built element-wise (compare, select) where XLA's ``reduce_window`` max would backpropagate through
+  a ``select_and_scatter``, a serial scatter on GPUs."""
   return jnp.max(_pool_windows(x), axis=(2, 4))
 
 
@@ -63,17 +66,23 @@ def _max_pool_2x2_bwd(x, g):
       taken = taken | first
       row.append(jnp.where(first, g, jnp.zeros_like(g)))
     rows.append(jnp.stack(row, axis=3))
-  grad = jnp.stack(rows, axis=2).reshape(windows.shape[0], windows.shape[1] * 2, windows.shape[3] * 2, -1)
-  return (jnp.pad(grad, ((0, 0), (0, x.shape[1] - grad.shape[1]), (0, x.shape[2] - grad.shape[2]), (0, 0))),)
+  grad = jnp.stack(rows, axis=2).reshape(
+      windows.shape[0], windows.shape[1] * 2, windows.shape[3] * 2, -1
+  )
+  return (
+      jnp.pad(
+          grad, ((0, 0), (0, x.shape[1] - grad.shape[1]), (0, x.shape[2] - grad.shape[2]), (0, 0))
+      ),
+  )
 
 
 max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def _nearest_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """One axis of ``torch_nearest_resize``: output i reads input floor(i * n / size). Integer ratios (the
-  only ones the models use) are a strided slice or a repeat; a gather, whose gradient is a scatter-add
-  (serial on XLA:CPU, atomic on GPUs), only for the others."""
+  """One axis of ``torch_nearest_resize``: output i reads input floor(i * n / size). Integer ratios
+  (the only ones the models use) are a strided slice or a repeat; a gather, whose gradient is a
+  scatter-add (serial on XLA:CPU, atomic on GPUs), only for the others."""
   n = x.shape[axis]
   if n == size:
     return x
@@ -112,6 +121,7 @@ class GroupNorm32(nn.Module):
   Params ``scale``/``bias`` map to PyTorch ``weight``/``bias``. Statistics use the two-pass
   (biased) variance like PyTorch, not the fast E[x^2]-E[x]^2 form.
   """
+
   num_groups: int = 32
   epsilon: float = 1e-5
 
@@ -119,7 +129,9 @@ class GroupNorm32(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     if channels % self.num_groups:
-      raise ValueError(f"GroupNorm: {channels} channels are not divisible into {self.num_groups} groups")
+      raise ValueError(
+          f"GroupNorm: {channels} channels are not divisible into {self.num_groups} groups"
+      )
     scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
     x32 = x.astype(jnp.float32)

@@ -7,7 +7,8 @@ attention order, head count or head width, no-conv resampling), so e.g. the LSUN
 attention_resolutions=(1, 2, 4, 8), channel_mult=(1, 2, 2, 4, 4), num_heads=8, num_head_channels=-1,
 use_scale_shift_norm=True, resblock_updown=True)``.
 
-Submodule names are the PyTorch module paths (``input_blocks.4.1.qkv``, ``middle_block.0.emb_layers.1``,
+Submodule names are the PyTorch module paths (``input_blocks.4.1.qkv``,
+``middle_block.0.emb_layers.1``,
 ...), so ``midms_jax.interop.torch_names`` maps the variables to the official state-dict keys. The
 attention ``qkv`` / ``proj_out`` are PyTorch ``Conv1d`` layers: here 1-wide convolutions over the
 flattened positions, whose ``(1, C, 3C)`` kernels map to the ``(3C, C, 1)`` Conv1d weights.
@@ -32,7 +33,8 @@ _PAD1 = ((1, 1), (1, 1))
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: int = 10000) -> jax.Array:
-  """Sinusoidal embedding ``[cos(t f), sin(t f)]`` (cos first), ``f_i = max_period^(-i / (dim // 2))``.
+  """Sinusoidal embedding ``[cos(t f), sin(t f)]`` (cos first),
+  ``f_i = max_period^(-i / (dim // 2))``.
 
   The frequencies are computed once in NumPy: the exponent in float32 as PyTorch does, ``exp`` in
   float64 rounded to float32. That reproduces PyTorch's float32 frequencies bit for bit at the
@@ -41,9 +43,13 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: int = 10000) 
   """
   timesteps = jnp.asarray(timesteps)
   if timesteps.ndim != 1:
-    raise ValueError(f"timestep_embedding: timesteps must have shape (batch,), got {timesteps.shape}")
+    raise ValueError(
+        f"timestep_embedding: timesteps must have shape (batch,), got {timesteps.shape}"
+    )
   half = dim // 2
-  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+  exponent = (
+      np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+  )
   freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
   args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
   embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
@@ -52,13 +58,27 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: int = 10000) 
   return embedding
 
 
-def _conv(features: int, kernel: int, *, dtype, stride: int = 1, zero_init: bool = False,
-          name: str | None = None) -> nn.Conv:
+def _conv(
+    features: int,
+    kernel: int,
+    *,
+    dtype,
+    stride: int = 1,
+    zero_init: bool = False,
+    name: str | None = None,
+) -> nn.Conv:
   """Conv2d with PyTorch padding ``kernel // 2`` on every side (symmetric, also when strided)."""
   pad = kernel // 2
-  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-              dtype=dtype, param_dtype=jnp.float32,
-              kernel_init=nn.initializers.zeros if zero_init else _torch_default_init, name=name)
+  return Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.zeros if zero_init else _torch_default_init,
+      name=name,
+  )
 
 
 def _avg_pool_2x(x: jax.Array) -> jax.Array:
@@ -67,6 +87,7 @@ def _avg_pool_2x(x: jax.Array) -> jax.Array:
 
 class Downsample(nn.Module):
   """Halves H and W: 3x3 conv with stride 2 and padding 1 (``op``), or 2x2 average pooling."""
+
   use_conv: bool
   dtype: jnp.dtype = jnp.float32
 
@@ -79,6 +100,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Doubles H and W (nearest), then an optional 3x3 conv (``conv``)."""
+
   use_conv: bool
   dtype: jnp.dtype = jnp.float32
 
@@ -100,6 +122,7 @@ class ResBlock(nn.Module):
   ``updown`` 'up'/'down', ``h`` is re-sampled between the in-layers' SiLU and conv, and ``x`` before
   the skip (nearest x2 / 2x2 average pooling, no conv).
   """
+
   out_channels: int
   dropout: float = 0.0
   use_scale_shift_norm: bool = False
@@ -123,8 +146,13 @@ class ResBlock(nn.Module):
     h = _conv(self.out_channels, 3, dtype=self.dtype, name="in_layers.2")(h)
 
     emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-    emb_out = nn.Dense(emb_width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_torch_default_init,
-                       name="emb_layers.1")(nn.silu(emb))
+    emb_out = nn.Dense(
+        emb_width,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_torch_default_init,
+        name="emb_layers.1",
+    )(nn.silu(emb))
     emb_out = emb_out[:, None, None, :].astype(h.dtype)
     out_norm = GroupNorm32(name="out_layers.0")
     if self.use_scale_shift_norm:
@@ -141,13 +169,14 @@ class ResBlock(nn.Module):
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0) -> jax.Array:
-  """``softmax(q . k) v`` per head for ``(batch, tokens, heads, channels)`` arrays (scaling already applied),
-  softmax in float32.
+  """``softmax(q . k) v`` per head for ``(batch, tokens, heads, channels)`` arrays (scaling already
+  applied), softmax in float32.
 
-  ``chunk`` > 0 (and fewer than the queries): blocks of ``chunk`` queries (``blockwise.map_row_blocks``),
-  so forward and backward hold a ``chunk x keys`` score block per head instead of ``queries x keys``:
-  the same numbers, memory linear in the tokens.
+  ``chunk`` > 0 (and fewer than the queries): blocks of ``chunk`` queries
+  (``blockwise.map_row_blocks``), so forward and backward hold a ``chunk x keys`` score block per
+  head instead of ``queries x keys``: the same numbers, memory linear in the tokens.
   """
+
   def attend(queries: jax.Array) -> jax.Array:
     scores = jnp.einsum("bthc,bshc->bhts", queries, k)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
@@ -167,6 +196,7 @@ class AttentionBlock(nn.Module):
   (``head*ch + c``), then ``proj_out`` (zero-initialised). ``chunk``: queries per block
   (``multi_head_attention``; 0: all at once).
   """
+
   num_heads: int
   use_new_attention_order: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -176,11 +206,15 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     if self.num_heads < 1 or channels % self.num_heads:
-      raise ValueError(f"AttentionBlock: {channels} channels cannot be split into {self.num_heads} heads")
+      raise ValueError(
+          f"AttentionBlock: {channels} channels cannot be split into {self.num_heads} heads"
+      )
     head_ch = channels // self.num_heads
     conv1d = functools.partial(Conv, kernel_size=(1,), dtype=self.dtype, param_dtype=jnp.float32)
     tokens = x.reshape(batch, height * width, channels)
-    qkv = conv1d(3 * channels, kernel_init=_torch_default_init, name="qkv")(GroupNorm32(name="norm")(tokens))
+    qkv = conv1d(3 * channels, kernel_init=_torch_default_init, name="qkv")(
+        GroupNorm32(name="norm")(tokens)
+    )
     if self.use_new_attention_order:
       qkv = qkv.reshape(batch, height * width, 3, self.num_heads, head_ch)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -188,7 +222,9 @@ class AttentionBlock(nn.Module):
       qkv = qkv.reshape(batch, height * width, self.num_heads, 3, head_ch)
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     scale = jnp.asarray(1 / math.sqrt(math.sqrt(head_ch)), q.dtype)
-    attended = multi_head_attention(q * scale, k * scale, v, self.chunk).reshape(batch, height * width, channels)
+    attended = multi_head_attention(q * scale, k * scale, v, self.chunk).reshape(
+        batch, height * width, channels
+    )
     out = conv1d(channels, kernel_init=nn.initializers.zeros, name="proj_out")(attended)
     return x + out.reshape(x.shape)
 
@@ -199,6 +235,7 @@ class TimestepEmbedSequential(nn.Module):
   ``layers`` holds module constructors (e.g. ``functools.partial(ResBlock, ...)``), so that each
   child is created inside this block and its path mirrors PyTorch's ``input_blocks.N.M``.
   """
+
   layers: Sequence[Callable[..., nn.Module]]
 
   @nn.compact
@@ -217,8 +254,10 @@ class UNetModel(nn.Module):
   official precedence). ``dtype`` is the computation dtype; parameters stay float32 and GroupNorm
   and the attention softmax run in float32. The output is float32. ``remat_blocks`` recomputes each
   input/middle/output block in the backward pass instead of storing its activations;
-  ``attention_chunk`` > 0 computes attention in blocks of that many queries (``multi_head_attention``).
+  ``attention_chunk`` > 0 computes attention in blocks of that many queries
+  (``multi_head_attention``).
   """
+
   image_size: int = 64
   in_channels: int = 3
   model_channels: int = 224
@@ -241,18 +280,30 @@ class UNetModel(nn.Module):
     if self.num_head_channels == -1:
       return self.num_heads
     if channels % self.num_head_channels:
-      raise ValueError(f"UNetModel: {channels} channels are not a multiple of num_head_channels="
-                       f"{self.num_head_channels}")
+      raise ValueError(
+          f"UNetModel: {channels} channels are not a multiple of num_head_channels="
+          f"{self.num_head_channels}"
+      )
     return channels // self.num_head_channels
 
   def _res(self, out_channels: int, updown: str | None = None):
-    return functools.partial(ResBlock, out_channels=out_channels, dropout=self.dropout,
-                             use_scale_shift_norm=self.use_scale_shift_norm, updown=updown, dtype=self.dtype)
+    return functools.partial(
+        ResBlock,
+        out_channels=out_channels,
+        dropout=self.dropout,
+        use_scale_shift_norm=self.use_scale_shift_norm,
+        updown=updown,
+        dtype=self.dtype,
+    )
 
   def _attn(self, channels: int):
-    return functools.partial(AttentionBlock, num_heads=self._heads(channels),
-                             use_new_attention_order=self.use_new_attention_order, dtype=self.dtype,
-                             chunk=self.attention_chunk)
+    return functools.partial(
+        AttentionBlock,
+        num_heads=self._heads(channels),
+        use_new_attention_order=self.use_new_attention_order,
+        dtype=self.dtype,
+        chunk=self.attention_chunk,
+    )
 
   def _down(self, channels: int):
     if self.resblock_updown:
@@ -268,24 +319,39 @@ class UNetModel(nn.Module):
     if self.num_heads == -1 and self.num_head_channels == -1:
       raise ValueError("UNetModel: set num_heads or num_head_channels (both are -1)")
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f"UNetModel: x must be (batch, height, width, {self.in_channels}), got {x.shape}")
+      raise ValueError(
+          f"UNetModel: x must be (batch, height, width, {self.in_channels}), got {x.shape}"
+      )
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"UNetModel: height and width must be multiples of {factor}, got {x.shape[1:3]}")
+      raise ValueError(
+          f"UNetModel: height and width must be multiples of {factor}, got {x.shape[1:3]}"
+      )
     if timesteps.shape != (x.shape[0],):
-      raise ValueError(f"UNetModel: timesteps must have shape ({x.shape[0]},), got {timesteps.shape}")
+      raise ValueError(
+          f"UNetModel: timesteps must have shape ({x.shape[0]},), got {timesteps.shape}"
+      )
 
   @nn.compact
   def __call__(self, x: jax.Array, timesteps: jax.Array, *, train: bool = False) -> jax.Array:
     timesteps = jnp.asarray(timesteps)
     self._check(x, timesteps)
-    dense = functools.partial(nn.Dense, 4 * self.model_channels, dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=_torch_default_init)
+    dense = functools.partial(
+        nn.Dense,
+        4 * self.model_channels,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_torch_default_init,
+    )
     emb = timestep_embedding(timesteps, self.model_channels).astype(self.dtype)
     emb = dense(name="time_embed.2")(nn.silu(dense(name="time_embed.0")(emb)))
 
     # static_argnums counts self as 0: (x, emb, train) are 1, 2, 3.
-    sequential = nn.remat(TimestepEmbedSequential, static_argnums=(3,)) if self.remat_blocks else TimestepEmbedSequential
+    sequential = (
+        nn.remat(TimestepEmbedSequential, static_argnums=(3,))
+        if self.remat_blocks
+        else TimestepEmbedSequential
+    )
 
     def block(name: str, layers, h: jax.Array) -> jax.Array:
       return sequential(tuple(layers), name=name)(h, emb, train)

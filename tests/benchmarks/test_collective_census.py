@@ -1,4 +1,5 @@
-"""``benchmarks/collectives.py``'s census (``collective_census``) on optimised-HLO text as XLA prints it."""
+"""``benchmarks/collectives.py``'s census (``collective_census``) on optimised-HLO text as XLA
+prints it."""
 
 from benchmarks.collective_census import activation_moves, collective_census
 
@@ -14,8 +15,15 @@ _HLO = """
 
 def test_census_counts_each_collective_once_and_lists_those_that_are_not_reductions():
   counts, moving = collective_census(_HLO)
-  assert counts == {"all-reduce": 1, "all-gather": 1, "collective-permute": 1, "all-to-all": 1, "reduce-scatter": 1}
+  assert counts == {
+      "all-reduce": 1,
+      "all-gather": 1,
+      "collective-permute": 1,
+      "all-to-all": 1,
+      "reduce-scatter": 1,
+  }
   assert [m.split()[0] for m in moving] == ["all-gather", "collective-permute", "all-to-all"]
   assert moving[1] == "collective-permute f32[2,32,32,8]{3,2,1,0}"
-  assert activation_moves(counts) == 2  # the permute and the all-to-all; gathers and reductions do not count
-
+  assert (
+      activation_moves(counts) == 2
+  )  # the permute and the all-to-all; gathers and reductions do not count

@@ -1,4 +1,5 @@
-"""Config files: every file/variant loads through the command-line flag, overrides reach the fields."""
+"""Config files: every file/variant loads through the command-line flag, overrides reach the
+fields."""
 
 import pathlib
 
@@ -9,8 +10,16 @@ from ml_collections import config_flags
 from midms_jax.models import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = [("celebahq", ""), ("celebahq", "tiny"), ("celebahq", "cpu_small"), ("deepfashion", ""), ("deepfashion", "tiny"),
-           ("lsun_church", ""), ("lsun_church", "tiny"), ("synthetic", "")]
+CONFIGS = [
+    ("celebahq", ""),
+    ("celebahq", "tiny"),
+    ("celebahq", "cpu_small"),
+    ("deepfashion", ""),
+    ("deepfashion", "tiny"),
+    ("lsun_church", ""),
+    ("lsun_church", "tiny"),
+    ("synthetic", ""),
+]
 
 
 def _parse(*argv: str):
@@ -36,10 +45,16 @@ def test_config_loads_and_models_instantiate(name, variant):
 
 
 def test_command_line_overrides_reach_the_model():
-  config = _parse(f"--config={ROOT}/configs/celebahq.py:tiny", "--config.model.unet.model_channels=64",
-                  "--config.train.lr=1e-4")
+  config = _parse(
+      f"--config={ROOT}/configs/celebahq.py:tiny",
+      "--config.model.unet.model_channels=64",
+      "--config.train.lr=1e-4",
+  )
   assert config.model.unet.model_channels == 64 and config.train.lr == 1e-4
-  assert build.abstract_unet(config.model.unet)["params"]["time_embed.0"]["kernel"].shape == (64, 256)
+  assert build.abstract_unet(config.model.unet)["params"]["time_embed.0"]["kernel"].shape == (
+      64,
+      256,
+  )
 
 
 def test_unknown_variant_names_the_file():
@@ -49,6 +64,7 @@ def test_unknown_variant_names_the_file():
 
 def test_official_sizes():
   from configs import celebahq, lsun_church  # pylint: disable=import-outside-toplevel
+
   model = celebahq.get_config().model
   assert build.count_params(build.abstract_unet(model.unet)) == 274_056_163
   assert build.count_params(build.abstract_first_stage(model.first_stage)) == 55_322_782
@@ -59,7 +75,9 @@ def test_official_sizes():
 
 @pytest.mark.parametrize("name", ["celebahq", "deepfashion", "lsun_church"])
 def test_paper_variant_differs_only_in_the_learning_rates(name):
-  official, paper = _parse(f"--config={ROOT}/configs/{name}.py"), _parse(f"--config={ROOT}/configs/{name}.py:paper")
+  official, paper = _parse(f"--config={ROOT}/configs/{name}.py"), _parse(
+      f"--config={ROOT}/configs/{name}.py:paper"
+  )
   assert (official.train.lr, official.train.lr_diff_backbone) == (3e-6, 3e-6)
   assert (paper.train.lr, paper.train.lr_diff_backbone) == (3e-6, 1.5e-7)
   paper.train.lr_diff_backbone = official.train.lr_diff_backbone

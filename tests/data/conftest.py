@@ -2,4 +2,6 @@
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "multiprocess: starts grain worker processes (deselect with -m 'not multiprocess')")
+  config.addinivalue_line(
+      "markers", "multiprocess: starts grain worker processes (deselect with -m 'not multiprocess')"
+  )

@@ -51,8 +51,15 @@ def test_exif_orientation_is_applied(tmp_path):
   assert images.load_image(tmp_path / "phone.jpg").shape == (32, 16, 3)
 
 
-@pytest.mark.parametrize("mode, phrase", [("L", "grayscale image (mode L)"), ("RGBA", "RGB + alpha image (mode RGBA)"),
-                                          ("P", "palette image (mode P)"), ("LA", "grayscale + alpha image (mode LA)")])
+@pytest.mark.parametrize(
+    "mode, phrase",
+    [
+        ("L", "grayscale image (mode L)"),
+        ("RGBA", "RGB + alpha image (mode RGBA)"),
+        ("P", "palette image (mode P)"),
+        ("LA", "grayscale + alpha image (mode LA)"),
+    ],
+)
 def test_non_rgb_modes_are_refused(tmp_path, mode, phrase):
   path = tmp_path / f"x_{mode}.png"
   Image.fromarray(_rgb()).convert(mode).save(path)

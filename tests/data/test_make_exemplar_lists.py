@@ -1,4 +1,5 @@
-"""Exemplar lists: nearest neighbours of altered photo copies, the official file format, ties, bad input, CLI."""
+"""Exemplar lists: nearest neighbours of altered photo copies, the official file format, ties, bad
+input, CLI."""
 
 import io
 import pathlib
@@ -32,7 +33,7 @@ def _jpeg(pixels: np.ndarray) -> np.ndarray:
 
 def _cropped(pixels: np.ndarray) -> np.ndarray:
   height, width = pixels.shape[:2]
-  return _square(pixels[height // 20:-(height // 20), width // 20:-(width // 20)])
+  return _square(pixels[height // 20 : -(height // 20), width // 20 : -(width // 20)])
 
 
 def _brighter(pixels: np.ndarray) -> np.ndarray:
@@ -98,7 +99,13 @@ def test_format_official_lines_never_self(folder, variables, tmp_path):
 
 def test_natural_order_of_lines():
   names = ["10.jpg", "9.jpg", "a2.png", "a10.png", "100.jpg"]
-  assert sorted(names, key=images.natural_key) == ["9.jpg", "10.jpg", "100.jpg", "a2.png", "a10.png"]
+  assert sorted(names, key=images.natural_key) == [
+      "9.jpg",
+      "10.jpg",
+      "100.jpg",
+      "a2.png",
+      "a10.png",
+  ]
 
 
 def test_top_k_larger_than_available_lists_all_others(folder, variables, tmp_path):
@@ -117,11 +124,15 @@ def test_identical_files_tie_in_name_order(folder, variables, tmp_path):
   root = tmp_path / "images"
   root.mkdir()
   for name in ("10.png", "9.png", "query.png"):
-    shutil.copy(folder / ("astronaut.png" if name != "query.png" else "astronaut_copy.jpg"), root / name)
+    shutil.copy(
+        folder / ("astronaut.png" if name != "query.png" else "astronaut_copy.jpg"), root / name
+    )
   shutil.copy(folder / "coffee.png", root / "2.png")
   lists = _lists(mel.list_images(root), tmp_path / "ref.txt", variables, top_k=3)
   assert lists["query.png"][:2] == ["9.png", "10.png"]  # equal scores: natural name order
-  assert lists["9.png"][0] == "10.png" and lists["10.png"][0] == "9.png"  # a duplicate is not the image itself
+  assert (
+      lists["9.png"][0] == "10.png" and lists["10.png"][0] == "9.png"
+  )  # a duplicate is not the image itself
 
 
 def test_rank_chunked_matches_full_sort_and_excludes():
@@ -137,17 +148,29 @@ def test_rank_chunked_matches_full_sort_and_excludes():
       scores = (query.astype(np.float64) @ candidates.T.astype(np.float64)).astype(np.float32)
       order = [j for j in np.lexsort((np.arange(37), -scores)) if j != own]
       np.testing.assert_array_equal(row, order[:6])
-  assert list(ranked[-1][:3]) == [5, 20, 30]  # 11's duplicates first, in index order, 11 itself left out
+  assert list(ranked[-1][:3]) == [
+      5,
+      20,
+      30,
+  ]  # 11's duplicates first, in index order, 11 itself left out
 
 
 def test_separate_candidate_pool_excludes_the_same_file(folder, variables, tmp_path):
   pool = tmp_path / "pool.txt"
-  pool.write_text(f"# the training split\n{folder / 'coffee.png'}\n\n{folder / 'rocket.png'}\n"
-                  f"{folder / 'rocket_copy.jpg'}\n")
+  pool.write_text(
+      f"# the training split\n{folder / 'coffee.png'}\n\n{folder / 'rocket.png'}\n"
+      f"{folder / 'rocket_copy.jpg'}\n"
+  )
   queries = [mel.Entry(name, folder / name) for name in ("rocket.png", "coffee_copy.jpg")]
   lists = _lists(queries, tmp_path / "ref.txt", variables, candidate_entries=mel.list_images(pool))
-  assert lists["rocket.png"] == [str(folder / "rocket_copy.jpg"), str(folder / "coffee.png")]  # not itself
-  assert lists["coffee_copy.jpg"][0] == str(folder / "coffee.png") and len(lists["coffee_copy.jpg"]) == 3
+  assert lists["rocket.png"] == [
+      str(folder / "rocket_copy.jpg"),
+      str(folder / "coffee.png"),
+  ]  # not itself
+  assert (
+      lists["coffee_copy.jpg"][0] == str(folder / "coffee.png")
+      and len(lists["coffee_copy.jpg"]) == 3
+  )
 
 
 def test_list_entries_relative_to_list_with_windows_separators(folder, tmp_path):
@@ -158,11 +181,14 @@ def test_list_entries_relative_to_list_with_windows_separators(folder, tmp_path)
   assert mel.list_images(listing) == [mel.Entry("img/a/x.png", tmp_path / "img/a/x.png")]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("a.png\na.png\n", "listed twice"),
-    ("a,b.png\n", "cannot be written in a reference list"),
-    ("# nothing\n", "names no files"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("a.png\na.png\n", "listed twice"),
+        ("a,b.png\n", "cannot be written in a reference list"),
+        ("# nothing\n", "names no files"),
+    ],
+)
 def test_bad_lists(tmp_path, content, message):
   listing = tmp_path / "list.txt"
   listing.write_text(content)
@@ -190,9 +216,11 @@ def test_folder_with_label_maps_gives_its_photos(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / name)
   notes = []
   assert [e.name for e in mel.list_images(tmp_path, notes)] == ["a9.jpg", "a10.jpg", "b.jpg"]
-  assert notes == [f"{tmp_path} holds label maps beside its photos (<name>.png beside <name>.jpg, "
-                   "the LSUN church layout): listing its 3 .jpg photos, not its 3 other image "
-                   "files"]
+  assert notes == [
+      f"{tmp_path} holds label maps beside its photos (<name>.png beside <name>.jpg, "
+      "the LSUN church layout): listing its 3 .jpg photos, not its 3 other image "
+      "files"
+  ]
   (tmp_path / "b.jpg").rename(tmp_path / "d.jpg")  # no label map beside a photo: every image file
   (tmp_path / "a10.jpg").unlink()
   names = [e.name for e in mel.list_images(tmp_path)]
@@ -202,15 +230,25 @@ def test_folder_with_label_maps_gives_its_photos(tmp_path):
 def test_official_lsun_folders_give_lists_prepare_reads(variables, tmp_path, capsys):
   """``--images`` = an official LSUN church folder (photos and label maps side by side): no label
   map in the lists, whose lines ``prepare`` accepts."""
-  fake = fake_layouts.write_lsun_church(tmp_path / "lsun", n_train=4, n_val=3,
-                                        image_shape=(SIDE, SIDE), texture=0.5)
-  lists = {"training": tmp_path / "lists" / "ref.txt",
-           "validation": tmp_path / "lists" / "ref_test.txt"}
-  common = [f"--vgg_checkpoint={VGG_FILE}", f"--vgg_widths={','.join(map(str, WIDTHS))}",
-            f"--image_size={FEATURE_SIZE}", "--top_k=3", "--batch_size=4", "--read_threads=2"]
+  fake = fake_layouts.write_lsun_church(
+      tmp_path / "lsun", n_train=4, n_val=3, image_shape=(SIDE, SIDE), texture=0.5
+  )
+  lists = {
+      "training": tmp_path / "lists" / "ref.txt",
+      "validation": tmp_path / "lists" / "ref_test.txt",
+  }
+  common = [
+      f"--vgg_checkpoint={VGG_FILE}",
+      f"--vgg_widths={','.join(map(str, WIDTHS))}",
+      f"--image_size={FEATURE_SIZE}",
+      "--top_k=3",
+      "--batch_size=4",
+      "--read_threads=2",
+  ]
   for folder, output in lists.items():
-    status = mel.run(["make_exemplar_lists", f"--images={fake.root / folder}", f"--output={output}",
-                      *common])
+    status = mel.run(
+        ["make_exemplar_lists", f"--images={fake.root / folder}", f"--output={output}", *common]
+    )
     err = capsys.readouterr().err
     assert status == 0, err
     assert f"note: {fake.root / folder} holds label maps beside its photos" in err
@@ -219,9 +257,16 @@ def test_official_lsun_folders_give_lists_prepare_reads(variables, tmp_path, cap
     photos = sorted(key.split("/")[1] for key in keys)
     parsed = mel.read_list(output)
     assert sorted(parsed) == photos and all(set(c) <= set(photos) for c in parsed.values())
-  status = prepare.run(["prepare", "--dataset=lsun_church", f"--manual_dir={fake.root}",
-                        f"--data_dir={tmp_path / 'tfds'}", f"--ref_list={lists['training']}",
-                        f"--ref_test_list={lists['validation']}"])
+  status = prepare.run(
+      [
+          "prepare",
+          "--dataset=lsun_church",
+          f"--manual_dir={fake.root}",
+          f"--data_dir={tmp_path / 'tfds'}",
+          f"--ref_list={lists['training']}",
+          f"--ref_test_list={lists['validation']}",
+      ]
+  )
   out = capsys.readouterr().out
   assert status == 0, out
   assert "  train             4 records\n  validation        3 records\n" in out
@@ -238,9 +283,19 @@ def test_read_list_parses_the_official_files(tmp_path):
 
 def test_cli_end_to_end(folder, variables, tmp_path, capsys):
   output = tmp_path / "out" / "ref.txt"
-  status = mel.run(["make_exemplar_lists", f"--images={folder}", f"--output={output}", f"--vgg_checkpoint={VGG_FILE}",
-                    f"--vgg_widths={','.join(map(str, WIDTHS))}", f"--image_size={FEATURE_SIZE}", "--top_k=20",
-                    "--batch_size=4", "--read_threads=2"])
+  status = mel.run(
+      [
+          "make_exemplar_lists",
+          f"--images={folder}",
+          f"--output={output}",
+          f"--vgg_checkpoint={VGG_FILE}",
+          f"--vgg_widths={','.join(map(str, WIDTHS))}",
+          f"--image_size={FEATURE_SIZE}",
+          "--top_k=20",
+          "--batch_size=4",
+          "--read_threads=2",
+      ]
+  )
   captured = capsys.readouterr()
   assert status == 0, captured.err
   assert f"wrote {output} (15 lines)" in captured.out
@@ -250,20 +305,28 @@ def test_cli_end_to_end(folder, variables, tmp_path, capsys):
   assert output.read_text() == expected.read_text()
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--vgg_checkpoint=missing.pth", "missing.pth: VGG19 weight file not found"),
-    ("--image_size=40", "--image_size=40: must be a positive multiple of 16"),
-    ("--vgg_widths=8,16", "--vgg_widths=8,16: need 5 positive integers"),
-    ("--top_k=0", "--top_k and --batch_size must be positive"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--vgg_checkpoint=missing.pth", "missing.pth: VGG19 weight file not found"),
+        ("--image_size=40", "--image_size=40: must be a positive multiple of 16"),
+        ("--vgg_widths=8,16", "--vgg_widths=8,16: need 5 positive integers"),
+        ("--top_k=0", "--top_k and --batch_size must be positive"),
+    ],
+)
 def test_cli_errors(folder, tmp_path, capsys, flag, message):
-  argv = ["make_exemplar_lists", f"--images={folder}", f"--output={tmp_path / 'ref.txt'}",
-          f"--vgg_checkpoint={VGG_FILE}", f"--vgg_widths={','.join(map(str, WIDTHS))}", f"--image_size={FEATURE_SIZE}"]
+  argv = [
+      "make_exemplar_lists",
+      f"--images={folder}",
+      f"--output={tmp_path / 'ref.txt'}",
+      f"--vgg_checkpoint={VGG_FILE}",
+      f"--vgg_widths={','.join(map(str, WIDTHS))}",
+      f"--image_size={FEATURE_SIZE}",
+  ]
   status = mel.run(argv + [flag])
   err = capsys.readouterr().err
   assert status == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
   assert not (tmp_path / "ref.txt").exists()
-
 
 
 def test_cli_unwritable_output_and_missing_inputs(folder, tmp_path, capsys, monkeypatch):
@@ -271,19 +334,30 @@ def test_cli_unwritable_output_and_missing_inputs(folder, tmp_path, capsys, monk
   for root too)."""
   monkeypatch.setattr(mel, "extract_features", lambda *_, **__: pytest.fail("computed features"))
   (tmp_path / "a_file").write_text("not a folder")
-  common = [f"--vgg_checkpoint={VGG_FILE}", f"--vgg_widths={','.join(map(str, WIDTHS))}",
-            f"--image_size={FEATURE_SIZE}"]
+  common = [
+      f"--vgg_checkpoint={VGG_FILE}",
+      f"--vgg_widths={','.join(map(str, WIDTHS))}",
+      f"--image_size={FEATURE_SIZE}",
+  ]
   a_file = tmp_path / "a_file"
   cases = {
-      f"error: {a_file / 'ref.txt'}: cannot write --output there: {a_file} is a file, not a folder":
-          [f"--images={folder}", f"--output={a_file / 'ref.txt'}"],
-      f"error: {tmp_path}: cannot write --output there: it is a folder, not a file":
-          [f"--images={folder}", f"--output={tmp_path}"],
-      f"error: {tmp_path / 'nowhere'}: no such folder or file":
-          [f"--images={tmp_path / 'nowhere'}", f"--output={tmp_path / 'ref.txt'}"],
-      f"error: {a_file / 'list.txt'}: cannot read the image list":
-          [f"--images={folder}", f"--candidates={a_file / 'list.txt'}",
-           f"--output={tmp_path / 'r.txt'}"],
+      f"error: {a_file / 'ref.txt'}: cannot write --output there: {a_file} is a file, not a folder": [
+          f"--images={folder}",
+          f"--output={a_file / 'ref.txt'}",
+      ],
+      f"error: {tmp_path}: cannot write --output there: it is a folder, not a file": [
+          f"--images={folder}",
+          f"--output={tmp_path}",
+      ],
+      f"error: {tmp_path / 'nowhere'}: no such folder or file": [
+          f"--images={tmp_path / 'nowhere'}",
+          f"--output={tmp_path / 'ref.txt'}",
+      ],
+      f"error: {a_file / 'list.txt'}: cannot read the image list": [
+          f"--images={folder}",
+          f"--candidates={a_file / 'list.txt'}",
+          f"--output={tmp_path / 'r.txt'}",
+      ],
   }
   for message, args in cases.items():
     assert mel.run(["make_exemplar_lists", *args, *common]) == 2

@@ -28,17 +28,33 @@ from midms_jax.data import builders, fake_layouts, images, prepare
 from midms_jax.errors import InputError
 
 SIDE = 32  # the tiny configs' eval_load_size and crop_size: no crop
-IMAGE_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".ppm", ".PPM", ".bmp", ".BMP",
-                  ".tiff", ".webp")  # the official IMG_EXTENSIONS
+IMAGE_SUFFIXES = (
+    ".jpg",
+    ".JPG",
+    ".jpeg",
+    ".JPEG",
+    ".png",
+    ".PNG",
+    ".ppm",
+    ".PPM",
+    ".bmp",
+    ".BMP",
+    ".tiff",
+    ".webp",
+)  # the official IMG_EXTENSIONS
 
 # DeepFashion lists in no sorted order (the official loader keeps it).
-FASHION_TRAIN = ("img/WOMEN/Dresses/id_00000010/02_1_front.jpg",
-                 "img/MEN/Denim/id_00000002/01_1_front.jpg",
-                 "img/WOMEN/Dresses/id_00000002/10_2_side.jpg",
-                 "img/WOMEN/Dresses/id_00000002/9_2_side.jpg")
-FASHION_VAL = ("img/MEN/Shirts_Polos/id_00000007/03_4_full.jpg",
-               "img/MEN/Denim/id_00000003/03_4_full.jpg",
-               "img/MEN/Denim/id_00000003/03_1_front.jpg")
+FASHION_TRAIN = (
+    "img/WOMEN/Dresses/id_00000010/02_1_front.jpg",
+    "img/MEN/Denim/id_00000002/01_1_front.jpg",
+    "img/WOMEN/Dresses/id_00000002/10_2_side.jpg",
+    "img/WOMEN/Dresses/id_00000002/9_2_side.jpg",
+)
+FASHION_VAL = (
+    "img/MEN/Shirts_Polos/id_00000007/03_4_full.jpg",
+    "img/MEN/Denim/id_00000003/03_4_full.jpg",
+    "img/MEN/Denim/id_00000003/03_1_front.jpg",
+)
 # LSUN names whose natural order is neither their text order nor the order written; v1, v01 tie.
 LSUN_TRAIN = ("c10.jpg", "c9.jpg", "c100.jpg", "unlisted.jpg")
 LSUN_VAL = ("v10.jpg", "v2.jpg", "v1.jpg", "v01.jpg")
@@ -60,8 +76,9 @@ def _list_lines(path: pathlib.Path) -> list[str]:
 def official_celebahq(root: pathlib.Path, list_file: str) -> list[str]:
   """The official CelebA-HQ image paths in index order (``celebahqedge``: natural-sorted)."""
   lines = _list_lines(root / list_file)
-  return official_natural_sort([os.path.join(str(root), "CelebA-HQ-img", line.strip() + ".jpg")
-                                for line in lines])
+  return official_natural_sort(
+      [os.path.join(str(root), "CelebA-HQ-img", line.strip() + ".jpg") for line in lines]
+  )
 
 
 def official_deepfashion(root: pathlib.Path, list_file: str) -> list[str]:
@@ -78,8 +95,12 @@ def official_lsun(root: pathlib.Path, folder: str, read_cache: bool) -> list[str
     with open(listing, encoding="utf-8") as f:
       paths = f.read().splitlines()
   else:
-    paths = [os.path.join(dirpath, name) for dirpath, _, names in sorted(os.walk(directory))
-             for name in names if name.endswith(IMAGE_SUFFIXES)]
+    paths = [
+        os.path.join(dirpath, name)
+        for dirpath, _, names in sorted(os.walk(directory))
+        for name in names
+        if name.endswith(IMAGE_SUFFIXES)
+    ]
   return official_natural_sort([p for p in sorted(paths) if p.endswith(".jpg")])
 
 
@@ -111,23 +132,26 @@ def _photo(path: str) -> np.ndarray:
   return images.to_model_range(np.asarray(pixels))
 
 
-def _assert_evaluate_index_is_official(config_module, data_dir: pathlib.Path, split: str,
-                                       official: list[str]) -> None:
+def _assert_evaluate_index_is_official(
+    config_module, data_dir: pathlib.Path, split: str, official: list[str]
+) -> None:
   evaluated = _evaluated_images(config_module, data_dir, split)
   assert len(evaluated) == len(official)
   for index, path in enumerate(official):
-    np.testing.assert_array_equal(evaluated[index], _photo(path),
-                                  err_msg=f"{evaluate.image_stem(index)}: {path}")
+    np.testing.assert_array_equal(
+        evaluated[index], _photo(path), err_msg=f"{evaluate.image_stem(index)}: {path}"
+    )
 
 
 def test_celebahq_records_in_the_official_natural_order(tmp_path):
-  fake = fake_layouts.write_celebahq(tmp_path / "celeba", n_train=11, n_val=3, image_size=SIDE,
-                                     shuffle_lists=True)
-  train_ids = sorted(int(key[:-len(".jpg")]) for key in fake.train)
+  fake = fake_layouts.write_celebahq(
+      tmp_path / "celeba", n_train=11, n_val=3, image_size=SIDE, shuffle_lists=True
+  )
+  train_ids = sorted(int(key[: -len(".jpg")]) for key in fake.train)
   assert sorted(train_ids, key=str) != train_ids  # ids 0..10: text order is not natural order
   _prepare("celebahq", fake.root, tmp_path / "tfds")
   for split, list_file in builders.LIST_FILES.items():
-    listed = [int(key[:-len(".jpg")]) for key in getattr(fake, split)]
+    listed = [int(key[: -len(".jpg")]) for key in getattr(fake, split)]
     official = official_celebahq(fake.root, list_file)
     assert listed != sorted(listed)  # the lists are not in order: the test means something
     assert [os.path.basename(p) for p in official] == [f"{i}.jpg" for i in sorted(listed)]
@@ -135,8 +159,9 @@ def test_celebahq_records_in_the_official_natural_order(tmp_path):
 
 
 def test_deepfashion_records_in_list_order(tmp_path):
-  fake = fake_layouts.write_deepfashion(tmp_path / "fashion", image_shape=(SIDE, 24),
-                                        keys=(FASHION_TRAIN, FASHION_VAL))
+  fake = fake_layouts.write_deepfashion(
+      tmp_path / "fashion", image_shape=(SIDE, 24), keys=(FASHION_TRAIN, FASHION_VAL)
+  )
   _prepare("deepfashion", fake.root, tmp_path / "tfds")
   for split, list_file in builders.LIST_FILES.items():
     official = official_deepfashion(fake.root, list_file)
@@ -145,15 +170,22 @@ def test_deepfashion_records_in_list_order(tmp_path):
 
 
 def test_lsun_records_in_natural_order_training_from_files_list(tmp_path):
-  fake = fake_layouts.write_lsun_church(tmp_path / "lsun", names=(LSUN_TRAIN, LSUN_VAL),
-                                        files_list=LSUN_FILES_LIST)
+  fake = fake_layouts.write_lsun_church(
+      tmp_path / "lsun", names=(LSUN_TRAIN, LSUN_VAL), files_list=LSUN_FILES_LIST
+  )
   (fake.root / "validation" / "files.list").write_text(f"{fake.root}/validation/v2.jpg\n")  # unread
   _prepare("lsun_church", fake.root, tmp_path / "tfds")
-  official = {"train": official_lsun(fake.root, "training", read_cache=True),
-              "validation": official_lsun(fake.root, "validation", read_cache=False)}
+  official = {
+      "train": official_lsun(fake.root, "training", read_cache=True),
+      "validation": official_lsun(fake.root, "validation", read_cache=False),
+  }
   assert _relative(official["train"], fake.root) == LSUN_LISTED  # files.list: no unlisted.jpg
   assert _relative(official["validation"], fake.root) == [
-      "validation/v01.jpg", "validation/v1.jpg", "validation/v2.jpg", "validation/v10.jpg"]
+      "validation/v01.jpg",
+      "validation/v1.jpg",
+      "validation/v2.jpg",
+      "validation/v10.jpg",
+  ]
   for split, paths in official.items():
     _assert_evaluate_index_is_official(lsun_church, tmp_path / "tfds", split, paths)
 
@@ -163,8 +195,9 @@ def test_lsun_files_list_relative_lines_and_lines_outside_training(tmp_path, mon
   naming a file outside ``training/`` stops the build (one line naming files.list), or is skipped
   and listed."""
   monkeypatch.chdir(tmp_path)
-  fake = fake_layouts.write_lsun_church("lsun", names=(LSUN_TRAIN, LSUN_VAL),
-                                        files_list=LSUN_FILES_LIST)
+  fake = fake_layouts.write_lsun_church(
+      "lsun", names=(LSUN_TRAIN, LSUN_VAL), files_list=LSUN_FILES_LIST
+  )
   listing = fake.root / "training" / "files.list"
   assert listing.read_text().startswith("lsun/training/c100.jpg\n")
   _prepare("lsun_church", fake.root, tmp_path / "tfds")
@@ -177,9 +210,11 @@ def test_lsun_files_list_relative_lines_and_lines_outside_training(tmp_path, mon
   assert str(info.value) == (
       f"{listing}:7: lsun/validation/v2.jpg: not a file in {training} (files.list names the "
       "training files as the official loader opens them: absolute paths, or relative to the "
-      "current folder)")
-  builder, _ = prepare.prepare("lsun_church", fake.root, tmp_path / "b", skip_bad=True,
-                               progress=False)
+      "current folder)"
+  )
+  builder, _ = prepare.prepare(
+      "lsun_church", fake.root, tmp_path / "b", skip_bad=True, progress=False
+  )
   assert [(s.split, s.key) for s in builder.skipped] == [("train", "lsun/validation/v2.jpg")]
   assert builder.info.splits["train"].num_examples == 3
   summary = prepare.summary(builder, True)

@@ -1,4 +1,5 @@
-"""The grain input pipeline: determinism, sharding, exemplar choice, crop/flip, evaluation, checkpointing."""
+"""The grain input pipeline: determinism, sharding, exemplar choice, crop/flip, evaluation,
+checkpointing."""
 
 import numpy as np
 import pytest
@@ -14,14 +15,24 @@ def _synthetic_cfg(train_size: int = 48):
   return data_cfg
 
 
-def _fake_cfg(load_size: int = 4, crop_size: int = 4, label_nc: int = 3, flip: bool = False, **overrides):
-  cfg = dict(name="fake", label_nc=label_nc, load_size=load_size, crop_size=crop_size, flip=flip,
-             real_reference_probability=0.7, hard_reference_probability=0.2)
+def _fake_cfg(
+    load_size: int = 4, crop_size: int = 4, label_nc: int = 3, flip: bool = False, **overrides
+):
+  cfg = dict(
+      name="fake",
+      label_nc=label_nc,
+      load_size=load_size,
+      crop_size=crop_size,
+      flip=flip,
+      real_reference_probability=0.7,
+      hard_reference_probability=0.2,
+  )
   return {**cfg, **overrides}
 
 
 class CodedSource:
-  """Constant records: ``image`` = -i / len (decodes the index), easy exemplar 0.25, hard exemplar 0.75."""
+  """Constant records: ``image`` = -i / len (decodes the index), easy exemplar 0.25, hard exemplar
+  0.75."""
 
   def __init__(self, size: int, side: int = 4, hard: bool = False):
     self.size, self.side, self.hard = size, side, hard
@@ -31,16 +42,20 @@ class CodedSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     full = lambda value, channels=3: np.full((self.side, self.side, channels), value, np.float32)
-    record = dict(image=full(-index / self.size), label=full(0.5), ref=full(0.25), label_ref=full(0.5))
+    record = dict(
+        image=full(-index / self.size), label=full(0.5), ref=full(0.25), label_ref=full(0.5)
+    )
     if self.hard:
       record.update(ref_hard=full(0.75), label_ref_hard=full(0.5))
     return record
 
 
 class RampSource:
-  """Asymmetric records whose label is ``(image + 1) / 2``: a flip or crop that separates them shows.
+  """Asymmetric records whose label is ``(image + 1) / 2``: a flip or crop that separates them
+  shows.
 
-  Channel 0 rises left to right (falls in the exemplar), channel 1 top to bottom, channel 2 is noise.
+  Channel 0 rises left to right (falls in the exemplar), channel 1 top to bottom, channel 2 is
+  noise.
   """
 
   def __init__(self, size: int, side: int):
@@ -52,11 +67,18 @@ class RampSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(index)
     ramp = np.linspace(-0.9, 0.9, self.side, dtype=np.float32)
+
     def pair(direction):
-      image = np.stack([np.broadcast_to(direction * ramp, (self.side, self.side)),
-                        np.broadcast_to(ramp[:, None], (self.side, self.side)),
-                        rng.uniform(-1, 1, (self.side, self.side))], axis=-1).astype(np.float32)
+      image = np.stack(
+          [
+              np.broadcast_to(direction * ramp, (self.side, self.side)),
+              np.broadcast_to(ramp[:, None], (self.side, self.side)),
+              rng.uniform(-1, 1, (self.side, self.side)),
+          ],
+          axis=-1,
+      ).astype(np.float32)
       return image, (image + 1) / 2
+
     (image, label), (ref, label_ref) = pair(1), pair(-1)
     return dict(image=image, label=label, ref=ref, label_ref=label_ref)
 
@@ -79,11 +101,17 @@ def _assert_same(batches_a, batches_b):
 
 def test_synthetic_batches():
   data_cfg = _synthetic_cfg()
-  batches = pipeline.make_dataset(data_cfg, "train", seed=0, batch_size=4, shard_index=0, shard_count=1, train=True)
+  batches = pipeline.make_dataset(
+      data_cfg, "train", seed=0, batch_size=4, shard_index=0, shard_count=1, train=True
+  )
   batch = batches[0]
   assert sorted(batch) == sorted(pipeline.BATCH_KEYS)
-  for key, channels, (low, high) in [("image", 3, (-1, 1)), ("ref", 3, (-1, 1)),
-                                     ("label", data_cfg.label_nc, (0, 1)), ("label_ref", data_cfg.label_nc, (0, 1))]:
+  for key, channels, (low, high) in [
+      ("image", 3, (-1, 1)),
+      ("ref", 3, (-1, 1)),
+      ("label", data_cfg.label_nc, (0, 1)),
+      ("label_ref", data_cfg.label_nc, (0, 1)),
+  ]:
     value = batch[key]
     assert value.shape == (4, 32, 32, channels) and value.dtype == np.float32, key
     assert low <= value.min() and value.max() <= high, key
@@ -91,25 +119,49 @@ def test_synthetic_batches():
 
 def test_determinism_and_epochs():
   data_cfg = _synthetic_cfg()
-  run = lambda seed: _take(iter(pipeline.make_dataset(data_cfg, "train", seed=seed, batch_size=4, shard_index=0,
-                                                      shard_count=1, train=True)), 3)
+  run = lambda seed: _take(
+      iter(
+          pipeline.make_dataset(
+              data_cfg, "train", seed=seed, batch_size=4, shard_index=0, shard_count=1, train=True
+          )
+      ),
+      3,
+  )
   _assert_same(run(1), run(1))
   size, fake_cfg = 12, _fake_cfg()
   orders = {}
   for seed in (1, 2):
-    batches = pipeline.make_dataset(fake_cfg, "train", seed=seed, batch_size=4, shard_index=0, shard_count=1,
-                                    train=True, source=CodedSource(size))
+    batches = pipeline.make_dataset(
+        fake_cfg,
+        "train",
+        seed=seed,
+        batch_size=4,
+        shard_index=0,
+        shard_count=1,
+        train=True,
+        source=CodedSource(size),
+    )
     orders[seed] = np.concatenate([_indices(batches[g], size) for g in range(6)])  # two epochs
   for order in orders.values():
-    assert sorted(order[:size]) == sorted(order[size:]) == list(range(size))  # each epoch a permutation
+    assert (
+        sorted(order[:size]) == sorted(order[size:]) == list(range(size))
+    )  # each epoch a permutation
     assert not np.array_equal(order[:size], order[size:])  # reshuffled per epoch
   assert not np.array_equal(orders[1], orders[2])
 
 
 def test_host_sharding():
   size, cfg, source = 40, _fake_cfg(), CodedSource(40, hard=True)
-  make = lambda index, count: pipeline.make_dataset(cfg, "train", seed=3, batch_size=8 // count,
-                                                    shard_index=index, shard_count=count, train=True, source=source)
+  make = lambda index, count: pipeline.make_dataset(
+      cfg,
+      "train",
+      seed=3,
+      batch_size=8 // count,
+      shard_index=index,
+      shard_count=count,
+      train=True,
+      source=source,
+  )
   whole, hosts = make(0, 1), [make(0, 2), make(1, 2)]
   for g in range(10):  # two epochs
     parts = [host[g] for host in hosts]
@@ -133,8 +185,16 @@ def test_host_sharding():
 @pytest.mark.parametrize("hard, expected", [(False, (0.0, 0.7, 0.3)), (True, (0.2, 0.5, 0.3))])
 def test_exemplar_probabilities(hard, expected):
   size = 200
-  batches = pipeline.make_dataset(_fake_cfg(), "train", seed=4, batch_size=100, shard_index=0, shard_count=1,
-                                  train=True, source=CodedSource(size, hard=hard))
+  batches = pipeline.make_dataset(
+      _fake_cfg(),
+      "train",
+      seed=4,
+      batch_size=100,
+      shard_index=0,
+      shard_count=1,
+      train=True,
+      source=CodedSource(size, hard=hard),
+  )
   refs = np.concatenate([batches[g]["ref"][:, 0, 0, 0] for g in range(40)])
   images = np.concatenate([batches[g]["image"][:, 0, 0, 0] for g in range(40)])
   fractions = (np.mean(refs == 0.75), np.mean(refs == 0.25), np.mean(refs == images))
@@ -144,11 +204,25 @@ def test_exemplar_probabilities(hard, expected):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_crop_and_flip_move_image_and_label_together(train):
-  cfg = _fake_cfg(load_size=12, crop_size=8, flip=True, real_reference_probability=1.0,
-                  hard_reference_probability=0.0)
+  cfg = _fake_cfg(
+      load_size=12,
+      crop_size=8,
+      flip=True,
+      real_reference_probability=1.0,
+      hard_reference_probability=0.0,
+  )
   source = RampSource(16, side=12)
-  batches = pipeline.make_dataset(cfg, "validation", seed=5, batch_size=16, shard_index=0, shard_count=1,
-                                  train=train, num_epochs=4, source=source)
+  batches = pipeline.make_dataset(
+      cfg,
+      "validation",
+      seed=5,
+      batch_size=16,
+      shard_index=0,
+      shard_count=1,
+      train=train,
+      num_epochs=4,
+      source=source,
+  )
   flips = {"image": [], "ref": []}
   for g in range(len(batches)):
     batch = batches[g]
@@ -168,16 +242,29 @@ def test_crop_and_flip_move_image_and_label_together(train):
 
 def test_evaluation_order_exemplar_and_end():
   size, cfg = 10, _fake_cfg(flip=True)
-  batches = list(pipeline.make_dataset(cfg, "validation", seed=0, batch_size=4, shard_index=0, shard_count=1,
-                                       train=False, source=CodedSource(size, hard=True)))
+  batches = list(
+      pipeline.make_dataset(
+          cfg,
+          "validation",
+          seed=0,
+          batch_size=4,
+          shard_index=0,
+          shard_count=1,
+          train=False,
+          source=CodedSource(size, hard=True),
+      )
+  )
   assert [list(_indices(b, size)) for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
   assert all(np.all(b["ref"] == 0.25) for b in batches)  # always the easy exemplar
 
 
 def test_iterator_state_round_trip():
   data_cfg = _synthetic_cfg()
-  make = lambda seed=7: iter(pipeline.make_dataset(data_cfg, "train", seed=seed, batch_size=2, shard_index=0,
-                                                   shard_count=1, train=True))
+  make = lambda seed=7: iter(
+      pipeline.make_dataset(
+          data_cfg, "train", seed=seed, batch_size=2, shard_index=0, shard_count=1, train=True
+      )
+  )
   iterator = make()
   _take(iterator, 3)
   saved = pipeline.state_to_bytes(iterator.get_state())
@@ -193,10 +280,26 @@ def test_bad_inputs():
   with pytest.raises(NotImplementedError, match="TFDS"):
     pipeline.make_source(_fake_cfg(), "train")
   with pytest.raises(ValueError, match="shard_index < shard_count"):
-    pipeline.make_dataset(_fake_cfg(), "train", seed=0, batch_size=3, shard_index=2, shard_count=2, train=True,
-                          source=CodedSource(8))
-  batches = pipeline.make_dataset(_fake_cfg(label_nc=5), "train", seed=0, batch_size=2, shard_index=0,
-                                  shard_count=1, train=True, source=CodedSource(8))
+    pipeline.make_dataset(
+        _fake_cfg(),
+        "train",
+        seed=0,
+        batch_size=3,
+        shard_index=2,
+        shard_count=2,
+        train=True,
+        source=CodedSource(8),
+    )
+  batches = pipeline.make_dataset(
+      _fake_cfg(label_nc=5),
+      "train",
+      seed=0,
+      batch_size=2,
+      shard_index=0,
+      shard_count=1,
+      train=True,
+      source=CodedSource(8),
+  )
   with pytest.raises(ValueError, match="label_nc=5"):
     batches[0]  # pylint: disable=pointless-statement
 
@@ -206,8 +309,18 @@ def test_worker_processes_give_the_same_stream():
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   data_cfg = _synthetic_cfg()
-  make = lambda workers: iter(pipeline.make_dataset(data_cfg, "train", seed=9, batch_size=2, shard_index=0,
-                                                    shard_count=1, train=True, worker_count=workers))
+  make = lambda workers: iter(
+      pipeline.make_dataset(
+          data_cfg,
+          "train",
+          seed=9,
+          batch_size=2,
+          shard_index=0,
+          shard_count=1,
+          train=True,
+          worker_count=workers,
+      )
+  )
   expected = _take(make(0), 4)
   with make(2) as iterator:
     first = _take(iterator, 2)

@@ -1,4 +1,5 @@
-"""The embedded synthetic data set: determinism, encoding, exemplar pairing, fairness of the ground truth."""
+"""The embedded synthetic data set: determinism, encoding, exemplar pairing, fairness of the ground
+truth."""
 
 import dataclasses
 
@@ -21,7 +22,7 @@ def _segment_residual(pixels: np.ndarray, colours: np.ndarray) -> float:
 
 
 def _centroid(weights: np.ndarray) -> np.ndarray:
-  grid = np.mgrid[:weights.shape[0], :weights.shape[1]]
+  grid = np.mgrid[: weights.shape[0], : weights.shape[1]]
   return (grid * weights).sum(axis=(1, 2)) / weights.sum()
 
 
@@ -71,8 +72,10 @@ def test_label_classes_carry_their_object_colours(config):
   """Pixels fully of class k show object k's texture: a mix of exactly its two colours."""
   for index in range(6):
     item, scene = synthetic.sample(index, config), synthetic.scene(index, config)
-    for layout, image, label in ((scene.layout, item["image"], item["label"]),
-                                 (scene.layout_ref, item["ref"], item["label_ref"])):
+    for layout, image, label in (
+        (scene.layout, item["image"], item["label"]),
+        (scene.layout_ref, item["ref"], item["label_ref"]),
+    ):
       rgb = (image.astype(np.float64) + 1) / 2
       background = label[..., 0] == 1
       assert background.any()
@@ -101,16 +104,25 @@ def test_exemplar_has_the_same_objects_elsewhere():
     item, scene = synthetic.sample(index, CONFIG), synthetic.scene(index, CONFIG)
     np.testing.assert_array_equal(scene.layout.classes, scene.layout_ref.classes)
     np.testing.assert_array_equal(scene.layout.angles, scene.layout_ref.angles)
-    present = lambda label: set(np.flatnonzero(label[..., 1:synthetic.EDGE_CHANNEL].max(axis=(0, 1)) >= 0.5))
-    assert present(item["label"]) == present(item["label_ref"]) == set(scene.layout.classes.tolist())
-    moves = [np.linalg.norm(_centroid(item["label"][..., k + 1]) - _centroid(item["label_ref"][..., k + 1]))
-             for k in scene.layout.classes]
+    present = lambda label: set(
+        np.flatnonzero(label[..., 1 : synthetic.EDGE_CHANNEL].max(axis=(0, 1)) >= 0.5)
+    )
+    assert (
+        present(item["label"]) == present(item["label_ref"]) == set(scene.layout.classes.tolist())
+    )
+    moves = [
+        np.linalg.norm(
+            _centroid(item["label"][..., k + 1]) - _centroid(item["label_ref"][..., k + 1])
+        )
+        for k in scene.layout.classes
+    ]
     assert np.mean(moves) > 2, (index, moves)
     assert not np.allclose(scene.layout.radii, scene.layout_ref.radii)
 
 
 def test_ground_truth_is_not_a_function_of_the_condition():
-  """Same layout stream, different appearance streams: identical condition maps, different photos."""
+  """Same layout stream, different appearance streams: identical condition maps, different
+  photos."""
   rng = np.random.default_rng
   first = synthetic.render_scene(synthetic.make_scene(rng(0), rng(1), CONFIG), CONFIG)
   second = synthetic.render_scene(synthetic.make_scene(rng(0), rng(2), CONFIG), CONFIG)
@@ -138,7 +150,9 @@ def test_texture_moves_with_its_object():
     keep = (ys2 >= 0) & (ys2 < 32) & (xs2 >= 0) & (xs2 < 32)
     ys, xs, ys2, xs2 = ys[keep], xs[keep], ys2[keep], xs2[keep]
     keep = label_moved[ys2, xs2, shape + 1] == 1
-    np.testing.assert_allclose(image_moved[ys2[keep], xs2[keep]], image[ys[keep], xs[keep]], atol=1e-4)
+    np.testing.assert_allclose(
+        image_moved[ys2[keep], xs2[keep]], image[ys[keep], xs[keep]], atol=1e-4
+    )
     compared += keep.sum()
   assert compared > 50
 
@@ -151,13 +165,17 @@ def test_draw_matches_sample():
 
 
 def test_source_splits_lengths_and_batches():
-  train, validation = synthetic.SyntheticSource(CONFIG), synthetic.SyntheticSource(CONFIG, "validation")
+  train, validation = synthetic.SyntheticSource(CONFIG), synthetic.SyntheticSource(
+      CONFIG, "validation"
+  )
   assert (len(train), len(validation)) == (50, 10)
   with pytest.raises(IndexError):
     validation[10]  # pylint: disable=pointless-statement
   with pytest.raises(IndexError):
     train[-1]  # pylint: disable=pointless-statement
-  np.testing.assert_array_equal(validation[2]["image"], synthetic.sample(2, CONFIG, "validation")["image"])
+  np.testing.assert_array_equal(
+      validation[2]["image"], synthetic.sample(2, CONFIG, "validation")["image"]
+  )
   batch = train.batch([4, 1, 4])
   assert batch["image"].shape == (3, 32, 32, 3)
   assert batch["label_ref"].shape == (3, 32, 32, synthetic.LABEL_CHANNELS)
@@ -165,12 +183,21 @@ def test_source_splits_lengths_and_batches():
   np.testing.assert_array_equal(batch["label"][0], batch["label"][2])
 
 
-@pytest.mark.parametrize("changes, phrase", [
-    (dict(max_objects=6), "max_objects"), (dict(min_objects=0), "min_objects"),
-    (dict(classes=("disc", "hexagon")), "classes"), (dict(classes=("disc", "disc")), "classes"),
-    (dict(classes=("disc",), max_objects=2), "len(classes)"), (dict(radius_range=(0.3, 0.2)), "radius_range"),
-    (dict(image_size=4), "image_size"), (dict(frequency_range=(0, 1)), "frequency_range"),
-    (dict(background_textures=("noise",)), "background_textures"), (dict(background_textures=()), "background_textures")])
+@pytest.mark.parametrize(
+    "changes, phrase",
+    [
+        (dict(max_objects=6), "max_objects"),
+        (dict(min_objects=0), "min_objects"),
+        (dict(classes=("disc", "hexagon")), "classes"),
+        (dict(classes=("disc", "disc")), "classes"),
+        (dict(classes=("disc",), max_objects=2), "len(classes)"),
+        (dict(radius_range=(0.3, 0.2)), "radius_range"),
+        (dict(image_size=4), "image_size"),
+        (dict(frequency_range=(0, 1)), "frequency_range"),
+        (dict(background_textures=("noise",)), "background_textures"),
+        (dict(background_textures=()), "background_textures"),
+    ],
+)
 def test_bad_config_is_refused(changes, phrase):
   with pytest.raises(ValueError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
     dataclasses.replace(CONFIG, **changes)
@@ -182,7 +209,9 @@ def test_flat_background_is_one_colour_and_objects_keep_their_textures():
     item, textured = synthetic.sample(index, config), synthetic.sample(index, CONFIG)
     for image, label in ((item["image"], item["label"]), (item["ref"], item["label_ref"])):
       background = image[label[..., 0] == 1]
-      np.testing.assert_allclose(background, np.broadcast_to(background[0], background.shape), atol=1e-6)
+      np.testing.assert_allclose(
+          background, np.broadcast_to(background[0], background.shape), atol=1e-6
+      )
     # Same layouts and object appearances as the default config: only the backdrop changed.
     np.testing.assert_array_equal(item["label"], textured["label"])
     objects = item["label"][..., 0] == 0
@@ -201,7 +230,7 @@ def test_class_subset_keeps_the_channel_layout():
   for index in range(5):
     label = synthetic.sample(index, config)["label"]
     assert label.shape[-1] == synthetic.LABEL_CHANNELS
-    used = np.flatnonzero(label[..., 1:synthetic.EDGE_CHANNEL].max(axis=(0, 1)) > 0)
+    used = np.flatnonzero(label[..., 1 : synthetic.EDGE_CHANNEL].max(axis=(0, 1)) > 0)
     assert set(used) <= {synthetic.SHAPES.index("ring"), synthetic.SHAPES.index("cross")}
 
 

@@ -1,10 +1,10 @@
 """Export to the official PyTorch checkpoint layouts: bitwise round trips of the official files,
-import(export(x)) == x, an independent PyTorch forward on exported weights, safetensors and manifest,
-and atomic writes.
+import(export(x)) == x, an independent PyTorch forward on exported weights, safetensors and
+manifest, and atomic writes.
 
-Round trips of the official fixtures are bitwise for *every* key, including the derived buffers that the
-export recomputes from the config (12 LDM schedule buffers, the sampler's 13 S=16/eta=0 DDIM buffers):
-no key is exempt.
+Round trips of the official fixtures are bitwise for *every* key, including the derived buffers that
+the export recomputes from the config (12 LDM schedule buffers, the sampler's 13 S=16/eta=0 DDIM
+buffers): no key is exempt.
 """
 
 import errno
@@ -41,8 +41,11 @@ def _torch_state(path) -> dict[str, "torch.Tensor"]:
 def _assert_bitwise(actual: dict[str, np.ndarray], expected: dict[str, "torch.Tensor"]) -> None:
   """Same keys; every array has the same dtype, shape and bits."""
   assert set(actual) == set(expected), sorted(set(actual) ^ set(expected))[:8]
-  differing = [key for key, ref in expected.items()
-               if not (actual[key].dtype == ref.numpy().dtype and np.array_equal(actual[key], ref.numpy()))]
+  differing = [
+      key
+      for key, ref in expected.items()
+      if not (actual[key].dtype == ref.numpy().dtype and np.array_equal(actual[key], ref.numpy()))
+  ]
   assert not differing, f"{len(differing)} keys differ, e.g. {differing[:8]}"
 
 
@@ -63,10 +66,14 @@ def test_official_midms_checkpoint_round_trips_bitwise(midms_checkpoint_path, tm
   _assert_bitwise({k: v.numpy() for k, v in saved["state_dict"].items()}, original)
   saved = saved["state_dict"]
   for key in (k for k in original if k.startswith("diff_model.")):
-    assert _shared(saved, key, SAMPLER + "model." + key[len("diff_model."):]), key
-  # The fixture's >=2-D EMA shadows equal the raw weights and share their storage: so do the export's.
-  assert _shared(saved, "diff_model.model.diffusion_model.input_blocks.0.0.weight",
-                 "diff_model.model_ema.diffusion_modelinput_blocks00weight")
+    assert _shared(saved, key, SAMPLER + "model." + key[len("diff_model.") :]), key
+  # The fixture's >=2-D EMA shadows equal the raw weights and share their storage: so do the
+  # export's.
+  assert _shared(
+      saved,
+      "diff_model.model.diffusion_model.input_blocks.0.0.weight",
+      "diff_model.model_ema.diffusion_modelinput_blocks00weight",
+  )
   assert path.stat().st_size <= 1.1 * midms_checkpoint_path.stat().st_size
 
 
@@ -91,11 +98,13 @@ def test_scale_factor_round_trips_bitwise(ldm_checkpoint_path, midms_checkpoint_
   ldm = torch.load(ldm_checkpoint_path, map_location="cpu", weights_only=True)
   ldm["state_dict"]["scale_factor"] = scale
   midms = torch.load(midms_checkpoint_path, map_location="cpu", weights_only=True)
-  midms["state_dict"].update({"diff_model.scale_factor": scale,
-                              SAMPLER + "model.scale_factor": scale})
+  midms["state_dict"].update(
+      {"diff_model.scale_factor": scale, SAMPLER + "model.scale_factor": scale}
+  )
   for name, ckpt, load, export in [
       ("ldm.ckpt", ldm, torch_import.load_ldm_checkpoint, torch_export.ldm_state_dict),
-      ("midms.pth", midms, torch_import.load_midms_checkpoint, torch_export.midms_state_dict)]:
+      ("midms.pth", midms, torch_import.load_midms_checkpoint, torch_export.midms_state_dict),
+  ]:
     torch.save(ckpt, tmp_path / name)
     variables = load(tmp_path / name, CONFIG, keep_ema=True)  # the whole config: schedule checked
     state = export(variables, CONFIG)
@@ -119,7 +128,9 @@ def test_export_writes_the_configs_schedule(ldm_checkpoint_path):
 
 def test_official_first_stage_checkpoint_round_trips_bitwise(vq_checkpoint_path, tmp_path):
   original = _torch_state(vq_checkpoint_path)
-  first_stage = torch_import.load_first_stage_checkpoint(vq_checkpoint_path, CONFIG.model.first_stage)
+  first_stage = torch_import.load_first_stage_checkpoint(
+      vq_checkpoint_path, CONFIG.model.first_stage
+  )
   state = torch_export.first_stage_state_dict({"first_stage": first_stage}, CONFIG)
   _assert_bitwise(state, original)
   saved = _torch_state(torch_export.save_ldm_ckpt(tmp_path / "vq.ckpt", state))
@@ -129,6 +140,7 @@ def test_official_first_stage_checkpoint_round_trips_bitwise(vq_checkpoint_path,
 def _random_variables(abstract, rng: np.random.Generator) -> dict:
   """Random variables of these shapes: kernels N(0, 1/fan_in), norm scales 1 + 0.1 N, unit spectral
   vectors, other leaves (biases, PReLU) 0.1 N. Zero-initialised convs get weights too."""
+
   def draw(path, leaf):
     name, noise = path[-1].key, rng.standard_normal(leaf.shape).astype(np.float32)
     if name in ("kernel", "weight_orig", "embedding"):
@@ -136,12 +148,14 @@ def _random_variables(abstract, rng: np.random.Generator) -> dict:
     if name in ("weight_u", "weight_v"):
       return noise / np.linalg.norm(noise)
     return noise * np.float32(0.1) + np.float32(name == "scale")
+
   return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(draw(p, x)), abstract)
 
 
 @pytest.fixture(scope="module")
 def random_variables() -> dict:
-  """Random tiny-config variables (device arrays) with a distinct EMA U-Net and non-default counters."""
+  """Random tiny-config variables (device arrays) with a distinct EMA U-Net and non-default
+  counters."""
   rng = np.random.default_rng(3)
   variables = _random_variables(build.abstract_variables(CONFIG.model), rng)
   variables["unet_ema"] = _random_variables(build.abstract_unet(CONFIG.model.unet), rng)
@@ -152,7 +166,9 @@ def random_variables() -> dict:
 @pytest.fixture(scope="module")
 def exported_pth(random_variables, tmp_path_factory) -> pathlib.Path:
   state = torch_export.midms_state_dict(random_variables, CONFIG)
-  return torch_export.save_midms_pth(tmp_path_factory.mktemp("export") / "random.pth", state, epoch=3)
+  return torch_export.save_midms_pth(
+      tmp_path_factory.mktemp("export") / "random.pth", state, epoch=3
+  )
 
 
 def _assert_same_variables(actual, expected) -> None:
@@ -167,14 +183,17 @@ def test_import_of_export_is_identity(random_variables, exported_pth):
   state = torch_export.midms_state_dict(random_variables, CONFIG)
   assert state["diff_model.model_ema.num_updates"].dtype == np.int32
   assert all(v.dtype == np.float32 for k, v in state.items() if not k.endswith("num_updates"))
-  _assert_same_variables(torch_import.load_midms_checkpoint(exported_pth, CONFIG.model, keep_ema=True),
-                         random_variables)
+  _assert_same_variables(
+      torch_import.load_midms_checkpoint(exported_pth, CONFIG.model, keep_ema=True),
+      random_variables,
+  )
 
   minimal = torch_export.midms_state_dict(random_variables, CONFIG, layout="minimal")
   assert set(minimal) == {k for k in state if not k.startswith(SAMPLER)}
-  # The LDM layout is diff_model.* without the prefix; its import is covered by the official round trip.
+  # The LDM layout is diff_model.* without the prefix; its import is covered by the official round
+  # trip.
   ldm = torch_export.ldm_state_dict(random_variables, CONFIG)
-  assert set(ldm) == {k[len("diff_model."):] for k in state if k.startswith("diff_model.")}
+  assert set(ldm) == {k[len("diff_model.") :] for k in state if k.startswith("diff_model.")}
   assert all(np.array_equal(v, state["diff_model." + k]) for k, v in ldm.items())
   inside = torch_export.ldm_state_dict_of_midms(state)
   assert list(inside) == list(ldm) and all(np.array_equal(inside[k], ldm[k]) for k in ldm)
@@ -182,14 +201,16 @@ def test_import_of_export_is_identity(random_variables, exported_pth):
 
 def test_without_ema_the_raw_unet_is_written_as_the_shadows(random_variables, tmp_path):
   variables = {k: random_variables[k] for k in ("unet", "first_stage", "correspondence")}
-  path = torch_export.save_midms_pth(tmp_path / "no_ema.pth", torch_export.midms_state_dict(variables, CONFIG))
+  path = torch_export.save_midms_pth(
+      tmp_path / "no_ema.pth", torch_export.midms_state_dict(variables, CONFIG)
+  )
   saved = _torch_state(path)
   assert saved["diff_model.model_ema.decay"].dtype == torch.float32
   assert float(saved["diff_model.model_ema.decay"]) == np.float32(0.9999)
   assert saved["diff_model.model_ema.num_updates"].dtype == torch.int32
   assert int(saved["diff_model.model_ema.num_updates"]) == 0
   for key in (k for k in saved if k.startswith("diff_model.model.diffusion_model.")):
-    shadow = "diff_model." + torch_export.ema_key(key[len("diff_model.model.diffusion_model."):])
+    shadow = "diff_model." + torch_export.ema_key(key[len("diff_model.model.diffusion_model.") :])
     assert _shared(saved, key, shadow), shadow
   back = torch_import.load_midms_checkpoint(path, CONFIG.model, keep_ema=True)
   _assert_same_variables(back["unet_ema"], variables["unet"])
@@ -207,14 +228,25 @@ def _full_size_layout() -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def test_full_size_export_has_the_official_layout(monkeypatch):
-  """Official CelebA widths, without allocating the weights: leaves become zero-strided placeholders."""
+  """Official CelebA widths, without allocating the weights: leaves become zero-strided
+  placeholders."""
   config = celebahq.get_config()
-  monkeypatch.setattr(torch_export, "_host_leaf",
-                      lambda name, leaf: np.broadcast_to(np.float32(0), torch_shape(name, leaf.shape)))
+  monkeypatch.setattr(
+      torch_export,
+      "_host_leaf",
+      lambda name, leaf: np.broadcast_to(np.float32(0), torch_shape(name, leaf.shape)),
+  )
   state = torch_export.midms_state_dict(build.abstract_variables(config.model), config)
-  expected = _full_size_layout()  # lists diffusion_sampler.model.* only by reference: add the duplicates
-  expected.update({SAMPLER + "model." + k[len("diff_model."):]: v for k, v in expected.items()
-                   if k.startswith("diff_model.")})
+  expected = (
+      _full_size_layout()
+  )  # lists diffusion_sampler.model.* only by reference: add the duplicates
+  expected.update(
+      {
+          SAMPLER + "model." + k[len("diff_model.") :]: v
+          for k, v in expected.items()
+          if k.startswith("diff_model.")
+      }
+  )
   assert {k: (v.shape, v.dtype.name) for k, v in state.items()} == expected
 
 
@@ -228,16 +260,29 @@ def _conv(x, state, prefix, **kwargs):
 
 def _res_block(x, emb, state, prefix):
   """LDM ResBlock (no scale-shift norm): in_layers, + emb_layers(emb), out_layers, skip."""
-  h = _conv(F.silu(_group_norm(x, state, prefix + ".in_layers.0")), state, prefix + ".in_layers.2", padding=1)
-  emb_out = F.linear(F.silu(emb), state[prefix + ".emb_layers.1.weight"], state[prefix + ".emb_layers.1.bias"])
+  h = _conv(
+      F.silu(_group_norm(x, state, prefix + ".in_layers.0")),
+      state,
+      prefix + ".in_layers.2",
+      padding=1,
+  )
+  emb_out = F.linear(
+      F.silu(emb), state[prefix + ".emb_layers.1.weight"], state[prefix + ".emb_layers.1.bias"]
+  )
   h = h + emb_out[..., None, None]
-  h = _conv(F.silu(_group_norm(h, state, prefix + ".out_layers.0")), state, prefix + ".out_layers.3", padding=1)
+  h = _conv(
+      F.silu(_group_norm(h, state, prefix + ".out_layers.0")),
+      state,
+      prefix + ".out_layers.3",
+      padding=1,
+  )
   skip = prefix + ".skip_connection"
   return (_conv(x, state, skip) if skip + ".weight" in state else x) + h
 
 
 def _attention_block(x, state, prefix, head_channels):
-  """LDM AttentionBlock with the legacy head-major qkv layout: Conv1d qkv, softmax, Conv1d proj_out."""
+  """LDM AttentionBlock with the legacy head-major qkv layout: Conv1d qkv, softmax, Conv1d
+  proj_out."""
   b, c, height, width = x.shape
   tokens = x.reshape(b, c, height * width)
   normed = _group_norm(tokens, state, prefix + ".norm")
@@ -252,10 +297,11 @@ def _attention_block(x, state, prefix, head_channels):
 
 
 def test_exported_weights_run_in_plain_pytorch_like_the_jax_unet(exported_pth, random_variables):
-  """Plain torch.nn.functional code from the documented layout (no JAX, no torch_names) on the exported .pth."""
+  """Plain torch.nn.functional code from the documented layout (no JAX, no torch_names) on the
+  exported .pth."""
   full = _torch_state(exported_pth)
   prefix = "diff_model.model.diffusion_model."
-  state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+  state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
   t = np.array([249, 63])
@@ -263,26 +309,43 @@ def test_exported_weights_run_in_plain_pytorch_like_the_jax_unet(exported_pth, r
   freqs = torch.exp(-math.log(10000) * torch.arange(16, dtype=torch.float32) / 16)
   args = torch.from_numpy(t).float()[:, None] * freqs[None]
   emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-  emb = F.linear(F.silu(F.linear(emb, state["time_embed.0.weight"], state["time_embed.0.bias"])),
-                 state["time_embed.2.weight"], state["time_embed.2.bias"])
+  emb = F.linear(
+      F.silu(F.linear(emb, state["time_embed.0.weight"], state["time_embed.0.bias"])),
+      state["time_embed.2.weight"],
+      state["time_embed.2.bias"],
+  )
   with torch.no_grad():
     outputs = {"input_blocks.0": _conv(torch.from_numpy(x), state, "input_blocks.0.0", padding=1)}
-    outputs["input_blocks.1"] = _res_block(outputs["input_blocks.0"], emb, state, "input_blocks.1.0")
-    outputs["input_blocks.2"] = _conv(outputs["input_blocks.1"], state, "input_blocks.2.0.op", stride=2, padding=1)
-    outputs["input_blocks.3.0"] = _res_block(outputs["input_blocks.2"], emb, state, "input_blocks.3.0")
-    outputs["input_blocks.3"] = _attention_block(outputs["input_blocks.3.0"], state, "input_blocks.3.1", 16)
+    outputs["input_blocks.1"] = _res_block(
+        outputs["input_blocks.0"], emb, state, "input_blocks.1.0"
+    )
+    outputs["input_blocks.2"] = _conv(
+        outputs["input_blocks.1"], state, "input_blocks.2.0.op", stride=2, padding=1
+    )
+    outputs["input_blocks.3.0"] = _res_block(
+        outputs["input_blocks.2"], emb, state, "input_blocks.3.0"
+    )
+    outputs["input_blocks.3"] = _attention_block(
+        outputs["input_blocks.3.0"], state, "input_blocks.3.1", 16
+    )
 
   unet = build.build_unet(CONFIG.model.unet)
-  apply = jax.jit(functools.partial(unet.apply, capture_intermediates=True, mutable=["intermediates"]))
+  apply = jax.jit(
+      functools.partial(unet.apply, capture_intermediates=True, mutable=["intermediates"])
+  )
   _, captured = apply(random_variables["unet"], nchw_to_nhwc(x), t)
   inter = captured["intermediates"]
-  jax_outputs = {"input_blocks.0": inter["input_blocks.0"]["__call__"][0],
-                 "input_blocks.1": inter["input_blocks.1"]["__call__"][0],
-                 "input_blocks.2": inter["input_blocks.2"]["__call__"][0],
-                 "input_blocks.3.0": inter["input_blocks.3"]["0"]["__call__"][0],
-                 "input_blocks.3": inter["input_blocks.3"]["__call__"][0]}
+  jax_outputs = {
+      "input_blocks.0": inter["input_blocks.0"]["__call__"][0],
+      "input_blocks.1": inter["input_blocks.1"]["__call__"][0],
+      "input_blocks.2": inter["input_blocks.2"]["__call__"][0],
+      "input_blocks.3.0": inter["input_blocks.3"]["0"]["__call__"][0],
+      "input_blocks.3": inter["input_blocks.3"]["__call__"][0],
+  }
   assert_close(inter["time_embed.2"]["__call__"][0], emb.numpy(), 1e-4, "time_embed")
-  assert float(torch.max(torch.abs(outputs["input_blocks.3"] - outputs["input_blocks.3.0"]))) > 1e-2  # attention acts
+  assert (
+      float(torch.max(torch.abs(outputs["input_blocks.3"] - outputs["input_blocks.3.0"]))) > 1e-2
+  )  # attention acts
   for name, value in outputs.items():
     assert_close(nhwc_to_nchw(jax_outputs[name]), value.numpy(), 1e-4, name)
 
@@ -291,20 +354,28 @@ def test_safetensors_and_manifest_without_torch(random_variables, tmp_path, monk
   monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch on this path would now fail
   state = torch_export.midms_state_dict(random_variables, CONFIG, layout="minimal")
   path = torch_export.save_safetensors(tmp_path / "model.safetensors", state)
-  manifest_path = torch_export.write_manifest(tmp_path / "export.json", CONFIG, 1234, {"model.safetensors": state})
+  manifest_path = torch_export.write_manifest(
+      tmp_path / "export.json", CONFIG, 1234, {"model.safetensors": state}
+  )
   with pytest.raises(ImportError, match="needs torch"):
     torch_export.save_midms_pth(tmp_path / "model.pth", state)
 
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
   loaded = load_file(path)
   assert set(loaded) == set(state)
-  assert all(loaded[k].dtype == state[k].dtype and np.array_equal(loaded[k], state[k]) for k in state)
+  assert all(
+      loaded[k].dtype == state[k].dtype and np.array_equal(loaded[k], state[k]) for k in state
+  )
   manifest = json.loads(manifest_path.read_text())
   assert manifest["step"] == 1234 and manifest["config"] == json.loads(CONFIG.to_json_best_effort())
   assert set(manifest["files"]["model.safetensors"]["tensors"]) == set(state)
   for key, entry in manifest["files"]["model.safetensors"]["tensors"].items():
-    assert entry == {"shape": list(loaded[key].shape), "dtype": loaded[key].dtype.name,
-                     "sha256": hashlib.sha256(loaded[key].tobytes()).hexdigest()}, key
+    assert entry == {
+        "shape": list(loaded[key].shape),
+        "dtype": loaded[key].dtype.name,
+        "sha256": hashlib.sha256(loaded[key].tobytes()).hexdigest(),
+    }, key
   assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "model.safetensors"]
 
 
@@ -312,7 +383,9 @@ WRITERS = {
     "pth": lambda path, state: torch_export.save_midms_pth(path, state),
     "ckpt": lambda path, state: torch_export.save_ldm_ckpt(path, state),
     "safetensors": torch_export.save_safetensors,
-    "manifest": lambda path, state: torch_export.write_manifest(path, CONFIG, 0, {"model.pth": state}),
+    "manifest": lambda path, state: torch_export.write_manifest(
+        path, CONFIG, 0, {"model.pth": state}
+    ),
 }
 
 
@@ -346,10 +419,13 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
 def test_variables_that_do_not_fit_the_config_are_refused(random_variables):
   wider = celebahq.get_config("tiny")
   wider.model.unet.model_channels = 64
-  with pytest.raises(ValueError, match="'unet' variables do not match the config.*input_blocks.0.0.bias"):
+  with pytest.raises(
+      ValueError, match="'unet' variables do not match the config.*input_blocks.0.0.bias"
+  ):
     torch_export.ldm_state_dict(random_variables, wider)
   with pytest.raises(ValueError, match="layout"):
     torch_export.midms_state_dict(random_variables, CONFIG, layout="compact")
   with pytest.raises(ValueError, match="lack \\['correspondence'\\]"):
-    torch_export.midms_state_dict({"unet": random_variables["unet"], "first_stage": random_variables["first_stage"]},
-                                  CONFIG)
+    torch_export.midms_state_dict(
+        {"unet": random_variables["unet"], "first_stage": random_variables["first_stage"]}, CONFIG
+    )

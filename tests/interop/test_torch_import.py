@@ -1,4 +1,5 @@
-"""Import of the official PyTorch checkpoints: parity through the public loaders, strictness, bad files."""
+"""Import of the official PyTorch checkpoints: parity through the public loaders, strictness, bad
+files."""
 
 import pathlib
 
@@ -47,20 +48,28 @@ def test_first_stage_checkpoint_reproduces_encoder(vq_checkpoint_path):
   assert_close(nhwc_to_nchw(z), vq_io["z"], 2e-5, "z")
 
 
-def test_midms_checkpoint_consumes_everything_and_matches_weights(midms_checkpoint_path, midms_state_dict):
+def test_midms_checkpoint_consumes_everything_and_matches_weights(
+    midms_checkpoint_path, midms_state_dict
+):
   variables = torch_import.load_midms_checkpoint(midms_checkpoint_path, TINY)
   assert set(variables) == {"unet", "first_stage", "correspondence"}
   corr = variables["correspondence"]
   np.testing.assert_array_equal(
-      corr["params"]["phi"]["kernel"][0, 0], midms_state_dict["phi.weight"][:, :, 0, 0].T)
+      corr["params"]["phi"]["kernel"][0, 0], midms_state_dict["phi.weight"][:, :, 0, 0].T
+  )
   np.testing.assert_array_equal(
-      corr["spectral"]["real_enc"]["layer1.0"]["weight_u"], midms_state_dict["real_enc.layer1.0.weight_u"])
+      corr["spectral"]["real_enc"]["layer1.0"]["weight_u"],
+      midms_state_dict["real_enc.layer1.0.weight_u"],
+  )
   io = load_fixture("unet_io.npz")
-  assert_close(_unet_eps(variables["unet"], io["x"], io["t"]), io["eps"], 2e-5, "eps via midms .pth")
+  assert_close(
+      _unet_eps(variables["unet"], io["x"], io["t"]), io["eps"], 2e-5, "eps via midms .pth"
+  )
 
 
 def _full_midms_layout() -> dict[str, np.ndarray]:
-  """Zero-filled state dict with every key/shape of the official full-size CelebA MIDMs (no memory used)."""
+  """Zero-filled state dict with every key/shape of the official full-size CelebA MIDMs (no memory
+  used)."""
   state = {}
   for line in (FIXTURES / "midms_state_dict_keys.tsv").read_text().splitlines():
     if line.startswith("#") or not line.strip():
@@ -74,7 +83,9 @@ def _full_midms_layout() -> dict[str, np.ndarray]:
 def test_full_size_official_key_layout_is_accepted():
   state = _full_midms_layout()
   assert len(state) == 1106  # 955 diff_model + 13 sampler buffers + 138 correspondence keys
-  variables = torch_import.midms_from_state_dict(state, celebahq.get_config().model, source="layout")
+  variables = torch_import.midms_from_state_dict(
+      state, celebahq.get_config().model, source="layout"
+  )
   assert build.count_params(variables["unet"]) == 274_056_163
   assert build.count_params(variables["first_stage"]) == 55_322_782
 
@@ -120,15 +131,22 @@ def test_not_a_checkpoint(tmp_path):
 def test_wrong_kind_of_checkpoint(vq_checkpoint_path):
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_ldm_checkpoint(vq_checkpoint_path, TINY)
-  _assert_one_line_error(excinfo, vq_checkpoint_path, "not an LDM checkpoint", "model.diffusion_model.")
+  _assert_one_line_error(
+      excinfo, vq_checkpoint_path, "not an LDM checkpoint", "model.diffusion_model."
+  )
 
 
 def test_checkpoint_for_another_config(midms_checkpoint_path):
-  """DeepFashion has 20 label channels: the CelebA (15) checkpoint's seg_enc/trunk shapes must be refused."""
+  """DeepFashion has 20 label channels: the CelebA (15) checkpoint's seg_enc/trunk shapes must be
+  refused."""
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_midms_checkpoint(midms_checkpoint_path, deepfashion.get_config("tiny").model)
-  _assert_one_line_error(excinfo, midms_checkpoint_path, "23 key(s) do not match the config's shapes",
-                        "layer.0.conv1.bias has shape (47,), model expects (52,)")
+  _assert_one_line_error(
+      excinfo,
+      midms_checkpoint_path,
+      "23 key(s) do not match the config's shapes",
+      "layer.0.conv1.bias has shape (47,), model expects (52,)",
+  )
 
 
 def test_wider_unet_config_is_refused(ldm_checkpoint_path):
@@ -136,8 +154,11 @@ def test_wider_unet_config_is_refused(ldm_checkpoint_path):
   cfg.unet.model_channels = 64
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_ldm_checkpoint(ldm_checkpoint_path, cfg)
-  _assert_one_line_error(excinfo, ldm_checkpoint_path,
-                         "model.diffusion_model.input_blocks.0.0.bias has shape (32,), model expects (64,)")
+  _assert_one_line_error(
+      excinfo,
+      ldm_checkpoint_path,
+      "model.diffusion_model.input_blocks.0.0.bias has shape (32,), model expects (64,)",
+  )
 
 
 def test_missing_key_is_named(tmp_path, ldm_checkpoint_path):
@@ -146,7 +167,9 @@ def test_missing_key_is_named(tmp_path, ldm_checkpoint_path):
   path = _save(tmp_path, "missing.ckpt", ckpt)
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_ldm_checkpoint(path, TINY)
-  _assert_one_line_error(excinfo, path, "1 key(s) missing", "first_stage_model.decoder.conv_out.bias")
+  _assert_one_line_error(
+      excinfo, path, "1 key(s) missing", "first_stage_model.decoder.conv_out.bias"
+  )
 
 
 def test_unexpected_key_is_named(tmp_path, vq_checkpoint_path):
@@ -161,7 +184,9 @@ def test_unexpected_key_is_named(tmp_path, vq_checkpoint_path):
 
 def test_ema_requested_but_absent(tmp_path, ldm_checkpoint_path):
   ckpt = torch.load(ldm_checkpoint_path, weights_only=True)
-  ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model_ema.")}
+  ckpt["state_dict"] = {
+      k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model_ema.")
+  }
   path = _save(tmp_path, "no_ema.ckpt", ckpt)
   torch_import.load_ldm_checkpoint(path, TINY)  # raw weights still load
   with pytest.raises(CheckpointError) as excinfo:
@@ -181,6 +206,7 @@ def test_loaded_variables_run_under_jit(ldm_checkpoint_path):
 # Schedule buffers and scale_factor, checked against the whole config
 # ------------------------------------------------------------------------------------------------
 
+
 def test_schedule_buffers_that_match_the_config_load(ldm_checkpoint_path, midms_checkpoint_path):
   config = celebahq.get_config("tiny")
   torch_import.load_ldm_checkpoint(ldm_checkpoint_path, config)
@@ -193,9 +219,13 @@ def test_schedule_of_another_config_is_named(ldm_checkpoint_path, midms_checkpoi
   config.diffusion.linear_end = 0.0155  # e.g. the LSUN-churches schedule
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_ldm_checkpoint(ldm_checkpoint_path, config)
-  _assert_one_line_error(excinfo, ldm_checkpoint_path, "schedule buffer betas differs",
-                         "linear_end 0.0155 gives betas[999]=0.0155; the file has 0.0195",
-                         "set --config.diffusion.linear_end=0.0195")
+  _assert_one_line_error(
+      excinfo,
+      ldm_checkpoint_path,
+      "schedule buffer betas differs",
+      "linear_end 0.0155 gives betas[999]=0.0155; the file has 0.0195",
+      "set --config.diffusion.linear_end=0.0195",
+  )
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_midms_checkpoint(midms_checkpoint_path, config)
   _assert_one_line_error(excinfo, midms_checkpoint_path, "diff_model.betas differs")
@@ -203,8 +233,13 @@ def test_schedule_of_another_config_is_named(ldm_checkpoint_path, midms_checkpoi
   config.diffusion.update(dict(linear_end=0.0195, timesteps=500))
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_ldm_checkpoint(ldm_checkpoint_path, config)
-  _assert_one_line_error(excinfo, ldm_checkpoint_path, "has shape (1000,)", "gives (500,)",
-                         "set --config.diffusion.timesteps=1000")
+  _assert_one_line_error(
+      excinfo,
+      ldm_checkpoint_path,
+      "has shape (1000,)",
+      "gives (500,)",
+      "set --config.diffusion.timesteps=1000",
+  )
 
 
 def test_a_derived_buffer_is_checked_too(tmp_path, ldm_checkpoint_path):
@@ -228,8 +263,9 @@ def test_betas_of_no_ldm_schedule_are_reported(tmp_path, ldm_checkpoint_path):
 
 def test_fit_schedule_recovers_the_config_values():
   churches = DiffusionSchedule.make("linear", 1000, 0.0015, 0.0155).betas
-  assert torch_import.fit_schedule(churches) == dict(beta_schedule="linear", timesteps=1000,
-                                                     linear_start=0.0015, linear_end=0.0155)
+  assert torch_import.fit_schedule(churches) == dict(
+      beta_schedule="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0155
+  )
   ramp = DiffusionSchedule.make("sqrt_linear", 200, 1e-4, 0.02).betas
   assert torch_import.fit_schedule(ramp)["beta_schedule"] == "sqrt_linear"
   assert torch_import.fit_schedule(DiffusionSchedule.make("cosine", 1000).betas) is None
@@ -246,7 +282,8 @@ def test_scale_factor_is_kept_and_checked_when_applied(tmp_path, ldm_checkpoint_
   config.midms.apply_scale_factor = True
   with pytest.raises(CheckpointError) as excinfo:
     torch_import.load_ldm_checkpoint(path, config)
-  _assert_one_line_error(excinfo, path, "scale_factor is 0.2289",
-                         "set --config.model.first_stage.scale_factor=0.2289")
+  _assert_one_line_error(
+      excinfo, path, "scale_factor is 0.2289", "set --config.model.first_stage.scale_factor=0.2289"
+  )
   config.model.first_stage.scale_factor = 0.2289
   torch_import.load_ldm_checkpoint(path, config)

@@ -1,5 +1,6 @@
-"""``batching.map_batches``: padding to one compiled shape, outputs trimmed and concatenated, and (in a
-subprocess with 4 CPU devices) batches split over every device, SWD the same as on one device."""
+"""``batching.map_batches``: padding to one compiled shape, outputs trimmed and concatenated, and
+(in a subprocess with 4 CPU devices) batches split over every device, SWD the same as on one
+device."""
 
 import json
 import os
@@ -49,7 +50,10 @@ def test_batches_are_padded_to_one_shape_and_trimmed():
   assert shapes == [(4, 3)] * 3  # 4 + 4 + 2 padded to 4
   np.testing.assert_array_equal(out["sum"], x.sum(axis=1) * 2)
   np.testing.assert_array_equal(out["y"], y)
-  assert batching.map_batches(jax.jit(lambda v: v * 2), [np.ones((3, 2))], batch_size=32).shape == (3, 2)
+  assert batching.map_batches(jax.jit(lambda v: v * 2), [np.ones((3, 2))], batch_size=32).shape == (
+      3,
+      2,
+  )
   assert batching.rows_per_batch(32, 6, 4) == 8 and batching.rows_per_batch(3, 100, 4) == 4
 
 
@@ -63,8 +67,14 @@ def test_arrays_of_different_lengths_are_refused():
 def test_four_devices_split_every_batch_and_agree_with_one():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  done = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True, timeout=300,
-                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  done = subprocess.run(
+      [sys.executable, "-c", MULTI_DEVICE],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["devices"] == 4 and result["shards"] == [4, 4] and result["sums_ok"]

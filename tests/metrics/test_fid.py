@@ -1,5 +1,7 @@
-"""FID: zero for a set against itself, growing with added noise, the closed form for Gaussians, an independent
-trace computation, and the statistics cache (features of 64 dimensions: a 2048-d sqrtm is slow on CPU)."""
+"""FID: zero for a set against itself, growing with added noise, the closed form for Gaussians, an
+independent trace computation, and the statistics cache (features of 64 dimensions: a 2048-d sqrtm
+is slow on CPU).
+"""
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from midms_jax.metrics import fid
 def features(count: int = 400, dim: int = 64, seed: int = 0) -> np.ndarray:
   """Correlated, non-centred features (a random linear map of Gaussian draws, plus an offset)."""
   rng = np.random.default_rng(seed)
-  return rng.normal(size=(count, dim)) @ rng.normal(size=(dim, dim)) / np.sqrt(dim) + rng.normal(size=dim)
+  return rng.normal(size=(count, dim)) @ rng.normal(size=(dim, dim)) / np.sqrt(dim) + rng.normal(
+      size=dim
+  )
 
 
 @pytest.mark.parametrize("count", [400, 20], ids=["full-rank", "rank-deficient"])
@@ -24,9 +28,13 @@ def test_grows_monotonically_with_added_noise():
   clean = features()
   noise = np.random.default_rng(1).normal(size=clean.shape)
   reference = fid.statistics(clean)
-  distances = [fid.frechet_distance(reference, fid.statistics(clean + sigma * noise))
-               for sigma in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)]
-  assert abs(distances[0]) < 1e-3 and all(a < b for a, b in zip(distances, distances[1:])), distances
+  distances = [
+      fid.frechet_distance(reference, fid.statistics(clean + sigma * noise))
+      for sigma in (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
+  ]
+  assert abs(distances[0]) < 1e-3 and all(
+      a < b for a, b in zip(distances, distances[1:])
+  ), distances
 
 
 def test_closed_form_of_two_gaussians():
@@ -48,8 +56,14 @@ def test_trace_term_matches_eigenvalues_of_the_product():
 
 def test_statistics_are_float64_and_checked():
   stats = fid.statistics(features(10, 4).astype(np.float32))
-  assert stats.mu.dtype == stats.sigma.dtype == np.float64 and stats.sigma.shape == (4, 4) and stats.count == 10
-  np.testing.assert_allclose(stats.sigma, np.cov(features(10, 4).astype(np.float32).astype(np.float64).T))
+  assert (
+      stats.mu.dtype == stats.sigma.dtype == np.float64
+      and stats.sigma.shape == (4, 4)
+      and stats.count == 10
+  )
+  np.testing.assert_allclose(
+      stats.sigma, np.cov(features(10, 4).astype(np.float32).astype(np.float64).T)
+  )
   with pytest.raises(ValueError, match="N >= 2"):
     fid.statistics(features(1, 4))
   with pytest.raises(ValueError, match="different dimensions"):
@@ -63,8 +77,14 @@ def test_cache_round_trip_staleness_and_damage(tmp_path):
   assert fid.load_statistics(path, description) is None
   fid.save_statistics(path, stats, description)
   loaded = fid.load_statistics(path, dict(description))
-  assert loaded.count == 50 and np.array_equal(loaded.mu, stats.mu) and np.array_equal(loaded.sigma, stats.sigma)
-  assert fid.load_statistics(path, dict(description, format="png")) is None  # another format: recomputed
+  assert (
+      loaded.count == 50
+      and np.array_equal(loaded.mu, stats.mu)
+      and np.array_equal(loaded.sigma, stats.sigma)
+  )
+  assert (
+      fid.load_statistics(path, dict(description, format="png")) is None
+  )  # another format: recomputed
   assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
   path.write_bytes(b"not an npz")
   with pytest.raises(CheckpointError, match="unreadable FID statistics.*delete it"):

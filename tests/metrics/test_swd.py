@@ -1,5 +1,7 @@
-"""SWD: zero for identical sets, a direct numpy computation of Karras et al.'s definition on a small case (scipy
-convolutions with mirrored borders, NCHW as the reference code), independence of the batching, ordering."""
+"""SWD: zero for identical sets, a direct numpy computation of Karras et al.'s definition on a small
+case (scipy convolutions with mirrored borders, NCHW as the reference code), independence of the
+batching, ordering.
+"""
 
 import jax
 import numpy as np
@@ -9,7 +11,9 @@ import scipy.ndimage
 from midms_jax.metrics import swd
 from tests.conftest import assert_close
 
-SMALL = swd.Settings(nhood_size=7, nhoods_per_image=16, dir_repeats=2, dirs_per_repeat=8, min_resolution=16)
+SMALL = swd.Settings(
+    nhood_size=7, nhoods_per_image=16, dir_repeats=2, dirs_per_repeat=8, min_resolution=16
+)
 KEY = jax.random.PRNGKey(7)
 
 
@@ -22,7 +26,8 @@ def photos(count: int = 6, side: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def numpy_laplacian_pyramid(images: np.ndarray, levels: int) -> list[np.ndarray]:
-  """NCHW float64 pyramid as the progressive-GAN code builds it (5x5 binomial kernel, scipy 'mirror')."""
+  """NCHW float64 pyramid as the progressive-GAN code builds it (5x5 binomial kernel, scipy
+  'mirror')."""
   taps = np.array([1, 4, 6, 4, 1], np.float64) / 16
   kernel = np.outer(taps, taps)[None, None]
   down = lambda x: scipy.ndimage.convolve(x, kernel, mode="mirror")[:, :, ::2, ::2]
@@ -40,7 +45,8 @@ def numpy_laplacian_pyramid(images: np.ndarray, levels: int) -> list[np.ndarray]
 
 
 def numpy_swd(a: np.ndarray, b: np.ndarray, settings: swd.Settings, key) -> list[float]:
-  """Per-level SWD x1e3 by the definition, with the library's centres and directions (its random draws)."""
+  """Per-level SWD x1e3 by the definition, with the library's centres and directions (its random
+  draws)."""
   sides = swd.level_sides(a.shape[1], settings.min_resolution)
   half = settings.nhood_size // 2
   indices = np.arange(len(a))
@@ -50,11 +56,18 @@ def numpy_swd(a: np.ndarray, b: np.ndarray, settings: swd.Settings, key) -> list
     per_level = []
     for level, (band, side) in enumerate(zip(pyramid, sides)):
       centres = np.asarray(swd.centres(jax.random.split(key)[0], indices, level, side, settings))
-      patches = [band[i, :, y - half:y + half + 1, x - half:x + half + 1]
-                 for i in indices for y, x in centres[i]]
+      patches = [
+          band[i, :, y - half : y + half + 1, x - half : x + half + 1]
+          for i in indices
+          for y, x in centres[i]
+      ]
       desc = np.stack(patches)  # (N, C, n, n)
-      desc = (desc - desc.mean(axis=(0, 2, 3), keepdims=True)) / desc.std(axis=(0, 2, 3), keepdims=True)
-      per_level.append(np.transpose(desc, (0, 2, 3, 1)).reshape(len(desc), -1))  # (row, column, channel) order
+      desc = (desc - desc.mean(axis=(0, 2, 3), keepdims=True)) / desc.std(
+          axis=(0, 2, 3), keepdims=True
+      )
+      per_level.append(
+          np.transpose(desc, (0, 2, 3, 1)).reshape(len(desc), -1)
+      )  # (row, column, channel) order
     descriptors.append(per_level)
   distances = []
   for level, (da, db) in enumerate(zip(*descriptors)):
@@ -84,7 +97,9 @@ def test_batching_and_set_order_of_draws():
   one = swd.swd(a, b, KEY, SMALL, batch_size=6)
   split = swd.swd(a, b, KEY, SMALL, batch_size=4)  # 4 + 2 (padded): the same draws per image index
   assert_close(split["levels"], one["levels"], 1e-3, "swd batching")
-  noisy = lambda s: np.clip(a + np.random.default_rng(3).normal(0, s, a.shape), 0, 255).astype(np.uint8)
+  noisy = lambda s: np.clip(a + np.random.default_rng(3).normal(0, s, a.shape), 0, 255).astype(
+      np.uint8
+  )
   slight, strong = swd.swd(a, noisy(5), KEY, SMALL)["swd"], swd.swd(a, noisy(40), KEY, SMALL)["swd"]
   assert 0 < slight < strong
 

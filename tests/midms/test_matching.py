@@ -1,4 +1,5 @@
-"""Matching operations vs the official initial-matching fixture (corr_io.npz) and PyTorch's grid_sample."""
+"""Matching operations vs the official initial-matching fixture (corr_io.npz) and PyTorch's
+grid_sample."""
 
 import jax
 import jax.numpy as jnp
@@ -22,35 +23,44 @@ def _flow_key(name: str) -> str:
   return f"corr_ref_flow/{name}"
 
 
-@pytest.mark.parametrize("source, target, atol", [
-    ("theta_out_trg", "trg_out_norm", 2e-5),
-    ("phi_out_src", "src_out_norm", 5e-5),
-    ("phi_out_ref", "ref_out_norm", 5e-5),
-])
+@pytest.mark.parametrize(
+    "source, target, atol",
+    [
+        ("theta_out_trg", "trg_out_norm", 2e-5),
+        ("phi_out_src", "src_out_norm", 5e-5),
+        ("phi_out_ref", "ref_out_norm", 5e-5),
+    ],
+)
 def test_normalize_features(corr_io, source, target, atol):
   out = jax.jit(matching.normalize_features)(_nhwc(corr_io, source))
   assert_close(out, _nhwc(corr_io, target), atol, target)
 
 
-@pytest.mark.parametrize("support, target", [("src_out_norm", "corr_src"), ("ref_out_norm", "corr_ref")])
+@pytest.mark.parametrize(
+    "support, target", [("src_out_norm", "corr_src"), ("ref_out_norm", "corr_ref")]
+)
 def test_correlation(corr_io, support, target):
   corr = jax.jit(matching.correlation)(_nhwc(corr_io, "trg_out_norm"), _nhwc(corr_io, support))
   assert_close(corr, corr_io[target], 5e-5, target)
 
 
-@pytest.mark.parametrize("values, corr, target, atol", [
-    ("src_feats", "corr_src", "warped_src_feat", 5e-4),
-    ("ref_feats", "corr_ref", "warped_ref_feat", 2e-4),
-    ("ref_semantics_down", "corr_ref", "warped_ref_seg", 5e-4),
-])
+@pytest.mark.parametrize(
+    "values, corr, target, atol",
+    [
+        ("src_feats", "corr_src", "warped_src_feat", 5e-4),
+        ("ref_feats", "corr_ref", "warped_ref_feat", 2e-4),
+        ("ref_semantics_down", "corr_ref", "warped_ref_seg", 5e-4),
+    ],
+)
 def test_soft_warp(corr_io, values, corr, target, atol):
   out = jax.jit(matching.soft_warp)(_nhwc(corr_io, values), corr_io[corr])
   assert_close(out, _nhwc(corr_io, target), atol, target)
 
 
 def test_warp_back_and_cycle_loss(corr_io):
-  back = jax.jit(matching.soft_warp)(_nhwc(corr_io, "warped_ref_feat"),
-                                     matching.transpose_correlation(corr_io["corr_ref"]))
+  back = jax.jit(matching.soft_warp)(
+      _nhwc(corr_io, "warped_ref_feat"), matching.transpose_correlation(corr_io["corr_ref"])
+  )
   assert_close(back, _nhwc(corr_io, "warped_back_ref"), 2e-4, "warped_back_ref")
   loss = jnp.mean(jnp.abs(_nhwc(corr_io, "warped_back_ref") - _nhwc(corr_io, "ref_feats")))
   assert_close(loss, corr_io["loss_fb_initial"], 5e-6, "loss_fb_initial")
@@ -58,7 +68,9 @@ def test_warp_back_and_cycle_loss(corr_io):
 
 def test_get_flow(corr_io):
   outputs = jax.jit(matching.get_flow)(corr_io["corr_ref"])
-  for name, out, atol in zip(("map_trg", "map_src", "flow_trg", "flow_src"), outputs, (1e-3, 5e-4, 1e-3, 5e-4)):
+  for name, out, atol in zip(
+      ("map_trg", "map_src", "flow_trg", "flow_src"), outputs, (1e-3, 5e-4, 1e-3, 5e-4)
+  ):
     assert_close(out, corr_io[_flow_key(name)], atol, name)
 
 
@@ -82,16 +94,17 @@ def test_confidence_masks(corr_io):
 
 def test_mask_from_correlation_end_to_end(corr_io):
   """The whole chain from the stored correlation reproduces the discrete mask."""
-  mask = jax.jit(lambda corr: matching.confidence_mask(matching.fbcheck(*matching.get_flow(corr))[0]))(
-      corr_io["corr_ref"])
+  mask = jax.jit(
+      lambda corr: matching.confidence_mask(matching.fbcheck(*matching.get_flow(corr))[0])
+  )(corr_io["corr_ref"])
   np.testing.assert_array_equal(np.asarray(mask), nchw_to_nhwc(corr_io[_flow_key("fb_mask")]))
 
 
 def test_confidence_mask_block_size_option():
   """block=1 keeps the raw mask; block=4 needs more than half of each 4x4 tile confident."""
   fb = np.full((1, 8, 8), 0.9, np.float32)
-  fb[0, :4, :4] = 0.1          # one fully confident 4x4 tile
-  fb[0, 4:, 4:5] = 0.1         # a 4-pixel column: 4 of 16 in its tile
+  fb[0, :4, :4] = 0.1  # one fully confident 4x4 tile
+  fb[0, 4:, 4:5] = 0.1  # a 4-pixel column: 4 of 16 in its tile
   raw = np.asarray(matching.confidence_mask(fb, block=1))[0, ..., 0]
   np.testing.assert_array_equal(raw, (fb[0] < 0.5).astype(np.float32))
   tiles = np.asarray(matching.confidence_mask(fb, block=4))[0, ..., 0]
@@ -105,7 +118,7 @@ def test_confidence_mask_needs_three_of_four():
   for block, confident_pixels in enumerate((4, 3, 2, 1)):
     pixels = np.ones(4, np.float32)
     pixels[:confident_pixels] = 0.0
-    fb[0, :, 2 * block:2 * block + 2] = pixels.reshape(2, 2)
+    fb[0, :, 2 * block : 2 * block + 2] = pixels.reshape(2, 2)
   mask = np.asarray(matching.confidence_mask(fb))[0, ..., 0]
   np.testing.assert_array_equal(mask, np.repeat([[1.0, 1.0, 0.0, 0.0]], 2, 0).repeat(2, 1))
 
@@ -118,9 +131,17 @@ def test_grid_sample_matches_torch(shape, out_hw):
   grid = rng.uniform(-1.5, 1.5, (shape[0],) + out_hw + (2,)).astype(np.float32)
   grid[0, 0, :4] = [[-1, -1], [1, 1], [1, -1], [-1.0000001, 1.2]]  # exact corners and just outside
   grid[0, 1, :2] = [[-1.0, 0.0], [0.0, 1.0]]  # on the border lines
-  expected = torch.nn.functional.grid_sample(
-      torch.from_numpy(image).permute(0, 3, 1, 2), torch.from_numpy(grid), mode="bilinear",
-      padding_mode="zeros", align_corners=True).permute(0, 2, 3, 1).numpy()
+  expected = (
+      torch.nn.functional.grid_sample(
+          torch.from_numpy(image).permute(0, 3, 1, 2),
+          torch.from_numpy(grid),
+          mode="bilinear",
+          padding_mode="zeros",
+          align_corners=True,
+      )
+      .permute(0, 2, 3, 1)
+      .numpy()
+  )
   out = jax.jit(matching.grid_sample_bilinear)(image, grid)
   assert_close(out, expected, 1e-6, "grid_sample")
 
@@ -128,8 +149,8 @@ def test_grid_sample_matches_torch(shape, out_hw):
 def _shift_correlation(size: int, dx: int, dy: int) -> jax.Array:
   """Correlation of a perfectly consistent uniform shift: query (i, j) matches support (i+dy, j+dx).
 
-  Support features are one-hot per pixel; a query pixel whose match falls outside gets a zero feature
-  (correlation 0 with everything).
+  Support features are one-hot per pixel; a query pixel whose match falls outside gets a zero
+  feature (correlation 0 with everything).
   """
   support = np.eye(size * size, dtype=np.float32).reshape(1, size, size, size * size)
   query = np.zeros_like(support)
@@ -146,15 +167,18 @@ def test_fbcheck_uniform_shift(dx, dy):
   corr = _shift_correlation(size, dx, dy)
   flows = matching.get_flow(corr)
   d = np.array([dx, dy]) * 2.0 / (size - 1)  # shift in normalised units
-  np.testing.assert_allclose(np.asarray(flows[2])[0, 2:-3, 2:-3], np.broadcast_to(d, (size - 5, size - 5, 2)),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(flows[2])[0, 2:-3, 2:-3], np.broadcast_to(d, (size - 5, size - 5, 2)), atol=1e-5
+  )
   official, _ = matching.fbcheck(*flows)
   true_fb, _ = matching.fbcheck(*flows, true_backward=True)
   # Pixels whose match and the match's match are both inside the image.
   inner = (slice(0, size - 2 * dy), slice(0, size - 2 * dx))
   np.testing.assert_allclose(np.asarray(official)[0][inner], 2 * np.linalg.norm(d), atol=1e-5)
   np.testing.assert_allclose(np.asarray(true_fb)[0][inner], 0.0, atol=1e-5)
-  assert np.all(np.asarray(matching.raw_confidence(official))[0][inner] == 0.0)  # 2|d| >= 0.57 > 0.5
+  assert np.all(
+      np.asarray(matching.raw_confidence(official))[0][inner] == 0.0
+  )  # 2|d| >= 0.57 > 0.5
 
 
 def test_unequal_grids():
@@ -165,13 +189,19 @@ def test_unequal_grids():
   corr = matching.correlation(query, support)
   assert corr.shape == (1, hq, hq, hs, hs)
   values = np.random.default_rng(0).standard_normal((1, hs, hs, 3)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(matching.soft_warp(values, corr)), values[:, ::2, 1::2], atol=1e-5)
-  back = matching.soft_warp(np.ones((1, hq, hq, 1), np.float32), matching.transpose_correlation(corr))
+  np.testing.assert_allclose(
+      np.asarray(matching.soft_warp(values, corr)), values[:, ::2, 1::2], atol=1e-5
+  )
+  back = matching.soft_warp(
+      np.ones((1, hq, hq, 1), np.float32), matching.transpose_correlation(corr)
+  )
   assert back.shape == (1, hs, hs, 1)
   map_trg, map_src, flow_trg, flow_src = matching.get_flow(corr)
   grid_q, grid_s = matching.coordinate_grid(hq, hq), matching.coordinate_grid(hs, hs)
   np.testing.assert_allclose(np.asarray(map_trg)[0], np.asarray(grid_s)[::2, 1::2], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(flow_trg)[0], np.asarray(grid_s)[::2, 1::2] - np.asarray(grid_q), atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(flow_trg)[0], np.asarray(grid_s)[::2, 1::2] - np.asarray(grid_q), atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(map_src)[0, ::2, 1::2], np.asarray(grid_q), atol=1e-5)
   assert map_src.shape == flow_src.shape == (1, hs, hs, 2)
 
@@ -194,9 +224,15 @@ def test_bad_shapes_raise():
     matching.confidence_mask(jnp.zeros((1, 5, 4)))
 
 
-def _features(seed: int, query_hw: tuple[int, int], support_hw: tuple[int, int], channels: int = 8,
-              value_channels: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Random (query, support, values) where each query pixel resembles a support pixel (peaked softmax)."""
+def _features(
+    seed: int,
+    query_hw: tuple[int, int],
+    support_hw: tuple[int, int],
+    channels: int = 8,
+    value_channels: int = 5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Random (query, support, values) where each query pixel resembles a support pixel (peaked
+  softmax)."""
   rng = np.random.default_rng(seed)
   support = rng.standard_normal((2,) + support_hw + (channels,)).astype(np.float32)
   picks = rng.integers(0, support_hw[0] * support_hw[1], (2,) + query_hw)
@@ -208,33 +244,47 @@ def _features(seed: int, query_hw: tuple[int, int], support_hw: tuple[int, int],
 
 def _dense_warp(query, support, values, temperature: float, back: bool = False) -> jax.Array:
   corr = matching.correlation(query, support)
-  return matching.soft_warp(values, matching.transpose_correlation(corr) if back else corr, temperature)
+  return matching.soft_warp(
+      values, matching.transpose_correlation(corr) if back else corr, temperature
+  )
 
 
 def _tolerance(expected) -> float:
-  """1e-5, relative where values exceed 1: the 0.005 temperature amplifies the float32 rounding of the dot
-  products 200x, and blocks of another size round differently (the dense warp itself is ~1e-5 from float64)."""
+  """1e-5, relative where values exceed 1: the 0.005 temperature amplifies the float32 rounding of
+  the dot products 200x, and blocks of another size round differently (the dense warp itself is
+  ~1e-5 from float64).
+  """
   return 1e-5 * max(1.0, float(np.max(np.abs(np.asarray(expected)))))
 
 
 @pytest.mark.parametrize("chunk", [1, 10, 63, 4096])
 def test_warp_by_features_matches_the_dense_warp(chunk):
-  """Blocks of 1, 10 (last one partial), all 63 query pixels and more than the grid: same warps both ways."""
+  """Blocks of 1, 10 (last one partial), all 63 query pixels and more than the grid: same warps both
+  ways."""
   query, support, values = _features(0, (7, 9), (6, 8))
-  out = jax.jit(matching.warp_by_features, static_argnums=(3, 4))(query, support, values, 0.005, chunk)
+  out = jax.jit(matching.warp_by_features, static_argnums=(3, 4))(
+      query, support, values, 0.005, chunk
+  )
   assert_close(out, _dense_warp(query, support, values, 0.005), _tolerance(values), "warp")
   back_values = np.random.default_rng(1).standard_normal((2, 7, 9, 3)).astype(np.float32)
   back = matching.warp_by_features(support, query, back_values, 0.005, chunk)
-  assert_close(back, _dense_warp(query, support, back_values, 0.005, back=True), _tolerance(back_values),
-               "transposed warp")
+  assert_close(
+      back,
+      _dense_warp(query, support, back_values, 0.005, back=True),
+      _tolerance(back_values),
+      "transposed warp",
+  )
 
 
 def test_warp_by_features_reproduces_the_official_warps(corr_io):
-  """From the fixture's normalised features, without the volume: the official warped latent and its cycle."""
+  """From the fixture's normalised features, without the volume: the official warped latent and its
+  cycle."""
   trg, ref = _nhwc(corr_io, "trg_out_norm"), _nhwc(corr_io, "ref_out_norm")
   warped = matching.warp_by_features(trg, ref, _nhwc(corr_io, "ref_feats"), chunk=24)
   assert_close(warped, _nhwc(corr_io, "warped_ref_feat"), 2e-4, "warped_ref_feat")
-  assert_close(warped, matching.soft_warp(_nhwc(corr_io, "ref_feats"), corr_io["corr_ref"]), 1e-5, "vs dense")
+  assert_close(
+      warped, matching.soft_warp(_nhwc(corr_io, "ref_feats"), corr_io["corr_ref"]), 1e-5, "vs dense"
+  )
   back = matching.warp_by_features(ref, trg, _nhwc(corr_io, "warped_ref_feat"), chunk=24)
   assert_close(back, _nhwc(corr_io, "warped_back_ref"), 2e-4, "warped_back_ref")
 
@@ -271,9 +321,15 @@ def test_warp_by_features_gradients_match_the_dense_warp():
     return jnp.sum(warped * weights) + jnp.mean(jnp.abs(cycled - v))
 
   def chunked(q, s, v, t, back=False):
-    return matching.warp_by_features(s, q, v, t, 7) if back else matching.warp_by_features(q, s, v, t, 7)
+    return (
+        matching.warp_by_features(s, q, v, t, 7)
+        if back
+        else matching.warp_by_features(q, s, v, t, 7)
+    )
 
-  grads = lambda warp: jax.jit(jax.grad(lambda *a: loss(warp, *a), argnums=(0, 1, 2)))(query, support, values)
+  grads = lambda warp: jax.jit(jax.grad(lambda *a: loss(warp, *a), argnums=(0, 1, 2)))(
+      query, support, values
+  )
   expected, actual = grads(_dense_warp), grads(chunked)
   for name, a, b in zip(("query", "support", "values"), actual, expected):
     assert float(np.max(np.abs(np.asarray(b)))) > 1e-3, f"{name}: gradient vanishes, test too weak"

@@ -1,4 +1,5 @@
-"""First-stage autoencoders vs the official PyTorch outputs (vq_io.npz, small config) and full-size shapes."""
+"""First-stage autoencoders vs the official PyTorch outputs (vq_io.npz, small config) and full-size
+shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -11,16 +12,41 @@ from tests.conftest import assert_close, load_fixture, nchw_to_nhwc, nhwc_to_nch
 
 PREFIX = "diff_model.first_stage_model."
 # first_stage_config of ldm_small_config.yaml.
-SMALL = dict(embed_dim=3, n_embed=64, ch=32, out_ch=3, ch_mult=(1, 1, 2), num_res_blocks=1,
-             attn_resolutions=(), dropout=0.0, in_channels=3, resolution=32, z_channels=3, double_z=False)
+SMALL = dict(
+    embed_dim=3,
+    n_embed=64,
+    ch=32,
+    out_ch=3,
+    ch_mult=(1, 1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    dropout=0.0,
+    in_channels=3,
+    resolution=32,
+    z_channels=3,
+    double_z=False,
+)
 # Absolute tolerances from the fixture README; None = exact.
-TOLERANCES = {"encoder_out": 2e-5, "z": 2e-5, "z_q": 5e-6, "indices": None, "indices_bhw": None,
-              "emb_loss": 2e-6, "post_quant": 5e-6, "decoded": 1e-4, "decoded_no_quant": 1e-4,
-              "z2/z_q": 2e-5, "z2/indices": None, "z2/decoded": 5e-5}
+TOLERANCES = {
+    "encoder_out": 2e-5,
+    "z": 2e-5,
+    "z_q": 5e-6,
+    "indices": None,
+    "indices_bhw": None,
+    "emb_loss": 2e-6,
+    "post_quant": 5e-6,
+    "decoded": 1e-4,
+    "decoded_no_quant": 1e-4,
+    "z2/z_q": 2e-5,
+    "z2/indices": None,
+    "z2/decoded": 5e-5,
+}
 
 
 def _param_count(abstract_variables) -> int:
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract_variables["params"]))
+  return sum(
+      int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract_variables["params"])
+  )
 
 
 def _abstract(model, shape):
@@ -35,14 +61,16 @@ def vq_io():
 @pytest.fixture(scope="module")
 def small_vq(midms_state_dict):
   model = VQModel(**SMALL)
-  variables, _ = variables_from_state_dict(midms_state_dict, _abstract(model, (1, 32, 32, 3)),
-                                           prefix=PREFIX, source="midms_small.pth")
+  variables, _ = variables_from_state_dict(
+      midms_state_dict, _abstract(model, (1, 32, 32, 3)), prefix=PREFIX, source="midms_small.pth"
+  )
   return model, variables
 
 
 @pytest.fixture(scope="module")
 def outputs(small_vq, vq_io):
-  """Every vq_io.npz quantity computed by the port, each stage fed the official input of that stage."""
+  """Every vq_io.npz quantity computed by the port, each stage fed the official input of that
+  stage."""
   model, variables = small_vq
 
   def run(method, *args, **kwargs):
@@ -80,7 +108,12 @@ def test_matches_official(outputs, vq_io, key):
 def test_end_to_end_and_decode_code(small_vq, vq_io):
   model, variables = small_vq
   image = nchw_to_nhwc(vq_io["image"])
-  assert_close(nhwc_to_nchw(model.apply(variables, image)), vq_io["decoded"], TOLERANCES["decoded"], "__call__")
+  assert_close(
+      nhwc_to_nchw(model.apply(variables, image)),
+      vq_io["decoded"],
+      TOLERANCES["decoded"],
+      "__call__",
+  )
   codes = vq_io["z2/indices"].reshape(2, 8, 8)
   decoded = model.apply(variables, jnp.asarray(codes), method=VQModel.decode_code)
   assert_close(nhwc_to_nchw(decoded), vq_io["z2/decoded"], TOLERANCES["z2/decoded"], "decode_code")
@@ -111,8 +144,11 @@ def test_full_size_kl_f8_shapes():
   assert keys["encoder.conv_out.weight"] == (8, 512, 3, 3)
   assert keys["quant_conv.weight"] == (8, 8, 1, 1)
   assert keys["post_quant_conv.weight"] == (4, 4, 1, 1)
-  posterior = jax.eval_shape(lambda v, x: model.apply(v, x, method=AutoencoderKL.encode),
-                             abstract, jnp.zeros((1, 256, 256, 3)))
+  posterior = jax.eval_shape(
+      lambda v, x: model.apply(v, x, method=AutoencoderKL.encode),
+      abstract,
+      jnp.zeros((1, 256, 256, 3)),
+  )
   assert posterior.mean.shape == (1, 32, 32, 4)
 
 
@@ -143,11 +179,20 @@ def test_attn_type_none_is_identity(small_vq, vq_io):
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   attn = params["encoder"]["mid.attn_1"]
   attn["proj_out"] = jax.tree_util.tree_map(np.zeros_like, attn["proj_out"])
-  without_attn = {name: ({k: v for k, v in sub.items() if k != "mid.attn_1"} if name in ("encoder", "decoder") else sub)
-                  for name, sub in params.items()}
+  without_attn = {
+      name: (
+          {k: v for k, v in sub.items() if k != "mid.attn_1"}
+          if name in ("encoder", "decoder")
+          else sub
+      )
+      for name, sub in params.items()
+  }
   image = nchw_to_nhwc(vq_io["image"])
-  np.testing.assert_array_equal(plain.apply({"params": without_attn}, image, method=VQModel.encode),
-                                model.apply({"params": params}, image, method=VQModel.encode))
+  np.testing.assert_array_equal(
+      plain.apply({"params": without_attn}, image, method=VQModel.encode),
+      model.apply({"params": params}, image, method=VQModel.encode),
+  )
+
 
 def test_bad_config_and_shapes_raise():
   with pytest.raises(ValueError, match="attn_type"):

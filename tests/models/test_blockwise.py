@@ -1,4 +1,5 @@
-"""Row-blockwise evaluation: the same values and gradients as all rows at once, one block held at a time."""
+"""Row-blockwise evaluation: the same values and gradients as all rows at once, one block held at a
+time."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,8 @@ from midms_jax.models import blockwise
 
 
 def _row_softmax_mix(rows: jax.Array, keys: jax.Array) -> jax.Array:
-  """A row-wise function with a large intermediate (rows x keys), like attention and soft warping."""
+  """A row-wise function with a large intermediate (rows x keys), like attention and soft
+  warping."""
   return jax.nn.softmax(jnp.einsum("brc,bkc->brk", rows, keys), axis=-1) @ keys
 
 
@@ -18,9 +20,15 @@ def test_blocks_give_the_whole_result_and_gradient(chunk):
   rng = np.random.default_rng(0)
   rows, keys = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 10, 4), (2, 6, 4)))
   whole = lambda r, k: jnp.sum(jnp.sin(_row_softmax_mix(r, k)))
-  blocked = lambda r, k: jnp.sum(jnp.sin(blockwise.map_row_blocks(lambda b: _row_softmax_mix(b, k), r, chunk)))
-  np.testing.assert_allclose(blockwise.map_row_blocks(lambda b: _row_softmax_mix(b, keys), rows, chunk),
-                             _row_softmax_mix(rows, keys), rtol=1e-6, atol=1e-6)
+  blocked = lambda r, k: jnp.sum(
+      jnp.sin(blockwise.map_row_blocks(lambda b: _row_softmax_mix(b, k), r, chunk))
+  )
+  np.testing.assert_allclose(
+      blockwise.map_row_blocks(lambda b: _row_softmax_mix(b, keys), rows, chunk),
+      _row_softmax_mix(rows, keys),
+      rtol=1e-6,
+      atol=1e-6,
+  )
   for got, want in zip(jax.grad(blocked, (0, 1))(rows, keys), jax.grad(whole, (0, 1))(rows, keys)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

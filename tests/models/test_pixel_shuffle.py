@@ -1,4 +1,5 @@
-"""The parameter-free first stage: PyTorch's pixel_unshuffle layout, exact round trip, clear errors."""
+"""The parameter-free first stage: PyTorch's pixel_unshuffle layout, exact round trip, clear
+errors."""
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,22 @@ def test_unshuffle_matches_torch_and_shuffle_inverts_it(factor):
   torch = pytest.importorskip("torch")
   images = _images()
   ours = pixel_shuffle.pixel_unshuffle(images, factor)
-  theirs = torch.nn.functional.pixel_unshuffle(torch.from_numpy(np.array(nhwc_to_nchw(images))), factor).numpy()
+  theirs = torch.nn.functional.pixel_unshuffle(
+      torch.from_numpy(np.array(nhwc_to_nchw(images))), factor
+  ).numpy()
   np.testing.assert_array_equal(ours, nchw_to_nhwc(theirs))
   np.testing.assert_array_equal(pixel_shuffle.pixel_shuffle(ours, factor), images)
 
 
 def test_first_stage_module_round_trip_and_latent_shape():
-  cfg = dict(type="pixel_shuffle", embed_dim=12, ch_mult=(1, 1), in_channels=3, resolution=8, scale_factor=1.0)
+  cfg = dict(
+      type="pixel_shuffle",
+      embed_dim=12,
+      ch_mult=(1, 1),
+      in_channels=3,
+      resolution=8,
+      scale_factor=1.0,
+  )
   stage = build.build_first_stage(cfg)
   images = _images((2, 8, 8, 3))
   assert stage.init(jax.random.PRNGKey(0), images) == {}
@@ -36,6 +46,7 @@ def test_first_stage_module_round_trip_and_latent_shape():
 
 def test_midms_encodes_and_decodes_exactly_with_it():
   from configs import synthetic  # pylint: disable=import-outside-toplevel
+
   config = synthetic.get_config()
   model = MIDMs.from_config(config)
   images = _images((2, 32, 32, 3))
@@ -46,7 +57,9 @@ def test_midms_encodes_and_decodes_exactly_with_it():
 
 def test_bad_settings_and_inputs_are_named():
   stage = pixel_shuffle.PixelShuffleFirstStage(embed_dim=3, ch_mult=(1, 1))
-  with pytest.raises(ValueError, match=r"embed_dim must be in_channels \* factor\^2 = 12 \(factor 2\), got 3"):
+  with pytest.raises(
+      ValueError, match=r"embed_dim must be in_channels \* factor\^2 = 12 \(factor 2\), got 3"
+  ):
     stage.init(jax.random.PRNGKey(0), _images((1, 8, 8, 3)))
   good = pixel_shuffle.PixelShuffleFirstStage()
   with pytest.raises(ValueError, match=r"images have 1 channels, expected in_channels=3"):

@@ -1,4 +1,5 @@
-"""LDM U-Net vs the official PyTorch outputs (unet_io.npz, small config), EMA loading, full-size shapes."""
+"""LDM U-Net vs the official PyTorch outputs (unet_io.npz, small config), EMA loading, full-size
+shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -14,18 +15,52 @@ from tests.conftest import assert_close, load_fixture, nchw_to_nhwc, nhwc_to_nch
 PREFIX = "diff_model.model.diffusion_model."
 EMA_PREFIX, MODEL_PREFIX = "diff_model.model_ema.", "diff_model.model."
 # unet_config of ldm_small_config.yaml.
-SMALL = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=(2,),
-             num_res_blocks=1, channel_mult=(1, 2), num_head_channels=16)
-CHURCHES = dict(image_size=32, in_channels=4, out_channels=4, model_channels=192, attention_resolutions=(1, 2, 4, 8),
-                num_res_blocks=2, channel_mult=(1, 2, 2, 4, 4), num_heads=8, num_head_channels=-1,
-                use_scale_shift_norm=True, resblock_updown=True)
-BLOCKS = ("input_blocks.0", "input_blocks.1", "input_blocks.2", "input_blocks.3", "middle_block",
-          "output_blocks.0", "output_blocks.1", "output_blocks.2", "output_blocks.3")
+SMALL = dict(
+    image_size=8,
+    in_channels=3,
+    out_channels=3,
+    model_channels=32,
+    attention_resolutions=(2,),
+    num_res_blocks=1,
+    channel_mult=(1, 2),
+    num_head_channels=16,
+)
+CHURCHES = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=192,
+    attention_resolutions=(1, 2, 4, 8),
+    num_res_blocks=2,
+    channel_mult=(1, 2, 2, 4, 4),
+    num_heads=8,
+    num_head_channels=-1,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+)
+BLOCKS = (
+    "input_blocks.0",
+    "input_blocks.1",
+    "input_blocks.2",
+    "input_blocks.3",
+    "middle_block",
+    "output_blocks.0",
+    "output_blocks.1",
+    "output_blocks.2",
+    "output_blocks.3",
+)
 # Absolute tolerances from the fixture README.
-TOLERANCES = {"eps": 2e-5, "eps2": 2e-5, "eps_ema": 2e-5, "t_emb_sinusoidal": 1e-6, "t2_emb_sinusoidal": 1e-6,
-              "time_embed_out": 2e-6, "blocks/middle_block": 5e-5,
-              **{f"blocks/input_blocks.{i}": 2e-5 for i in range(4)},
-              **{f"blocks/output_blocks.{i}": 5e-5 for i in range(4)}}
+TOLERANCES = {
+    "eps": 2e-5,
+    "eps2": 2e-5,
+    "eps_ema": 2e-5,
+    "t_emb_sinusoidal": 1e-6,
+    "t2_emb_sinusoidal": 1e-6,
+    "time_embed_out": 2e-6,
+    "blocks/middle_block": 5e-5,
+    **{f"blocks/input_blocks.{i}": 2e-5 for i in range(4)},
+    **{f"blocks/output_blocks.{i}": 5e-5 for i in range(4)},
+}
 
 
 def _abstract(model: UNetModel):
@@ -34,7 +69,9 @@ def _abstract(model: UNetModel):
 
 
 def _param_count(abstract_variables) -> int:
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract_variables["params"]))
+  return sum(
+      int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract_variables["params"])
+  )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +91,9 @@ def run_small(small_unet):
 
   @jax.jit
   def run(variables, x, t):
-    return small_unet.apply(variables, x, t, capture_intermediates=capture, mutable=["intermediates"])
+    return small_unet.apply(
+        variables, x, t, capture_intermediates=capture, mutable=["intermediates"]
+    )
 
   def call(variables, x_nchw, t):
     eps, state = run(variables, nchw_to_nhwc(x_nchw), t)
@@ -65,13 +104,17 @@ def run_small(small_unet):
 
 
 def _load(state_dict, model):
-  variables, _ = variables_from_state_dict(state_dict, _abstract(model), prefix=PREFIX, source="midms_small.pth")
+  variables, _ = variables_from_state_dict(
+      state_dict, _abstract(model), prefix=PREFIX, source="midms_small.pth"
+  )
   return variables
 
 
 def test_timestep_embedding(unet_io):
   for t_key, emb_key in (("t", "t_emb_sinusoidal"), ("t2", "t2_emb_sinusoidal")):
-    assert_close(timestep_embedding(unet_io[t_key], 32), unet_io[emb_key], TOLERANCES[emb_key], emb_key)
+    assert_close(
+        timestep_embedding(unet_io[t_key], 32), unet_io[emb_key], TOLERANCES[emb_key], emb_key
+    )
 
 
 def test_timestep_embedding_odd_dim_pads_zero():
@@ -91,7 +134,12 @@ def test_small_forward_matches_official(midms_state_dict, small_unet, run_small,
   variables = _load(midms_state_dict, small_unet)
   eps, blocks = run_small(variables, unet_io["x"], unet_io["t"])
   assert_close(eps, unet_io["eps"], TOLERANCES["eps"], "eps")
-  assert_close(blocks["time_embed.2"], unet_io["time_embed_out"], TOLERANCES["time_embed_out"], "time_embed_out")
+  assert_close(
+      blocks["time_embed.2"],
+      unet_io["time_embed_out"],
+      TOLERANCES["time_embed_out"],
+      "time_embed_out",
+  )
   for name in BLOCKS:
     key = f"blocks/{name}"
     assert_close(nhwc_to_nchw(blocks[name]), unet_io[key], TOLERANCES[key], key)
@@ -100,29 +148,41 @@ def test_small_forward_matches_official(midms_state_dict, small_unet, run_small,
 
 
 def test_chunked_attention_matches_official(midms_state_dict, unet_io):
-  """attention_chunk: the small U-Net's attention runs at 4x4 = 16 tokens; blocks of 3 queries (the last one
-  partial) give the official eps, and the same eps and parameter gradients as all queries at once."""
+  """attention_chunk: the small U-Net's attention runs at 4x4 = 16 tokens; blocks of 3 queries (the
+  last one partial) give the official eps, and the same eps and parameter gradients as all queries
+  at once.
+  """
   whole, chunked = UNetModel(**SMALL), UNetModel(**SMALL, attention_chunk=3)
   variables = _load(midms_state_dict, whole)
   x = nchw_to_nhwc(unet_io["x"])
   eps = jax.jit(chunked.apply)(variables, x, unet_io["t"])
   assert_close(nhwc_to_nchw(eps), unet_io["eps"], TOLERANCES["eps"], "eps (chunked attention)")
-  grad = lambda model: jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(model.apply(v, x, unet_io["t"])))))(variables)
-  flat_whole, flat_chunked = (jax.tree_util.tree_leaves_with_path(grad(m)) for m in (whole, chunked))
-  # One scale for all: some gradients are rounding noise around 0 (a key bias shifts every score of a query alike).
+  grad = lambda model: jax.jit(
+      jax.grad(lambda v: jnp.sum(jnp.sin(model.apply(v, x, unet_io["t"]))))
+  )(variables)
+  flat_whole, flat_chunked = (
+      jax.tree_util.tree_leaves_with_path(grad(m)) for m in (whole, chunked)
+  )
+  # One scale for all: some gradients are rounding noise around 0 (a key bias shifts every score of
+  # a query alike).
   scale = max(float(jnp.max(jnp.abs(g))) for _, g in flat_whole)
   for (path, g_whole), (_, g_chunked) in zip(flat_whole, flat_chunked):
-    np.testing.assert_allclose(g_chunked, g_whole, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        g_chunked, g_whole, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path)
+    )
   text = jax.jit(chunked.apply).lower(variables, x, unet_io["t"]).as_text()
   assert "stablehlo.while" in text  # the blocks run one after the other
 
 
 def test_bfloat16_computation(midms_state_dict, unet_io):
-  """dtype=bfloat16 computes in bf16 from float32 params and returns float32 eps close to the official one."""
+  """dtype=bfloat16 computes in bf16 from float32 params and returns float32 eps close to the
+  official one."""
   model = UNetModel(**SMALL, dtype=jnp.bfloat16)
   abstract = _abstract(model)
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(abstract)} == {jnp.dtype(jnp.float32)}
-  eps = jax.jit(model.apply)(_load(midms_state_dict, model), nchw_to_nhwc(unet_io["x"]), unet_io["t"])
+  eps = jax.jit(model.apply)(
+      _load(midms_state_dict, model), nchw_to_nhwc(unet_io["x"]), unet_io["t"]
+  )
   assert eps.dtype == jnp.float32
   # bf16 has 8 mantissa bits: a few 1e-2 on |eps| ~ 1 (float32 gives ~1e-6).
   assert_close(nhwc_to_nchw(eps), unet_io["eps"], 5e-2, "eps (bfloat16)")
@@ -131,7 +191,9 @@ def test_bfloat16_computation(midms_state_dict, unet_io):
 def test_ema_weights_reproduce_eps_ema(midms_state_dict, small_unet, run_small, unet_io):
   ema = ema_state_dict(midms_state_dict, ema_prefix=EMA_PREFIX, model_prefix=MODEL_PREFIX)
   bias = PREFIX + "input_blocks.1.0.in_layers.0.bias"
-  np.testing.assert_array_equal(ema[bias], midms_state_dict[EMA_PREFIX + "diffusion_modelinput_blocks10in_layers0bias"])
+  np.testing.assert_array_equal(
+      ema[bias], midms_state_dict[EMA_PREFIX + "diffusion_modelinput_blocks10in_layers0bias"]
+  )
   assert not np.array_equal(ema[bias], midms_state_dict[bias])
   eps_ema, _ = run_small(_load(ema, small_unet), unet_io["x"], unet_io["t"])
   assert_close(eps_ema, unet_io["eps_ema"], TOLERANCES["eps_ema"], "eps_ema")
@@ -174,7 +236,10 @@ def test_full_size_lsun_churches_shapes():
   assert keys["input_blocks.3.0.in_layers.2.weight"] == (192, 192, 3, 3)
   assert not any(k.endswith(".op.weight") or k.endswith(".conv.weight") for k in keys)
   assert keys["output_blocks.2.1.out_layers.3.weight"] == (768, 768, 3, 3)  # no attention at 1/16
-  assert keys["output_blocks.5.2.emb_layers.1.weight"] == (1536, 768)  # up ResBlock after the 1/8 attention
+  assert keys["output_blocks.5.2.emb_layers.1.weight"] == (
+      1536,
+      768,
+  )  # up ResBlock after the 1/8 attention
   # Attention at 1/1 .. 1/8, none at 1/16 (the innermost level).
   assert keys["input_blocks.1.1.qkv.weight"] == (576, 192, 1)
   assert "input_blocks.13.1.qkv.weight" not in keys
@@ -182,16 +247,30 @@ def test_full_size_lsun_churches_shapes():
 
 
 def test_scale_shift_updown_new_order_runs():
-  model = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
-                    attention_resolutions=(1, 2), channel_mult=(1, 2), num_heads=4, num_head_channels=-1,
-                    use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True, dropout=0.1)
+  model = UNetModel(
+      image_size=8,
+      in_channels=4,
+      out_channels=4,
+      model_channels=32,
+      num_res_blocks=1,
+      attention_resolutions=(1, 2),
+      channel_mult=(1, 2),
+      num_heads=4,
+      num_head_channels=-1,
+      use_scale_shift_norm=True,
+      resblock_updown=True,
+      use_new_attention_order=True,
+      dropout=0.1,
+  )
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
   t = jnp.array([999, 3])
-  # Random weights everywhere (out.2 / out_layers.3 / proj_out start at zero, as the official zero_module).
+  # Random weights everywhere (out.2 / out_layers.3 / proj_out start at zero, as the official
+  # zero_module).
   abstract = jax.eval_shape(model.init, jax.random.key(0), x, t)
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map(
-      lambda v: (0.3 * rng.standard_normal(v.shape) + (v.ndim == 1)).astype(np.float32), abstract)
+      lambda v: (0.3 * rng.standard_normal(v.shape) + (v.ndim == 1)).astype(np.float32), abstract
+  )
   apply = jax.jit(model.apply, static_argnames="train")
   eps = apply(variables, x, t)
   eps_train = apply(variables, x, t, train=True, rngs={"dropout": jax.random.key(3)})
