@@ -12,9 +12,8 @@ _OP = re.compile(r"(\S+) = ([^=]+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\
 def collective_census(hlo_text: str) -> tuple[dict[str, int], list[str]]:
   """({collective: count}, ["op shape"] of those that move data other than by reductions) of
   optimised HLO."""
-  found = [
-      (m.group(3), m.group(2)) for m in _OP.finditer(re.sub(r"/\*.*?\*/", "", hlo_text))
-  ]  # no /*index=5*/
+  # no /*index=5*/
+  found = [(m.group(3), m.group(2)) for m in _OP.finditer(re.sub(r"/\*.*?\*/", "", hlo_text))]
   moving = [f"{op} {shape}" for op, shape in found if op not in ("all-reduce", "reduce-scatter")]
   return dict(collections.Counter(op for op, _ in found)), moving
 

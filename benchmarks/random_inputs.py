@@ -47,9 +47,8 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
 def abstract_variables(config) -> tuple[dict, dict]:
   """(model variables, loss-network variables or {} without one) of ``config``, as shapes."""
   net = vgg.loss_network(config.loss)
-  every_layer = (
-      (("r54",),) if isinstance(net, trunks.VGG19) else ()
-  )  # all 16 convolutions, as the loaded file has
+  # all 16 convolutions, as the loaded file has
+  every_layer = (("r54",),) if isinstance(net, trunks.VGG19) else ()
   loss_variables = (
       {}
       if net is None

@@ -17,9 +17,8 @@ def get_config(variant: str = ""):
   if variant in ("", "paper"):
     unet, first_stage = base.ldm_kl_f8_churches_unet(), base.kl_f8()
     corr = base.correspondence(channels, latent_channels=4)
-    data = base.data(
-        "lsun_church", channels, load_size=286, eval_load_size=256
-    )  # label_nc: one-hot channels
+    # label_nc: one-hot channels
+    data = base.data("lsun_church", channels, load_size=286, eval_load_size=256)
   elif variant == "tiny":
     unet = base.ldm_kl_f8_churches_unet()
     unet.update(

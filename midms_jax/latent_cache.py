@@ -140,9 +140,8 @@ def load_or_build(
         ", ".join(changed) or "file",
     )
   directory.mkdir(parents=True, exist_ok=True)
-  meta_path.unlink(
-      missing_ok=True
-  )  # the fingerprint is written last: a partial file is never reused
+  # the fingerprint is written last: a partial file is never reused
+  meta_path.unlink(missing_ok=True)
   latents = _encode_shard(config, encode, array_path, process, processes)
   meta_path.write_text(json.dumps(wanted, sort_keys=True), encoding="utf-8")
   return latents

@@ -15,9 +15,8 @@ import pathlib
 from absl import flags
 from absl import logging as absl_logging
 
-_PROJECT = str(
-    pathlib.Path(__file__).resolve().parents[1]
-)  # midms_jax/, launch/, configs/ are inside
+# midms_jax/, launch/, configs/ are inside
+_PROJECT = str(pathlib.Path(__file__).resolve().parents[1])
 _OWN_DIRS = tuple(f"{_PROJECT}/{name}/" for name in ("midms_jax", "launch", "configs"))
 
 
@@ -87,8 +86,9 @@ def configure(library_logs: bool = False) -> None:
         _WarningsStandOut(python_handler.formatter or absl_logging.PythonFormatter())
     )
   absl_logging.set_verbosity(absl_logging.INFO)
+  # absl's logger and the root logger, which JAX, TF and grain log through
   for name in (
       "absl",
       "",
-  ):  # absl's logger and the root logger, which JAX, TF and grain log through
+  ):
     logging.getLogger(name).setLevel(logging.INFO)

@@ -19,9 +19,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
-MIN_FSDP_ELEMENTS = (
-    2**14
-)  # smaller leaves (biases, norms) stay replicated: splitting them saves nothing
+# smaller leaves (biases, norms) stay replicated: splitting them saves nothing
+MIN_FSDP_ELEMENTS = 2**14
 
 
 def data_mesh(devices=None, fsdp: int = 1) -> Mesh:

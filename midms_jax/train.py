@@ -298,9 +298,8 @@ def checkpoint_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
   )
 
 
-all_finite = jax.jit(
-    train_step.all_finite
-)  # one boolean for a whole state, computed where its leaves are
+# one boolean for a whole state, computed where its leaves are
+all_finite = jax.jit(train_step.all_finite)
 
 
 @jax.jit

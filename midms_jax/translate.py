@@ -62,11 +62,12 @@ from midms_jax.interop import torch_import
 DEFAULT_CONFIG = pathlib.Path(configs.__file__).with_name("celebahq.py")
 CONDITION_SUFFIXES = (".npy",) + images.IMAGE_SUFFIXES
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+# an --output file, not a folder
 IMAGE_LIKE_SUFFIXES = images.IMAGE_SUFFIXES + (
     ".gif",
     ".tif",
     ".tiff",
-)  # an --output file, not a folder
+)
 
 FLAGS = flags.FLAGS
 # No default value here: ml_collections would parse a default and its --config.* overrides when the
@@ -203,9 +204,8 @@ def debug_grids(decode: Callable, variables, out: dict[str, Any]) -> np.ndarray:
   b, k = out["rewarp_new"].shape[:2]
   new_mixed = jnp.stack([out["rewarp_new"], out["rewarp_mixed"]], axis=2)
   new_mixed = new_mixed.reshape((b, 2 * k) + out["rewarp_new"].shape[2:])
-  latents = jnp.concatenate(
-      [out["initial_warp"][:, None], new_mixed], axis=1
-  )  # init, new 1, mixed 1, ...
+  # init, new 1, mixed 1, ...
+  latents = jnp.concatenate([out["initial_warp"][:, None], new_mixed], axis=1)
   n = latents.shape[1]
   decoded = images.to_uint8(decode(variables, latents.reshape((b * n,) + latents.shape[2:])))
   decoded = decoded.reshape((b, n) + decoded.shape[1:])
@@ -592,9 +592,8 @@ def _run(
       bar.update(1)
 
     for batch in _batches(pairs, inputs, batch_size, failed, memory):
-      if (
-          variables is None
-      ):  # after the first inputs load: bad inputs are reported before the slow part
+      # after the first inputs load: bad inputs are reported before the slow part
+      if variables is None:
         try:
           model, translate_pairs = inference.compiled(
               config, refine, DEBUG_OUTPUTS if debug else ("image",)

@@ -81,9 +81,8 @@ def test_report_files_and_placeholders(evaluated):
       f"{metrics['swd']:.2f} |" in table
   )
   assert "- fid_sources: weights absent: config.evaluate.inception_checkpoint is not set" in table
-  assert list(
-      (run / "eval").glob("events.out.tfevents.*")
-  )  # TensorBoard, beside the run's own events
+  # TensorBoard, beside the run's own events
+  assert list((run / "eval").glob("events.out.tfevents.*"))
 
 
 def test_generated_dir_gives_the_same_numbers_and_fid_uses_its_cache(
@@ -155,9 +154,8 @@ def test_jpeg_references_decode_as_saved_files(tmp_path):
   images.save_image(tmp_path / "x.jpg", image, "jpg")
   saved = evaluate.saved_pixels(image, "jpg")
   assert np.array_equal(saved, images.read_rgb(tmp_path / "x.jpg"))
-  assert not np.array_equal(
-      saved, images.to_uint8(image)
-  )  # JPEG is lossy: the format changes the numbers
+  # JPEG is lossy: the format changes the numbers
+  assert not np.array_equal(saved, images.to_uint8(image))
   assert np.array_equal(evaluate.saved_pixels(image, "png"), images.to_uint8(image))
 
 

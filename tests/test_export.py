@@ -61,9 +61,8 @@ def test_files_and_manifest(exported):
     for key, value in state.items():
       assert np.array_equal(tensors[key], value.numpy()), key
       assert listed[key]["sha256"] == hashlib.sha256(tensors[key].tobytes()).hexdigest(), key
-  assert any(
-      k.startswith("diffusion_sampler.model.") for k in pth["state_dict"]
-  )  # the full official layout
+  # the full official layout
+  assert any(k.startswith("diffusion_sampler.model.") for k in pth["state_dict"])
   # The synthetic run (pixel-unshuffle first stage, own data set): nothing the official code loads.
   official = manifest["official_code"]
   assert official["data_set"] == "synthetic"
@@ -109,9 +108,8 @@ def test_translations_from_workdir_and_export_are_identical(exported, tmp_path):
     with Image.open(tmp_path / f"{name}.png") as image:
       pixels[name] = np.asarray(image)
   assert np.array_equal(pixels["workdir"], pixels["export"])
-  assert not np.array_equal(
-      pixels["workdir"], pixels["step3"]
-  )  # the weights, not the inputs, decide
+  # the weights, not the inputs, decide
+  assert not np.array_equal(pixels["workdir"], pixels["step3"])
 
 
 def test_without_torch_only_safetensors(exported, tmp_path, monkeypatch, capsys):

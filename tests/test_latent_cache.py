@@ -39,9 +39,8 @@ def test_cache_holds_the_unaugmented_training_latents_and_is_reused_until_the_da
 ):
   config = _config(tmp_path / "cache")
   model, encode, calls = _encoder(config)
-  latents = np.array(
-      latent_cache.load_or_build(config, encode, {})
-  )  # a copy: the file is rewritten below
+  # a copy: the file is rewritten below
+  latents = np.array(latent_cache.load_or_build(config, encode, {}))
   images = np.concatenate(
       [
           batch["image"]
@@ -76,9 +75,8 @@ def test_cache_holds_the_unaugmented_training_latents_and_is_reused_until_the_da
   assert len(calls) == 3 and not np.array_equal(np.asarray(changed), np.asarray(latents))
   calls.clear()
   other_weights = {"params": {"w": np.ones((2,), np.float32)}}
-  latent_cache.load_or_build(
-      config, encode, other_weights
-  )  # other first-stage weights: encoded again
+  # other first-stage weights: encoded again
+  latent_cache.load_or_build(config, encode, other_weights)
   assert len(calls) == 3
 
 
@@ -110,9 +108,8 @@ def test_cached_stream_reshuffles_every_epoch_and_resumes_exactly():
       .__iter__()
       .get_state()
   )
-  with pytest.raises(
-      ValueError, match="another stream"
-  ):  # a checkpoint of the image stream does not fit
+  # a checkpoint of the image stream does not fit
+  with pytest.raises(ValueError, match="another stream"):
     resumed.set_state(images_state)
   images = iter(
       pipeline.make_dataset(

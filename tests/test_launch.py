@@ -31,9 +31,8 @@ def _launch(
     cwd: pathlib.Path = ROOT,
     timeout: float = 60,
 ) -> subprocess.CompletedProcess:
-  if (
-      env is None
-  ):  # the launchers pass XLA_FLAGS on: start from none (tests/conftest.py set some here)
+  # the launchers pass XLA_FLAGS on: start from none (tests/conftest.py set some here)
+  if env is None:
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
   return subprocess.run(
       [sys.executable, str(LAUNCH / script), *args],
@@ -87,6 +86,7 @@ def _fake_log(path: pathlib.Path) -> list[dict]:
 FLAG_VALUES = ("10.0.0.1:8476", 4, 1)
 
 
+# the flags win
 @pytest.mark.parametrize(
     "flags, env, expected",
     [
@@ -95,7 +95,7 @@ FLAG_VALUES = ("10.0.0.1:8476", 4, 1)
             FLAG_VALUES,
             {"TPU_WORKER_HOSTNAMES": "t0,t1", "SLURM_NTASKS": "8"},
             [FLAG_VALUES],
-        ),  # the flags win
+        ),
         ((None, None, None), {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, [()]),  # multi-host TPU slice
         ((None, None, None), {"TPU_WORKER_HOSTNAMES": "t0"}, []),  # one TPU host
         ((None, None, None), {"SLURM_NTASKS": "16"}, [()]),  # srun with several tasks
@@ -431,9 +431,8 @@ def test_multi_gpu_dry_run_and_run(tmp_path):
       f"--python={python}",
       env=env,
   )
-  assert (
-      result.returncode == 4
-  )  # the training process replaced the launcher: its status is the script's
+  # the training process replaced the launcher: its status is the script's
+  assert result.returncode == 4
   [call] = _fake_log(log)
   assert call["argv"] == ["-m", "midms_jax.train", f"--config={CONFIG}", "--workdir=gs://bkt/x"]
   assert call["env"] == {"CUDA_VISIBLE_DEVICES": "1"}

@@ -96,9 +96,8 @@ def test_compiled_step_learns_and_keeps_the_ema_behind(setup):
   config, model, variables, images = setup
   config = config.copy_and_resolve_references()
   config.ldm.lr = 1e-3
-  params = jax.tree_util.tree_map(
-      jnp.copy, variables["unet"]["params"]
-  )  # the step donates its state
+  # the step donates its state
+  params = jax.tree_util.tree_map(jnp.copy, variables["unet"]["params"])
   state = ldm.create_state(params, ldm.make_optimizer(config.ldm))
   step = ldm.make_step(model, config)
   frozen = dict(first_stage={})

@@ -104,10 +104,11 @@ def test_synthetic_run_ends_with_held_out_results_and_samples(synthetic_run):
   from PIL import Image  # pylint: disable=import-outside-toplevel
 
   with Image.open(workdir / "samples.png") as samples:
+    # condition | exemplar | warp | output | gt, the 4 pairs
     assert samples.size == (
         5 * 32,
         4 * 32,
-    )  # condition | exemplar | warp | output | gt, the 4 pairs
+    )
     grid = np.asarray(samples.convert("RGB"), np.float32) / 255
   # The condition column shows the class colours of the held-out conditions (synthetic.colourise).
   from midms_jax import held_out, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
@@ -210,9 +211,8 @@ def test_exact_resume_after_sigkill_and_damaged_checkpoints(synthetic_run, backg
       and "unreadable" in out.stderr
       and "resumed from step 3" in out.stderr
   )
-  assert re.search(
-      r"^warning: checkpoint 6 in .* is unreadable", out.stderr, re.MULTILINE
-  )  # stands out
+  # stands out
+  assert re.search(r"^warning: checkpoint 6 in .* is unreadable", out.stderr, re.MULTILINE)
   assert (damaged / "checkpoints" / "damaged-6").is_dir()
   again = _losses(damaged)
   assert sorted(again) == [4, 5, 6] and all(again[s] == expected[s] for s in again)
@@ -393,9 +393,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
   config = synthetic_train_config("midms", num_steps=5, checkpoint_every=10, image_every=0)
   with pytest.raises(train.Preempted, match=r"SIGTERM: saved step 2 .*exit status 143"):
     train.train_and_evaluate(config, tmp_path)
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-      "2"
-  ]  # saved at once, then stopped
+  # saved at once, then stopped
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert sorted(_losses(tmp_path)) == [1, 2]
   assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after it returns
 
@@ -532,9 +531,8 @@ def test_damaged_files_are_set_aside_and_the_older_checkpoint_restored(tmp_path)
       CheckpointError, match=r"every checkpoint is damaged .* remove them or use a new --workdir"
   ):
     _restore(workdir, _small_state(0))
-  with pytest.raises(
-      CheckpointError, match=r"every checkpoint is damaged"
-  ):  # never silently from step 0
+  # never silently from step 0
+  with pytest.raises(CheckpointError, match=r"every checkpoint is damaged"):
     _restore(workdir, _small_state(0))
 
 
@@ -564,12 +562,10 @@ def test_resume_contract_allows_the_documented_fields_and_names_the_others(tmp_p
   longer = synthetic_train_config(num_steps=60, log_every=7)
   longer.data.worker_count = 4
   longer.evaluate.results_pairs = 16
-  train.check_resume(
-      train.plan_stages(longer, epath.Path(tmp_path)), epath.Path(tmp_path)
-  )  # allowed
-  moved = (
-      tmp_path.parent / f"{tmp_path.name}-moved"
-  )  # a copied run: its {workdir} paths moved with it
+  # allowed
+  train.check_resume(train.plan_stages(longer, epath.Path(tmp_path)), epath.Path(tmp_path))
+  # a copied run: its {workdir} paths moved with it
+  moved = tmp_path.parent / f"{tmp_path.name}-moved"
   shutil.copytree(tmp_path, moved)
   train.check_resume(train.plan_stages(longer, epath.Path(moved)), epath.Path(moved))
   changed = synthetic_train_config(lr=1e-3)

@@ -38,9 +38,8 @@ def _losses(output: str, process: int) -> dict[int, str]:
 def _train_two_processes(job: BackgroundJob) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
   """The two-host run of the test (a background job): its workdir and the launcher's result."""
   env = dict(job.environ)
-  env.pop(
-      "XLA_FLAGS", None
-  )  # the launcher gives each process one CPU device: the mesh spans the two processes
+  # the launcher gives each process one CPU device: the mesh spans the two processes
+  env.pop("XLA_FLAGS", None)
   workdir = job.dir / "run"
   command = [
       sys.executable,

@@ -101,9 +101,8 @@ def _ldm_step_activation_moves(n_devices: int, fsdp: int) -> int:
 
 
 def test_warmup_freezes_unet_then_main_step_trains_it():
-  config, model, variables, frozen, batch, tx = _setup(
-      batch_size=DP_BATCH, lr=DP_LR
-  )  # DP test's programs
+  # DP test's programs
+  config, model, variables, frozen, batch, tx = _setup(batch_size=DP_BATCH, lr=DP_LR)
   mesh = sharding.data_mesh()
   steps = train_step.make_train_steps(model, config, steps_per_epoch=100, mesh=mesh)
   state = sharding.replicate(train_step.create_train_state(variables, tx), mesh)
@@ -189,12 +188,10 @@ def test_eight_devices_match_one_device(background):
   assert out.returncode == 0, out.stderr[-3000:]
   eight = json.loads(out.stdout.strip().splitlines()[-1])
   assert eight["devices"] == 8 and eight["fsdp_fraction"] == 0.25  # each device holds a quarter
-  assert (
-      eight["activation_moves"] == 0
-  )  # examples stay on their device (layers.join_batches, not concatenate)
-  assert (
-      eight["ldm_activation_moves"] == 0
-  )  # nor in the LDM stage (parameters gathered whole: whole_parameters)
+  # examples stay on their device (layers.join_batches, not concatenate)
+  assert eight["activation_moves"] == 0
+  # nor in the LDM stage (parameters gathered whole: whole_parameters)
+  assert eight["ldm_activation_moves"] == 0
   for key in ("loss", "grad_norm"):
     assert abs(one[key] - eight[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], eight[key])
   assert np.max(np.abs(np.load(params_path) - one["params"])) <= 1e-5
@@ -204,9 +201,8 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension():
   split = sharding.FSDP_AXIS
   assert sharding.fsdp_spec((3, 3, 256, 512), 4) == PartitionSpec(None, None, None, split)
   assert sharding.fsdp_spec((1024, 96), 64) == PartitionSpec(split, None)
-  assert (
-      sharding.fsdp_spec((1030, 97), 4) == PartitionSpec()
-  )  # no dimension divisible by 4: replicated
+  # no dimension divisible by 4: replicated
+  assert sharding.fsdp_spec((1030, 97), 4) == PartitionSpec()
   assert sharding.fsdp_spec((256,), 4) == PartitionSpec()  # too small to be worth splitting
   assert sharding.fsdp_spec((3, 3, 256, 512), 1) == PartitionSpec()
   with pytest.raises(ValueError, match="fsdp=2 must divide the 1 devices"):

@@ -103,9 +103,8 @@ def test_output_equals_midms_translate(files, single):
       fn(variables, condition[None], exemplar[None], exemplar_condition[None], key)[0]
   )
   diff = np.abs(_pixels(single).astype(int) - expected)
-  assert (
-      diff.max() <= 1 and np.mean(diff > 0) < 0.01
-  )  # float rounding of the vmapped batch at .5 boundaries
+  # float rounding of the vmapped batch at .5 boundaries
+  assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
   assert expected.std() > 1
 
 
@@ -206,9 +205,8 @@ def test_jpg_output(files):
   for path in (out / "c1__e1.jpg", single):
     with Image.open(path) as image:
       assert image.format == "JPEG" and image.size == (SIZE, SIZE)
-  assert [p.name for p in out.iterdir()] == [
-      "c1__e1.jpg"
-  ]  # flags of earlier in-process runs (--debug) reset
+  # flags of earlier in-process runs (--debug) reset
+  assert [p.name for p in out.iterdir()] == ["c1__e1.jpg"]
 
 
 def _bad_inputs(root: pathlib.Path, c0: pathlib.Path) -> dict[str, tuple[pathlib.Path, list[str]]]:

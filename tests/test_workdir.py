@@ -52,9 +52,8 @@ def test_load_trained_gives_the_checkpoint_without_optimiser_state(synthetic_run
   initial = jax.device_get(
       train.initial_variables(newest.config, jax.random.PRNGKey(newest.config.train.seed))
   )
-  assert _leaves_equal(
-      newest.variables["first_stage"], initial["first_stage"]
-  )  # frozen: saved once, as it was
+  # frozen: saved once, as it was
+  assert _leaves_equal(newest.variables["first_stage"], initial["first_stage"])
   for part in ("unet", "correspondence"):  # same structure as the model's, but trained
     assert jax.tree_util.tree_structure(newest.variables[part]) == jax.tree_util.tree_structure(
         initial[part]

@@ -366,9 +366,8 @@ def _read_numbers(path: str | pathlib.Path) -> np.ndarray:
     raise InputError(f"{path}: no such file")
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter(
-          "ignore", UserWarning
-      )  # loadtxt warns on empty files: an empty pose is valid
+      # loadtxt warns on empty files: an empty pose is valid
+      warnings.simplefilter("ignore", UserWarning)
       return np.loadtxt(io.StringIO(path.read_text().replace(",", " ")), dtype=np.float64, ndmin=2)
   except ValueError as e:
     raise InputError(f"{path}: not a table of numbers: {first_line(e)}") from None
@@ -517,9 +516,8 @@ def load_condition(path: str | pathlib.Path, config: Any, factor: int = 1) -> np
   channels = config.model.correspondence.label_channels
   image = None if path.suffix.lower() == ".npy" else images.open_image(path)
   kind = _kind_of(path, image)
-  if (
-      kind == "photo"
-  ):  # other data sets refuse before the pixels are checked: their hint is more useful
+  # other data sets refuse before the pixels are checked: their hint is more useful
+  if kind == "photo":
     return from_photo(
         path,
         config,

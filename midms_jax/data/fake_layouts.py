@@ -35,17 +35,17 @@ from skimage import data as skimage_data
 
 from midms_jax.data import builders, conditions
 
-ExemplarList = Mapping[
-    str, Sequence[str]
-]  # record name as the list writes it -> candidate names, in order
+# record name as the list writes it -> candidate names, in order
+ExemplarList = Mapping[str, Sequence[str]]
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1)
 
+# bundled with scikit-image (no download)
 PHOTO_SAMPLES = (
     "astronaut",
     "coffee",
     "chelsea",
     "rocket",
-)  # bundled with scikit-image (no download)
+)
 CELEBAHQ_MASKS_PER_FOLDER = 2000  # CelebAMask-HQ: masks of ids [2000 k, 2000 (k + 1)) in folder k
 LSUN_STRIPE_IDS = (0, 3, 255, 149, 7)  # label ids of the stripes, left to right (255: don't care)
 LSUN_GRAYS = (20, 70, 120, 170, 220)  # the photo's grey where each of those ids is
@@ -66,18 +66,20 @@ FACE_PARTS: dict[str, Box] = {
     "l_lip": (0.34, 0.78, 0.66, 0.85),
     "mouth": (0.38, 0.76, 0.62, 0.8),
 }
+# how often a face has them
 OPTIONAL_PARTS = {
     "l_ear": 0.7,
     "r_ear": 0.7,
     "eye_g": 0.1,
     "mouth": 0.4,
-}  # how often a face has them
+}
+# the face in the photo's [0, 1] frame, before jitter
 FACE_BOX: Box = (
     0.1875,
     0.125,
     0.8125,
     0.9375,
-)  # the face in the photo's [0, 1] frame, before jitter
+)
 
 # A standing person facing the camera, COCO-18 keypoint order: (x, y) in the photo's [0, 1] frame.
 POSE_TEMPLATE = np.array(

@@ -175,9 +175,8 @@ def _list_entries(path: pathlib.Path) -> list[Entry]:
   ]
   if not names:
     raise InputError(f"{path}: the image list names no files")
-  return [
-      Entry(name, path.parent / pathlib.Path(name).expanduser()) for name in names
-  ]  # absolute stays absolute
+  # absolute stays absolute
+  return [Entry(name, path.parent / pathlib.Path(name).expanduser()) for name in names]
 
 
 def list_images(source: str | pathlib.Path, notes: list[str] | None = None) -> list[Entry]:
@@ -341,9 +340,8 @@ def _top_k_row(scores: np.ndarray, k: int) -> np.ndarray:
   if k == 0:
     return np.zeros(0, np.int64)
   threshold = np.partition(scores, scores.size - k)[scores.size - k]  # the k-th largest
-  chosen = np.flatnonzero(
-      scores >= threshold
-  )  # every tie at the threshold, then the lowest indices
+  # every tie at the threshold, then the lowest indices
+  chosen = np.flatnonzero(scores >= threshold)
   order = np.lexsort((chosen, -scores[chosen]))
   return chosen[order[:k]]
 

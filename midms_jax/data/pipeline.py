@@ -341,18 +341,16 @@ class BatchIterator(Iterator[Record]):
       self._iterator = self._start()
     batch = next(self._iterator)
     self._next_batch += 1
-    return {
-        key: np.asarray(batch[key]) for key in self._keys
-    }  # plain arrays (workers send shared memory)
+    # plain arrays (workers send shared memory)
+    return {key: np.asarray(batch[key]) for key in self._keys}
 
   def get_state(self) -> dict[str, Any]:
     return dict(self._stream, next_batch=self._next_batch)
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues at ``state['next_batch']``; ValueError if the state is of another stream."""
-    keys = set(self._stream) | (
-        set(state) - {"next_batch"}
-    )  # a key only the saved stream has differs too
+    # a key only the saved stream has differs too
+    keys = set(self._stream) | (set(state) - {"next_batch"})
     mismatched = {
         k: (state.get(k), self._stream.get(k))
         for k in sorted(keys)

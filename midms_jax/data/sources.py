@@ -88,10 +88,11 @@ RENDER: dict[str, Callable[[Mapping[str, Any], int], Pair]] = {
     "deepfashion": deepfashion_pair,
     "lsun_church": lsun_church_pair,
 }
+# encoded files: kept as bytes, decoded here with Pillow (as the official code)
 _UNDECODED = (
     "image",
     "label",
-)  # encoded files: kept as bytes, decoded here with Pillow (as the official code)
+)
 
 
 def _prepare_command(name: str, data_dir: str | None) -> str:

@@ -47,14 +47,14 @@ import numpy as np
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
 TEXTURES = ("stripes", "checker", "gradient", "noise", "flat")
 OBJECT_TEXTURES = TEXTURES[:4]
+# global, so recoverable from a partial view
 BACKGROUND_TEXTURES = (
     "stripes",
     "checker",
     "gradient",
-)  # global, so recoverable from a partial view
-BACKGROUND_CHOICES = BACKGROUND_TEXTURES + (
-    "flat",
-)  # what SyntheticConfig.background_textures may name
+)
+# what SyntheticConfig.background_textures may name
+BACKGROUND_CHOICES = BACKGROUND_TEXTURES + ("flat",)
 LABEL_CHANNELS = len(SHAPES) + 2  # background + one per shape + boundaries
 EDGE_CHANNEL = LABEL_CHANNELS - 1
 SPLITS = ("train", "validation")

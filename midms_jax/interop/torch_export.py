@@ -87,9 +87,8 @@ def _host_leaf(name: str, leaf: Any) -> np.ndarray:
   inside the array for as long as the caller keeps the variables.
   """
   if isinstance(leaf, jax.Array) and any(d.platform != "cpu" for d in leaf.devices()):
-    with contextlib.suppress(
-        RuntimeError
-    ):  # no CPU backend (JAX_PLATFORMS without cpu): copy directly
+    # no CPU backend (JAX_PLATFORMS without cpu): copy directly
+    with contextlib.suppress(RuntimeError):
       leaf = jax.device_put(leaf, jax.devices("cpu")[0])
   array = to_torch_layout(name, np.asarray(leaf))
   if jnp.issubdtype(array.dtype, jnp.floating):
@@ -376,9 +375,8 @@ def write_manifest(
   """``export.json``: the config, the training step, and per written file the shape, dtype and
   ``tensor_sha256`` of each of its tensors (``files``: file name -> its state dict); ``extra``:
   further top-level entries (JSON-serialisable)."""
-  digests: dict[int, str] = (
-      {}
-  )  # by array identity: files and diffusion_sampler.model.* share arrays
+  # by array identity: files and diffusion_sampler.model.* share arrays
+  digests: dict[int, str] = {}
   listed = {}
   for name, state_dict in files.items():
     tensors = {}

@@ -84,9 +84,10 @@ def warped_segmentation_loss(
   target = torch_nearest_resize(label_ids[..., None], h, w)[..., 0].astype(jnp.int32)
   log_probs = jnp.log(warped_exemplar_seg + 1e-10)
   nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
+  # (B, classes)
   present = jnp.any(
       jax.nn.one_hot(exemplar_label_ids.astype(jnp.int32), num_classes, dtype=bool), axis=(1, 2)
-  )  # (B, classes)
+  )
   weight = jnp.take_along_axis(present, target.reshape(target.shape[0], -1), axis=1).reshape(
       target.shape
   )
@@ -128,9 +129,8 @@ def midms_losses(
         loss_feat=zero, loss_perc=zero, cx_terms=jnp.zeros((4,), jnp.float32), loss_context=zero
     )
   else:
-    rewarped = outputs.get(
-        "rewarped_ref"
-    )  # decoded re-warps (R, B, ...), only with loss_cfg.rewarp
+    # decoded re-warps (R, B, ...), only with loss_cfg.rewarp
+    rewarped = outputs.get("rewarped_ref")
     images = [outputs["warped_ref"], outputs["warped_src"], batch["image"], batch["ref"]]
     images += [] if rewarped is None else list(rewarped)
     split = {name: split_batches(f, len(images)) for name, f in vgg(join_batches(images)).items()}

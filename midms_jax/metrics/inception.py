@@ -45,9 +45,8 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """``(out_size, in_size)`` weights of PyTorch's bilinear resampling along one axis
   (``align_corners=False``, no anti-aliasing): source ``(o + 0.5) in / out - 0.5``, clamped at 0,
   between two neighbours."""
-  scale = np.float32(
-      in_size / out_size
-  )  # PyTorch computes positions in float32: so do we, to its last bit
+  # PyTorch computes positions in float32: so do we, to its last bit
+  scale = np.float32(in_size / out_size)
   source = np.maximum(
       (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
       np.float32(0),

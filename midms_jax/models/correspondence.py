@@ -167,9 +167,8 @@ class SPADE(nn.Module):
   def __call__(self, x: jax.Array, segmap: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     segmap = torch_nearest_resize(segmap, x.shape[1], x.shape[2])
-    if platform_tuning.tuned(
-        "spade_map_barrier"
-    ):  # materialised, not fused into every conv that reads it
+    # materialised, not fused into every conv that reads it
+    if platform_tuning.tuned("spade_map_barrier"):
       segmap = jax.lax.optimization_barrier(segmap)
     shared = _torch_conv(self.hidden, 3, segmap.shape[-1], name="mlp_shared.1", dtype=self.dtype)
     actv = pad_hw(nn.relu(shared(pad_hw(segmap, 1, "reflect"))), 1, "reflect")

@@ -24,6 +24,5 @@ def test_census_counts_each_collective_once_and_lists_those_that_are_not_reducti
   }
   assert [m.split()[0] for m in moving] == ["all-gather", "collective-permute", "all-to-all"]
   assert moving[1] == "collective-permute f32[2,32,32,8]{3,2,1,0}"
-  assert (
-      activation_moves(counts) == 2
-  )  # the permute and the all-to-all; gathers and reductions do not count
+  # the permute and the all-to-all; gathers and reductions do not count
+  assert activation_moves(counts) == 2

@@ -27,9 +27,8 @@ def test_installed_xla_keeps_known_flags_and_drops_unknown_ones():
   kept = known_xla_flags.known_flags(_GPU_FLAGS + ["--xla_gpu_no_such_flag=1"], libraries)
   assert kept == _GPU_FLAGS
   assert _start_backend(" ".join(kept)).returncode == 0
-  unknown = _start_backend(
-      "--xla_gpu_no_such_flag=1"
-  )  # what the filter prevents: XLA aborts the process
+  # what the filter prevents: XLA aborts the process
+  unknown = _start_backend("--xla_gpu_no_such_flag=1")
   assert unknown.returncode != 0 and "xla_gpu_no_such_flag" in unknown.stderr
 
 

@@ -17,18 +17,20 @@ from midms_jax.errors import InputError
 # Fake data sets in the official layouts (midms_jax.data.fake_layouts), with the cases the tests
 # need.
 
+# 4: only an exemplar (in no list)
 CELEBA_TRAIN, CELEBA_VAL, CELEBA_EXTRA = (
     (0, 1, 2, 3),
     (2000, 2001),
     4,
-)  # 4: only an exemplar (in no list)
+)
+# 77: a line for an image in no list
 CELEBA_REFS = {
     "0.jpg": ("1.jpg", "3.jpg"),
     "1.jpg": ("2.jpg",),
     "2.jpg": ("0.jpg", "1.jpg", "3.jpg"),
     "3.jpg": ("2001.jpg", "4.jpg"),
     "77.jpg": ("0.jpg",),
-}  # 77: a line for an image in no list
+}
 CELEBA_TEST_REFS = {"2000.jpg": ("2001.jpg", "0.jpg", "1.jpg"), "2001.jpg": ("2000.jpg",)}
 
 FASHION_TRAIN = (
@@ -158,9 +160,8 @@ def test_celebahq_records_keep_the_files_and_reference_their_exemplars(prepared)
   assert [_text(r["key"]) for r in train] == [f"{i}.jpg" for i in CELEBA_TRAIN]  # natural order
   for record in train + val + extra:
     key = _text(record["key"])
-    assert (
-        record["image"] == (manual_dir / "CelebA-HQ-img" / key).read_bytes()
-    )  # the original bytes
+    # the original bytes
+    assert record["image"] == (manual_dir / "CelebA-HQ-img" / key).read_bytes()
     masks = fake.condition_inputs[key]
     assert [conditions.CELEBAHQ_PART_NAMES[p] for p in record["mask_parts"]] == [
         p for p in conditions.CELEBAHQ_PART_NAMES if p in masks
@@ -305,15 +306,13 @@ def test_deepfashion_source_draws_the_pose_at_the_photo_size(prepared):
       record["label"], conditions.deepfashion_condition(candidate, subset, FASHION_SIZE, 32)
   )
   np.testing.assert_array_equal(record["image"], _photo_at(fake.root / FASHION_TRAIN[2], 32))
-  candidate, subset = fake.condition_inputs[
-      FASHION_VAL[1]
-  ]  # easy exemplar: the second validation image
+  # easy exemplar: the second validation image
+  candidate, subset = fake.condition_inputs[FASHION_VAL[1]]
   np.testing.assert_array_equal(
       record["label_ref"], conditions.deepfashion_condition(candidate, subset, FASHION_SIZE, 32)
   )
-  assert (
-      record["label"][..., :3].any() and (record["label"][..., 3:] < 1).any()
-  )  # skeleton and limb distances
+  # skeleton and limb distances
+  assert record["label"][..., :3].any() and (record["label"][..., 3:] < 1).any()
 
 
 def test_lsun_source_one_hot_with_dont_care(prepared):
@@ -324,9 +323,8 @@ def test_lsun_source_one_hot_with_dont_care(prepared):
   record = source[0]  # img1, written third: stripes rotated by 2
   _check_record(record, 40, 151)
   np.testing.assert_array_equal(record["label"].sum(-1), 1.0)
-  assert (
-      record["label"][0, 0, 149] == 1 and record["label"][39, 32, 150] == 1
-  )  # img1's stripes: 149, 7, 0, 3, 255
+  # img1's stripes: 149, 7, 0, 3, 255
+  assert record["label"][0, 0, 149] == 1 and record["label"][39, 32, 150] == 1
   labels = fake.condition_inputs
   np.testing.assert_array_equal(
       np.argmax(record["label"], -1), channel_ids(labels["training/img1.jpg"])
@@ -497,9 +495,8 @@ def test_exemplar_list_problems_name_the_list(tmp_path):
   )
   builder = build("celebahq", root, tmp_path / "c", skip_bad=True)
   assert [(s.split, s.key) for s in builder.skipped] == [("validation", "2000.jpg")]
-  assert [_refs(r) for r in _stored(builder, "validation")] == [
-      (("2000.jpg", "exemplars", 1),) * 2
-  ]  # after 4.jpg
+  # after 4.jpg
+  assert [_refs(r) for r in _stored(builder, "validation")] == [(("2000.jpg", "exemplars", 1),) * 2]
   other = tmp_path / "lists" / "test.txt"
   other.parent.mkdir()
   other.write_text(

@@ -40,9 +40,8 @@ def test_celebahq_edges_from_a_photo(photo):
   )
   assert expected.any() and not expected.all()
   np.testing.assert_array_equal(condition[..., 0], expected.astype(np.float32))
-  np.testing.assert_array_equal(
-      condition[..., 1:14], 1.0
-  )  # no part masks: distance maps saturate at 255/255
+  # no part masks: distance maps saturate at 255/255
+  np.testing.assert_array_equal(condition[..., 1:14], 1.0)
   np.testing.assert_array_equal(condition[..., 14], 0.0)  # no part boundaries
   np.testing.assert_array_equal(conditions.celebahq_edges(rgb), condition)
 
@@ -165,9 +164,8 @@ def test_distance_map_is_l1_over_3_clipped_and_truncated():
   assert distance.dtype == np.uint8
   # L1 distance d -> floor(d / 3): 0 0 0 1 1 1 2 ..., saturating at 255 from d = 765 on
   np.testing.assert_array_equal(distance[0], np.minimum(np.arange(800) // 3, 255))
-  np.testing.assert_array_equal(
-      conditions.distance_uint8(np.full((3, 3), 255, np.uint8)), 255
-  )  # no boundary
+  # no boundary
+  np.testing.assert_array_equal(conditions.distance_uint8(np.full((3, 3), 255, np.uint8)), 255)
 
 
 def _step_photo(size=40):
@@ -204,9 +202,8 @@ def test_celebahq_parts_edges_and_distance_maps():
       ),
   )
 
-  skin_map = (
-      condition[:, 7, 1] * 255
-  )  # channel 1 = skin; rows' L1 distance to rows 4, 5, 34, 35, / 3
+  # channel 1 = skin; rows' L1 distance to rows 4, 5, 34, 35, / 3
+  skin_map = condition[:, 7, 1] * 255
   rows = np.arange(40)
   distance = np.min(np.abs(rows[:, None] - np.array([4, 5, 34, 35])[None]), axis=1)
   np.testing.assert_allclose(skin_map, distance // 3, atol=1e-4)
@@ -241,9 +238,8 @@ def test_celebahq_mask_forms_folder_layout_and_load_size(tmp_path):
   np.testing.assert_array_equal(
       conditions.celebahq_condition(rgb, {"skin": skin > 0}, 32)[..., :12], from_files[..., :12]
   )
-  np.testing.assert_array_equal(
-      from_files[..., 12], 1.0
-  )  # an empty eye_g mask has no boundary either
+  # an empty eye_g mask has no boundary either
+  np.testing.assert_array_equal(from_files[..., 12], 1.0)
   np.testing.assert_array_equal(
       conditions.celebahq_condition(rgb / 255.0, None, 32),
       conditions.celebahq_condition(rgb, None, 32),
@@ -258,9 +254,8 @@ def test_empty_canny_on_a_structured_photo_warns(monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     conditions.celebahq_condition(_step_photo(), name="fine.jpg")
-    conditions.celebahq_condition(
-        np.full((40, 40, 3), 90, np.uint8), name="flat.jpg"
-    )  # no structure: silent
+    # no structure: silent
+    conditions.celebahq_condition(np.full((40, 40, 3), 90, np.uint8), name="flat.jpg")
   monkeypatch.setattr(conditions.feature, "canny", lambda image: np.zeros(image.shape, bool))
   with pytest.warns(RuntimeWarning, match=r"^face_0042\.jpg: Canny found no edges"):
     condition = conditions.celebahq_condition(_step_photo(), name="face_0042.jpg")
@@ -300,9 +295,8 @@ def test_deepfashion_circles_limbs_and_distance_maps():
   np.testing.assert_array_equal(rgb[30 - 6, 25], 0)
   limb = condition[..., 3 + 12] * 255
   np.testing.assert_allclose(limb[30, 10:41], 0)  # the ellipse covers the whole segment
-  np.testing.assert_allclose(
-      limb[0, 25], 26 // 3, atol=1e-4
-  )  # row 0 is 26 px above the ellipse's top (row 26)
+  # row 0 is 26 px above the ellipse's top (row 26)
+  np.testing.assert_allclose(limb[0, 25], 26 // 3, atol=1e-4)
   for k in set(range(17)) - {12}:
     np.testing.assert_array_equal(condition[..., 3 + k], 1.0)  # missing endpoints: all-ones maps
 
@@ -310,9 +304,8 @@ def test_deepfashion_circles_limbs_and_distance_maps():
 def test_deepfashion_diagonal_limb_and_load_size():
   candidate, subset = _skeleton({1: (12.0, 12.0), 2: (36.0, 36.0)})
   _, masks = conditions.render_pose(candidate, subset, (48, 48))
-  steps = np.arange(
-      13, 36
-  )  # half-axis int(33.94 / 2) = 16 < 16.97: the endpoints themselves fall just outside
+  # half-axis int(33.94 / 2) = 16 < 16.97: the endpoints themselves fall just outside
+  steps = np.arange(13, 36)
   assert (masks[12][steps, steps] == 255).all()  # the rotated ellipse covers the diagonal
   assert masks[12][12, 12] == 0
   assert masks[12][12, 36] == 0 and masks[12][36, 12] == 0

@@ -130,9 +130,8 @@ def test_identical_files_tie_in_name_order(folder, variables, tmp_path):
   shutil.copy(folder / "coffee.png", root / "2.png")
   lists = _lists(mel.list_images(root), tmp_path / "ref.txt", variables, top_k=3)
   assert lists["query.png"][:2] == ["9.png", "10.png"]  # equal scores: natural name order
-  assert (
-      lists["9.png"][0] == "10.png" and lists["10.png"][0] == "9.png"
-  )  # a duplicate is not the image itself
+  # a duplicate is not the image itself
+  assert lists["9.png"][0] == "10.png" and lists["10.png"][0] == "9.png"
 
 
 def test_rank_chunked_matches_full_sort_and_excludes():
@@ -148,11 +147,12 @@ def test_rank_chunked_matches_full_sort_and_excludes():
       scores = (query.astype(np.float64) @ candidates.T.astype(np.float64)).astype(np.float32)
       order = [j for j in np.lexsort((np.arange(37), -scores)) if j != own]
       np.testing.assert_array_equal(row, order[:6])
+  # 11's duplicates first, in index order, 11 itself left out
   assert list(ranked[-1][:3]) == [
       5,
       20,
       30,
-  ]  # 11's duplicates first, in index order, 11 itself left out
+  ]
 
 
 def test_separate_candidate_pool_excludes_the_same_file(folder, variables, tmp_path):
@@ -163,10 +163,11 @@ def test_separate_candidate_pool_excludes_the_same_file(folder, variables, tmp_p
   )
   queries = [mel.Entry(name, folder / name) for name in ("rocket.png", "coffee_copy.jpg")]
   lists = _lists(queries, tmp_path / "ref.txt", variables, candidate_entries=mel.list_images(pool))
+  # not itself
   assert lists["rocket.png"] == [
       str(folder / "rocket_copy.jpg"),
       str(folder / "coffee.png"),
-  ]  # not itself
+  ]
   assert (
       lists["coffee_copy.jpg"][0] == str(folder / "coffee.png")
       and len(lists["coffee_copy.jpg"]) == 3

@@ -28,6 +28,7 @@ from midms_jax.data import builders, fake_layouts, images, prepare
 from midms_jax.errors import InputError
 
 SIDE = 32  # the tiny configs' eval_load_size and crop_size: no crop
+# the official IMG_EXTENSIONS
 IMAGE_SUFFIXES = (
     ".jpg",
     ".JPG",
@@ -41,7 +42,7 @@ IMAGE_SUFFIXES = (
     ".BMP",
     ".tiff",
     ".webp",
-)  # the official IMG_EXTENSIONS
+)
 
 # DeepFashion lists in no sorted order (the official loader keeps it).
 FASHION_TRAIN = (

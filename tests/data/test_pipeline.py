@@ -143,9 +143,8 @@ def test_determinism_and_epochs():
     )
     orders[seed] = np.concatenate([_indices(batches[g], size) for g in range(6)])  # two epochs
   for order in orders.values():
-    assert (
-        sorted(order[:size]) == sorted(order[size:]) == list(range(size))
-    )  # each epoch a permutation
+    # each epoch a permutation
+    assert sorted(order[:size]) == sorted(order[size:]) == list(range(size))
     assert not np.array_equal(order[:size], order[size:])  # reshuffled per epoch
   assert not np.array_equal(orders[1], orders[2])
 

@@ -90,9 +90,8 @@ def test_ddim_timesteps_layout(schedule):
   ddim = DDIMSchedule.make(schedule, 16)
   assert ddim.total_steps == 17
   np.testing.assert_array_equal(ddim.ddim_timesteps, np.arange(17) * 62 + 1)
-  assert (
-      ddim.ddim_alphas_prev[0] == schedule.alphas_cumprod[0]
-  )  # a_prev of the first step is ā0, not 1
+  # a_prev of the first step is ā0, not 1
+  assert ddim.ddim_alphas_prev[0] == schedule.alphas_cumprod[0]
   np.testing.assert_array_equal(
       DDIMSchedule.make(schedule, 8).ddim_timesteps, np.arange(8) * 125 + 1
   )
@@ -165,9 +164,8 @@ def test_bad_arguments_raise(schedule):
   with pytest.raises(ValueError, match="num_steps"):
     DDIMSchedule.make(schedule, 0)
   with pytest.raises(ValueError, match="beyond the last DDPM step"):
-    DDIMSchedule.make(
-        schedule, 300
-    )  # 1000 // 300 = 3 reaches timestep 1000, as in the official code
+    # 1000 // 300 = 3 reaches timestep 1000, as in the official code
+    DDIMSchedule.make(schedule, 300)
   ddim = DDIMSchedule.make(schedule, 16)
   for k in (0, 17):
     with pytest.raises(ValueError, match="hijack step"):

@@ -237,9 +237,8 @@ def test_full_size_export_has_the_official_layout(monkeypatch):
       lambda name, leaf: np.broadcast_to(np.float32(0), torch_shape(name, leaf.shape)),
   )
   state = torch_export.midms_state_dict(build.abstract_variables(config.model), config)
-  expected = (
-      _full_size_layout()
-  )  # lists diffusion_sampler.model.* only by reference: add the duplicates
+  # lists diffusion_sampler.model.* only by reference: add the duplicates
+  expected = _full_size_layout()
   expected.update(
       {
           SAMPLER + "model." + k[len("diff_model.") :]: v
@@ -343,9 +342,8 @@ def test_exported_weights_run_in_plain_pytorch_like_the_jax_unet(exported_pth, r
       "input_blocks.3": inter["input_blocks.3"]["__call__"][0],
   }
   assert_close(inter["time_embed.2"]["__call__"][0], emb.numpy(), 1e-4, "time_embed")
-  assert (
-      float(torch.max(torch.abs(outputs["input_blocks.3"] - outputs["input_blocks.3.0"]))) > 1e-2
-  )  # attention acts
+  # attention acts
+  assert float(torch.max(torch.abs(outputs["input_blocks.3"] - outputs["input_blocks.3.0"]))) > 1e-2
   for name, value in outputs.items():
     assert_close(nhwc_to_nchw(jax_outputs[name]), value.numpy(), 1e-4, name)
 

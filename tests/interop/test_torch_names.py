@@ -30,9 +30,8 @@ def _torch_tiny(state: dict[str, np.ndarray], x_nchw: np.ndarray) -> np.ndarray:
   h = torch.nn.functional.conv2d(
       torch.from_numpy(x_nchw), t["body.0.weight"], t["body.0.bias"], padding=1
   )
-  seq = (
-      h.permute(0, 2, 3, 1).reshape(h.shape[0], -1, 5).transpose(1, 2)
-  )  # (B, C, T) as torch Conv1d sees it
+  # (B, C, T) as torch Conv1d sees it
+  seq = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1, 5).transpose(1, 2)
   seq = torch.nn.functional.conv1d(seq, t["qkv.weight"], t["qkv.bias"])
   out = (
       torch.nn.functional.linear(seq.mean(dim=2), t["head.2.weight"], t["head.2.bias"])

@@ -204,6 +204,7 @@ def test_rewarp_term_scores_each_unmasked_rewarp_against_the_ground_truth(setup,
   loss_cfg.rewarp = 2.0
 
   def loss_fn(v, b, n):
+    # the re-warps decoded with both paths' outputs
     outputs, _ = model.train_forward(
         v,
         b,
@@ -213,7 +214,7 @@ def test_rewarp_term_scores_each_unmasked_rewarp_against_the_ground_truth(setup,
         noise=n,
         original_index=jnp.asarray(io["train/rand_idx"]),
         decode_rewarps=True,
-    )  # the re-warps decoded with both paths' outputs
+    )
     rewarped = outputs.pop("rewarped_ref")
     official = midms_losses(outputs, b, features, config.loss, warmup=False, with_context=True)
     return (

@@ -82,9 +82,8 @@ def test_cache_round_trip_staleness_and_damage(tmp_path):
       and np.array_equal(loaded.mu, stats.mu)
       and np.array_equal(loaded.sigma, stats.sigma)
   )
-  assert (
-      fid.load_statistics(path, dict(description, format="png")) is None
-  )  # another format: recomputed
+  # another format: recomputed
+  assert fid.load_statistics(path, dict(description, format="png")) is None
   assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
   path.write_bytes(b"not an npz")
   with pytest.raises(CheckpointError, match="unreadable FID statistics.*delete it"):

@@ -61,9 +61,8 @@ def test_psnr_of_saved_uint8_images_matches_skimage():
   x = photos()
   y = np.clip(x + np.random.default_rng(1).normal(0, 0.02, x.shape), -1, 1).astype(np.float32)
   pixels_x, pixels_y = images.to_uint8(x), images.to_uint8(y)
-  expected = [
-      metrics.peak_signal_noise_ratio(a, b) for a, b in zip(pixels_x, pixels_y)
-  ]  # uint8: range 255
+  # uint8: range 255
+  expected = [metrics.peak_signal_noise_ratio(a, b) for a, b in zip(pixels_x, pixels_y)]
   assert_close(
       image_quality.psnr(pixels_x, pixels_y, data_range=255.0),
       expected,

@@ -52,9 +52,8 @@ def test_state_dict_is_consumed_completely_with_every_shape(network, weights_fil
   back = torch_names.state_dict_from_variables(variables)
   original = state_arrays(network)
   used = {k for k in original if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-  assert (
-      set(back) == used and len(used) == 5 * 94
-  )  # 94 BasicConv2d: conv weight + 4 BatchNorm arrays each
+  # 94 BasicConv2d: conv weight + 4 BatchNorm arrays each
+  assert set(back) == used and len(used) == 5 * 94
   for key in used:
     assert back[key].shape == original[key].shape and np.array_equal(back[key], original[key]), key
 
@@ -134,9 +133,8 @@ def test_resize_matches_pytorch_up_and_down():
         f"resize {side}",
     )
   matrix = inception.bilinear_matrix(512, 299)
-  assert (
-      np.allclose(matrix.sum(axis=1), 1) and np.count_nonzero(matrix, axis=1).max() == 2
-  )  # no anti-aliasing
+  # no anti-aliasing
+  assert np.allclose(matrix.sum(axis=1), 1) and np.count_nonzero(matrix, axis=1).max() == 2
 
 
 def test_network_matches_pytorch(network, weights_file):

@@ -48,9 +48,8 @@ def test_alexnet_trunk_layout(alex):
 
 
 def test_diversity_is_the_mean_pairwise_distance(photos, alex):
-  pixels = images.to_uint8(
-      np.stack([photos, noised(photos, 0.2, seed=4)])
-  )  # 2 conditions x 4 translations
+  # 2 conditions x 4 translations
+  pixels = images.to_uint8(np.stack([photos, noised(photos, 0.2, seed=4)]))
   diversity = suite.lpips_diversity(alex, pixels, batch_size=4)
   distance = jax.jit(lpips.LPIPS("alex").apply)
   to_float = lambda p: images.to_model_range(p)

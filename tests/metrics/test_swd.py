@@ -65,9 +65,8 @@ def numpy_swd(a: np.ndarray, b: np.ndarray, settings: swd.Settings, key) -> list
       desc = (desc - desc.mean(axis=(0, 2, 3), keepdims=True)) / desc.std(
           axis=(0, 2, 3), keepdims=True
       )
-      per_level.append(
-          np.transpose(desc, (0, 2, 3, 1)).reshape(len(desc), -1)
-      )  # (row, column, channel) order
+      # (row, column, channel) order
+      per_level.append(np.transpose(desc, (0, 2, 3, 1)).reshape(len(desc), -1))
     descriptors.append(per_level)
   distances = []
   for level, (da, db) in enumerate(zip(*descriptors)):

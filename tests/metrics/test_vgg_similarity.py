@@ -19,9 +19,8 @@ WIDTHS = base.tiny_vgg_widths()
 
 @pytest.fixture(scope="module")
 def variables() -> dict:
-  return vgg.load_vgg19(
-      FIXTURES / "vgg19_small.pth", WIDTHS
-  )  # CoCosNet's layout at 1/8 of the widths
+  # CoCosNet's layout at 1/8 of the widths
+  return vgg.load_vgg19(FIXTURES / "vgg19_small.pth", WIDTHS)
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +78,13 @@ def test_semantic_consistency_is_the_mean_cosine_of_flattened_maps(variables, ph
 
 
 def test_region_means_by_hand():
-  features = np.arange(2 * 2 * 2 * 1, dtype=np.float32).reshape(
-      1, 2, 2, 2
-  )  # pixels (0,1) (2,3) / (4,5) (6,7)
-  ids = np.array(
-      [[[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]]
-  )  # 4x4 ids -> 2x2 by subsampling
+  # pixels (0,1) (2,3) / (4,5) (6,7)
+  features = np.arange(2 * 2 * 2 * 1, dtype=np.float32).reshape(1, 2, 2, 2)
+  # 4x4 ids -> 2x2 by subsampling
+  ids = np.array([[[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]])
   means, shares = vgg_similarity.region_means(features, ids, 3)
-  np.testing.assert_allclose(
-      means[0], [[0, 1], [4, 5], [0, 0]]
-  )  # region 1: pixels (2,3) (4,5) (6,7)
+  # region 1: pixels (2,3) (4,5) (6,7)
+  np.testing.assert_allclose(means[0], [[0, 1], [4, 5], [0, 0]])
   np.testing.assert_allclose(shares[0], [0.25, 0.75, 0.0])
 
 
@@ -115,9 +111,8 @@ def test_suite_scores_uint8_batches_like_the_direct_call(variables, scores, phot
   others = np.roll(pixels, 1, axis=0)
   ids = halves(len(pixels)).astype(np.uint8)
   sets = suite.ImageSets(pixels, others, others, ids, ids)
-  got = suite.vgg_scores(
-      variables, sets, widths=WIDTHS, num_regions=3, batch_size=3
-  )  # 3 + 1 padded
+  # 3 + 1 padded
+  got = suite.vgg_scores(variables, sets, widths=WIDTHS, num_regions=3, batch_size=3)
   direct = scores(
       images.to_model_range(pixels),
       images.to_model_range(others),

@@ -176,9 +176,8 @@ def test_fbcheck_uniform_shift(dx, dy):
   inner = (slice(0, size - 2 * dy), slice(0, size - 2 * dx))
   np.testing.assert_allclose(np.asarray(official)[0][inner], 2 * np.linalg.norm(d), atol=1e-5)
   np.testing.assert_allclose(np.asarray(true_fb)[0][inner], 0.0, atol=1e-5)
-  assert np.all(
-      np.asarray(matching.raw_confidence(official))[0][inner] == 0.0
-  )  # 2|d| >= 0.57 > 0.5
+  # 2|d| >= 0.57 > 0.5
+  assert np.all(np.asarray(matching.raw_confidence(official))[0][inner] == 0.0)
 
 
 def test_unequal_grids():

@@ -251,9 +251,8 @@ def test_unrolled_loop_has_no_loop_or_conditional(setup):
       jax.jit(lambda v: model._unet(v, jnp.zeros((2, 8, 8, 3)), 0)).lower(variables).as_text()
   )
   convs = lambda t: t.count("stablehlo.convolution")
-  assert (
-      convs(unrolled_text) - convs(rolled_text) >= 3 * convs(unet_text) > 0
-  )  # 4 U-Net copies in place of 1
+  # 4 U-Net copies in place of 1
+  assert convs(unrolled_text) - convs(rolled_text) >= 3 * convs(unet_text) > 0
 
 
 def test_bad_loop_configs_are_refused():
@@ -589,9 +588,8 @@ def test_chunked_warps_give_the_dense_matching_and_gradient(io, setup):
   (_, dense), dense_grads = run(model)
   (_, chunked), chunked_grads = run(_chunked_model())
   assert set(dense) - set(chunked) == {"corr_ref", "corr_src"}
-  np.testing.assert_array_equal(
-      chunked["fb_mask"], nchw_to_nhwc(io["train/rewarp1/fb_mask"])
-  )  # both values
+  # both values
+  np.testing.assert_array_equal(chunked["fb_mask"], nchw_to_nhwc(io["train/rewarp1/fb_mask"]))
   for name, value in chunked.items():
     if name in ("fb_mask", "fb_mask_raw"):
       np.testing.assert_array_equal(value, dense[name], err_msg=name)

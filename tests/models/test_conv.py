@@ -134,9 +134,8 @@ def test_backward_inside_scan_compiles_to_canonical_convolutions_on_cpu():
     return set(re.findall(r"convolution\(.*?dim_labels=([\w>-]+)", text))
 
   assert labels(conv.conv_general_dilated) == {"b01f_01io->b01f"}
-  assert labels(lax.conv_general_dilated) - {
-      "b01f_01io->b01f"
-  }  # the layouts this module exists to avoid
+  # the layouts this module exists to avoid
+  assert labels(lax.conv_general_dilated) - {"b01f_01io->b01f"}
 
 
 def test_other_convolutions_go_to_lax_unchanged():

@@ -267,9 +267,8 @@ def _params_under(tree, prefix):
 
 
 def test_full_size_parameter_counts():
-  abstract = _abstract(
-      CorrespondenceNetworks()
-  )  # official widths; spatial size does not change parameters
+  # official widths; spatial size does not change parameters
+  abstract = _abstract(CorrespondenceNetworks())
   params = abstract["params"]
   counts = {
       name: _params_under(params, name)

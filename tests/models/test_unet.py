@@ -236,10 +236,11 @@ def test_full_size_lsun_churches_shapes():
   assert keys["input_blocks.3.0.in_layers.2.weight"] == (192, 192, 3, 3)
   assert not any(k.endswith(".op.weight") or k.endswith(".conv.weight") for k in keys)
   assert keys["output_blocks.2.1.out_layers.3.weight"] == (768, 768, 3, 3)  # no attention at 1/16
+  # up ResBlock after the 1/8 attention
   assert keys["output_blocks.5.2.emb_layers.1.weight"] == (
       1536,
       768,
-  )  # up ResBlock after the 1/8 attention
+  )
   # Attention at 1/1 .. 1/8, none at 1/16 (the innermost level).
   assert keys["input_blocks.1.1.qkv.weight"] == (576, 192, 1)
   assert "input_blocks.13.1.qkv.weight" not in keys
