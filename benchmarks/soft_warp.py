@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from midms_jax.midms import matching, platform_tuning
+from midms_jax import platform_tuning
+from midms_jax.midms import matching
 
 _SIZES = flags.DEFINE_list("sizes", ["32", "64", "128"], "latent side lengths (pixels = side^2)")
 _WIDTH = flags.DEFINE_integer("width", 256, "matching feature channels")

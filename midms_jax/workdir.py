@@ -286,15 +286,12 @@ def restore_first_stage(workdir: epath.Path) -> dict[str, Any]:
 
 
 def checkpoint_steps(workdir: epath.Path) -> list[int]:
-  """The steps of the complete checkpoints, oldest first."""
+  """The steps of the finalized checkpoints (orbax's own test), oldest first; set-aside ``damaged-<step>``
+  folders are not steps."""
   directory = workdir / CHECKPOINTS_DIR
   if not directory.is_dir():
     return []
-  return sorted(
-      int(p.name)
-      for p in directory.iterdir()
-      if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file()
-  )
+  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def resolve_step(workdir: epath.Path, step: int | None) -> int:

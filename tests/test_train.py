@@ -163,10 +163,7 @@ def _kill_resume_and_damage(
       text=True,
   ) as proc:
     deadline = time.time() + 600
-    while (
-        time.time() < deadline
-        and not (killed / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists()
-    ):
+    while time.time() < deadline and 3 not in train.workdir_lib.checkpoint_steps(killed):
       assert proc.poll() is None, proc.stderr.read()[-3000:]
       time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
