@@ -107,24 +107,28 @@ def make_optimizer(train_cfg, *, freeze_unet: bool) -> optax.GradientTransformat
   )
 
 
+def _in_group(group: str):
+  """``optax.tree_utils`` filter: the values inside parameter group ``group`` of the state."""
+  return lambda path, _: any(getattr(key, "key", None) == group for key in path)
+
+
 def with_learning_rates(
     opt_state: Any, step: jax.Array, schedules: Mapping[str, optax.Schedule]
 ) -> Any:
   """``opt_state`` with each group's learning rate set to its schedule at the global ``step``."""
-  inner = dict(opt_state.inner_states)
   for group, schedule in schedules.items():
-    masked = inner[group]
-    hyper = masked.inner_state
-    lr = jnp.asarray(schedule(step), hyper.hyperparams["learning_rate"].dtype)
-    hyper = hyper._replace(hyperparams={**hyper.hyperparams, "learning_rate": lr})
-    inner[group] = masked._replace(inner_state=hyper)
-  return opt_state._replace(inner_states=inner)
+    current = optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=_in_group(group))
+    lr = jnp.asarray(schedule(step), current.dtype)
+    opt_state = optax.tree_utils.tree_set(opt_state, _in_group(group), learning_rate=lr)
+  return opt_state
 
 
 def learning_rates(opt_state: Any) -> dict[str, jax.Array]:
   """Current learning rate of each group (for logging)."""
-  inner = opt_state.inner_states
-  return {group: inner[group].inner_state.hyperparams["learning_rate"] for group in GROUPS}
+  return {
+      group: optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=_in_group(group))
+      for group in GROUPS
+  }
 
 
 def trainable(variables: Mapping[str, Any]) -> dict[str, Any]:
