@@ -52,7 +52,7 @@ import json
 import pathlib
 import re
 import sys
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
